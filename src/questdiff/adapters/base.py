@@ -1,0 +1,119 @@
+"""Model adapters answer "which layer plays which role" for a model family. Algorithms ask for roles; nothing
+outside an adapter matches layer names.
+
+Roles are dotted strings; a selector matches a role and everything below it (``"attn"`` matches
+``"attn.self.q"``, ``"attn.cross"`` matches ``"attn.cross.k"``):
+
+=====================  ==============================================================================
+``time_embed``         the time-embedding MLP (sinusoid -> embedding)
+``time_proj``          per-resnet projections of the time embedding (diffusers ``time_emb_proj``)
+``attn.self.{q,k,v,out}`` / ``attn.cross.{q,k,v,out}``   attention projections, self vs cross
+``ff``                 transformer feed-forward layers
+``proj``               transformer ``proj_in`` / ``proj_out``
+``skip``               up-block skip (shortcut) convs fed by a concatenation; ``split`` gives the split point
+``first`` / ``last``   the denoiser's first and last layer
+``cond``               class / added conditioning embeddings (SD, SDXL) - quantized, but never trained by TLA
+``other``              everything else (resnet convs, down/up-sampling convs)
+=====================  ==============================================================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol, runtime_checkable
+
+from torch import nn
+
+ROLE_NAMES = (
+    "time_embed",
+    "time_proj",
+    "attn.self.q",
+    "attn.self.k",
+    "attn.self.v",
+    "attn.self.out",
+    "attn.cross.q",
+    "attn.cross.k",
+    "attn.cross.v",
+    "attn.cross.out",
+    "ff",
+    "proj",
+    "skip",
+    "first",
+    "last",
+    "cond",
+    "other",
+)
+TIME_EMBEDDING_ROLES = ("time_embed", "time_proj")
+
+
+def role_matches(role: str, selector: str) -> bool:
+    """``True`` if ``role`` equals ``selector`` or lies below it in the dotted hierarchy."""
+    return role == selector or role.startswith(selector + ".")
+
+
+@dataclass
+class LayerInfo:
+    """One quantizable layer: its roles and, for skip convs fed by a concatenation, the split channel."""
+
+    name: str
+    roles: set[str] = field(default_factory=set)
+    split: int = 0
+
+    def has_role(self, selectors: Iterable[str]) -> bool:
+        return any(role_matches(r, s) for r in self.roles for s in selectors)
+
+
+@dataclass
+class AttentionInfo:
+    """One attention module whose matmuls get quantized."""
+
+    name: str
+    cross: bool
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """What the quantizer needs to know about a denoiser family."""
+
+    name: str
+    timestep_argument: str
+
+    def layers(self, model: nn.Module) -> dict[str, LayerInfo]:
+        """Every quantizable (Linear/Conv1d/Conv2d) layer by qualified name, with roles."""
+        ...
+
+    def attentions(self, model: nn.Module) -> dict[str, AttentionInfo]:
+        """Attention modules whose q/k/v/softmax get quantized."""
+        ...
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        """Reconstruction units (resnets, transformer/attention blocks) in forward order."""
+        ...
+
+    def to_dict(self) -> dict:
+        """Serializable description (for checkpoints)."""
+        ...
+
+
+_REGISTRY: list[tuple[type[nn.Module], Callable[[], ModelAdapter]]] = []
+
+
+def register_adapter(model_class: type[nn.Module]) -> Callable[[Callable[[], ModelAdapter]], Callable[[], ModelAdapter]]:
+    """Decorator registering an adapter factory for ``model_class`` (and its subclasses)."""
+
+    def decorate(factory: Callable[[], ModelAdapter]) -> Callable[[], ModelAdapter]:
+        _REGISTRY.insert(0, (model_class, factory))
+        return factory
+
+    return decorate
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The registered adapter for ``model``'s class; raises with the fix if none is registered."""
+    for model_class, factory in _REGISTRY:
+        if isinstance(model, model_class):
+            return factory()
+    known = sorted({cls.__name__ for cls, _ in _REGISTRY})
+    raise ValueError(
+        f"no adapter is registered for {type(model).__name__} (known: {known}); pass "
+        "adapter=questdiff.GenericAdapter(timestep_argument='<name of the timestep argument>') to quantize it"
+    )

@@ -1,0 +1,158 @@
+"""Configuration values: what to quantize and how. Frozen dataclasses, validated on construction,
+serialisable with ``to_dict``/``from_dict``; presets are values, not code paths.
+
+Defaults follow the official QuEST code (quest-spec §2.3-2.6, §8) except where noted:
+- weights: asymmetric, per output channel, Lp (p = 2.4) shrink search over 80 candidates;
+- activations: asymmetric, percentile-by-MSE init, per tensor; channel-wise (per input channel) at 4 bits, as the
+  official code does (spec §2.6);
+- first and last layer activations at 8 bits; attention softmax output at 8 bits with a zero point of 0;
+- split activation quantization of up-block skip convs on (the official code only does it for SD).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .primitives import check_bits
+
+CONFIG_VERSION = 1
+
+WeightScaleMethod = Literal["lp", "minmax"]
+ActScaleMethod = Literal["percentile", "minmax"]
+Granularity = Literal["tensor", "channel", "group"]
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Weight quantizer settings. ``granularity="channel"`` means per output channel; ``"group"`` splits each
+    output channel's flattened input into groups of ``group_size``."""
+
+    bits: int = 8
+    symmetric: bool = False
+    granularity: Granularity = "channel"
+    group_size: int | None = None
+    scale_method: WeightScaleMethod = "lp"
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, "weight bit width")
+        if self.granularity not in ("tensor", "channel", "group"):
+            raise ValueError(f"unknown weight granularity {self.granularity!r}: use 'tensor', 'channel' or 'group'")
+        if (self.granularity == "group") != (self.group_size is not None):
+            raise ValueError("weight group_size must be set exactly when granularity='group' (e.g. group_size=64)")
+        if self.scale_method not in ("lp", "minmax"):
+            raise ValueError(f"unknown weight scale method {self.scale_method!r}: use 'lp' or 'minmax'")
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """Activation quantizer settings. ``channelwise=None`` means "per input channel iff bits == 4" (official code)."""
+
+    bits: int = 8
+    symmetric: bool = False
+    channelwise: bool | None = None
+    scale_method: ActScaleMethod = "percentile"
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, "activation bit width")
+        if self.scale_method not in ("percentile", "minmax"):
+            raise ValueError(f"unknown activation scale method {self.scale_method!r}: use 'percentile' or 'minmax'")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.bits == 4 if self.channelwise is None else self.channelwise
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides the structure and initial state of a quantized denoiser.
+
+    Attributes:
+        weight / activation: quantizer settings.
+        softmax_bits: bits of the attention softmax-output quantizer (always asymmetric with zero point 0).
+        first_last_act_bits: activation bits forced on the first and last layer (``None`` keeps ``activation.bits``).
+        quantize_attention: quantize q, k, v and the softmax output of attention matmuls.
+        split_skip: separate activation quantizers for the two concatenated halves feeding up-block skip convs.
+        act_init_samples: samples per calibrated timestep used to initialise activation scales (spec: 64).
+        running_stat: refine activation ranges with an EMA of min/max over all samples (spec: off at W4A4).
+        momentum: EMA momentum of the running statistics.
+        timestep_aware: one activation scale set per calibrated timestep (``False``: one shared set; ablation).
+    """
+
+    weight: WeightSpec = field(default_factory=WeightSpec)
+    activation: ActivationSpec = field(default_factory=ActivationSpec)
+    softmax_bits: int = 8
+    first_last_act_bits: int | None = 8
+    quantize_attention: bool = True
+    split_skip: bool = True
+    act_init_samples: int = 64
+    running_stat: bool = False
+    momentum: float = 0.95
+    timestep_aware: bool = True
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        check_bits(self.softmax_bits, "softmax bit width")
+        if self.first_last_act_bits is not None:
+            check_bits(self.first_last_act_bits, "first/last layer activation bit width")
+        if self.act_init_samples < 1:
+            raise ValueError("act_init_samples must be >= 1 (the spec uses 64 per timestep)")
+        if not 0.0 < self.momentum < 1.0:
+            raise ValueError(f"momentum must be in (0, 1), got {self.momentum} (the spec uses 0.95)")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"W{self.weight.bits}A{self.activation.bits}"
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        data = dict(data)
+        version = data.pop("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ValueError(
+                f"quantization config version {version} is not supported by this questdiff (expects "
+                f"{CONFIG_VERSION}); re-quantize the model with this version"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown quantization config fields {sorted(unknown)}")
+        data["weight"] = WeightSpec(**data.get("weight", {}))
+        data["activation"] = ActivationSpec(**data.get("activation", {}))
+        return cls(**data)
+
+
+def preset(name: str) -> QuantConfig:
+    """Config for a preset name ``W<bits>A<bits>`` (case-insensitive), e.g. ``"W4A4"``; running statistics
+    follow the official README (on, except at 4-bit activations)."""
+    match = re.fullmatch(r"[wW](\d+)[aA](\d+)", name.strip())
+    if not match:
+        raise ValueError(f"unknown preset {name!r}: use W<bits>A<bits>, e.g. W8A8, W4A8 or W4A4")
+    w_bits, a_bits = int(match.group(1)), int(match.group(2))
+    return QuantConfig(
+        weight=WeightSpec(bits=w_bits),
+        activation=ActivationSpec(bits=a_bits),
+        running_stat=a_bits > 4,
+        name=f"W{w_bits}A{a_bits}",
+    )
+
+
+W8A8 = preset("W8A8")
+W4A8 = preset("W4A8")
+W4A4 = preset("W4A4")
+
+
+def resolve(config: QuantConfig | str) -> QuantConfig:
+    """Accept a ``QuantConfig`` or a preset name."""
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, str):
+        return preset(config)
+    raise TypeError(f"expected a QuantConfig or a preset name such as 'W8A8', got {type(config).__name__}")

@@ -1,0 +1,16 @@
+"""Modules that apply quantization parameters (they never produce them)."""
+from .attention import QuantAttnProcessor
+from .layers import QuantConv1d, QuantConv2d, QuantLayerMixin, QuantLinear, is_quantizable, wrap_layer
+from .quantizer import ActQuantizer, WeightQuantizer
+
+__all__ = [
+    "ActQuantizer",
+    "QuantAttnProcessor",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantLayerMixin",
+    "QuantLinear",
+    "WeightQuantizer",
+    "is_quantizable",
+    "wrap_layer",
+]

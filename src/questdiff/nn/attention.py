@@ -1,0 +1,118 @@
+"""Quantized attention matmuls for diffusers ``Attention`` through an attention processor.
+
+QuEST quantizes both matmul operands of attention (spec §2.3): q and k before ``q k^T`` (the softmax scale is
+applied after, as in the SD/ImageNet code), the softmax output and v before ``P v``. The softmax-output quantizer
+has its own bit width (default 8) and an always-zero zero point on an asymmetric range (the official SD code
+inherits ``symmetric`` from the activation settings by mistake; not reproduced). The softmax quantizer is per
+tensor: its "channel" would be the key-token axis, whose length depends on the resolution.
+
+The q/k/v/out projections are ordinary ``QuantLinear`` layers wrapped separately. With quantization disabled
+the processor delegates to the processor it replaced, so outputs are bit-identical to the FP model.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .quantizer import ActQuantizer
+
+
+class QuantAttnProcessor(nn.Module):
+    """Attention processor with fake-quantized q, k, v (``[B*heads, tokens, head_dim]``, channel = head_dim) and
+    softmax probabilities (``[B*heads, q_tokens, k_tokens]``).
+
+    Args:
+        q_quantizer, k_quantizer, v_quantizer, probs_quantizer: activation quantizers.
+        fallback: the processor being replaced, used verbatim when quantization is disabled.
+    """
+
+    def __init__(
+        self,
+        q_quantizer: ActQuantizer,
+        k_quantizer: ActQuantizer,
+        v_quantizer: ActQuantizer,
+        probs_quantizer: ActQuantizer,
+        fallback: Any,
+    ) -> None:
+        super().__init__()
+        self.q_quantizer = q_quantizer
+        self.k_quantizer = k_quantizer
+        self.v_quantizer = v_quantizer
+        self.probs_quantizer = probs_quantizer
+        self.fallback = fallback
+
+    def act_quantizers(self) -> list[ActQuantizer]:
+        return [self.q_quantizer, self.k_quantizer, self.v_quantizer, self.probs_quantizer]
+
+    @property
+    def enabled(self) -> bool:
+        return any(q.enabled for q in self.act_quantizers())
+
+    def set_quant_state(self, act: bool) -> None:
+        for q in self.act_quantizers():
+            q.enabled = act
+
+    def __call__(  # type: ignore[override]
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if not self.enabled:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        return self.quantized_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def quantized_attention(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        temb: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """diffusers' ``AttnProcessor`` math with quantizers on the matmul operands."""
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch_size, sequence_length, _ = context.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(key)
+        value = attn.head_to_batch_dim(value)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+
+        probs = attn.get_attention_scores(self.q_quantizer(query), self.k_quantizer(key), attention_mask)
+        hidden_states = torch.bmm(self.probs_quantizer(probs), self.v_quantizer(value))
+        hidden_states = attn.batch_to_head_dim(hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

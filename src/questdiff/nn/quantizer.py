@@ -1,0 +1,156 @@
+"""Quantizer modules. They only apply parameters; calibration code (``questdiff.calibration``) produces them.
+
+- ``WeightQuantizer``: per output channel / per tensor / per group scale and zero point (buffers).
+- ``ActQuantizer``: time-step-aware activation quantizer with ONE registered scale parameter of shape
+  ``[T, *scale_shape]`` (T = calibrated timesteps); forward indexes the active row of the shared
+  ``TimestepState``, so gradients reach only that row and state_dict / .to() / optimizers need no special cases.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ActivationSpec, WeightSpec
+from ..primitives import fake_quantize, qrange, to_groups
+from ..timestep import TimestepState
+
+
+def weight_scale_shape(weight_shape: torch.Size | tuple[int, ...], spec: WeightSpec) -> tuple[int, ...]:
+    """Shape of the scale/zero-point buffers of a weight of ``weight_shape``."""
+    ndim = len(weight_shape)
+    if spec.granularity == "tensor":
+        return (1,) * ndim
+    if spec.granularity == "channel":
+        return (weight_shape[0],) + (1,) * (ndim - 1)
+    k = 1
+    for d in weight_shape[1:]:
+        k *= d
+    assert spec.group_size is not None
+    return (weight_shape[0], k // spec.group_size, 1)
+
+
+class WeightQuantizer(nn.Module):
+    """Fake-quantizes a weight ``[C_out, ...]`` with round-to-nearest (straight-through gradient to the weight).
+
+    Buffers ``scale`` / ``zero_point`` are shaped by ``weight_scale_shape``; they stay fixed during finetuning
+    (the paper keeps weight quantization parameters frozen).
+    """
+
+    def __init__(self, weight_shape: torch.Size | tuple[int, ...], spec: WeightSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.weight_shape = tuple(weight_shape)
+        if spec.granularity == "group":
+            to_groups(torch.empty(self.weight_shape, device="meta"), spec.group_size or 0)  # validates divisibility
+        self.qmin, self.qmax = qrange(spec.bits, spec.symmetric)
+        shape = weight_scale_shape(self.weight_shape, spec)
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
+        self.enabled = True
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    def view(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight in the layout the scale broadcasts against (groups view for per-group)."""
+        if self.spec.granularity == "group":
+            assert self.spec.group_size is not None
+            return to_groups(weight, self.spec.group_size)
+        return weight
+
+    @torch.no_grad()
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+
+    def quantize_view(self, w: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize a weight given in ``view`` layout (overridden by AdaRound)."""
+        return fake_quantize(w, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        return self.quantize_view(self.view(weight)).reshape(weight.shape)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.spec.bits}, symmetric={self.spec.symmetric}, granularity={self.spec.granularity}"
+
+
+class ActQuantizer(nn.Module):
+    """Time-step-aware activation fake-quantizer.
+
+    Args:
+        num_rows: number of calibrated timesteps T (1 = one shared scale set).
+        spec: bits, symmetric, per-channel.
+        channels: size of the channel dimension when per-channel (ignored otherwise).
+        channel_dim: dimension of ``x`` holding the channels: 1 for ``[N, C, ...]`` conv inputs, -1 for
+            ``[..., C]`` token inputs (the official code's "last dim" choice for 3-D tensors).
+        state: the denoiser's shared ``TimestepState``.
+        always_zero: zero point fixed at 0 on an asymmetric range (softmax outputs).
+
+    Parameters: ``scale [T, C]`` or ``[T, 1]`` (trainable, LSQ-style STE); buffer ``zero_point`` (same shape, fixed).
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        spec: ActivationSpec,
+        state: TimestepState,
+        channels: int | None = None,
+        channel_dim: int = 1,
+        always_zero: bool = False,
+    ) -> None:
+        super().__init__()
+        per_channel = spec.per_channel and channels is not None
+        self.bits = spec.bits
+        self.symmetric = spec.symmetric and not always_zero
+        self.always_zero = always_zero
+        self.per_channel = per_channel
+        self.channel_dim = channel_dim
+        self.qmin, self.qmax = qrange(self.bits, self.symmetric)
+        width = channels if per_channel else 1
+        self.scale = nn.Parameter(torch.ones(num_rows, width))
+        self.register_buffer("zero_point", torch.zeros(num_rows, width))
+        self._state = state
+        self.enabled = True
+
+    @property
+    def num_rows(self) -> int:
+        return self.scale.shape[0]
+
+    @property
+    def state(self) -> TimestepState:
+        return self._state
+
+    def row_index(self) -> int:
+        return 0 if self.num_rows == 1 else self._state.require_index()
+
+    def broadcast_shape(self, x: torch.Tensor) -> list[int]:
+        """Shape that makes one row of ``scale`` broadcast against ``x``."""
+        shape = [1] * x.ndim
+        if self.per_channel:
+            shape[self.channel_dim % x.ndim] = -1
+        return shape
+
+    def reduce_axis(self, x: torch.Tensor) -> int | None:
+        """The kept axis for statistics over ``x`` (``None`` = per tensor)."""
+        return self.channel_dim % x.ndim if self.per_channel else None
+
+    @torch.no_grad()
+    def set_row(self, index: int, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale[index].copy_(scale.reshape(-1).to(self.scale.dtype))
+        self.zero_point[index].copy_(zero_point.reshape(-1).to(self.zero_point.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        i = self.row_index()
+        shape = self.broadcast_shape(x)
+        scale = self.scale[i].reshape(shape).to(x.dtype)
+        zero_point = self.zero_point[i].reshape(shape).to(x.dtype)
+        return fake_quantize(x, scale, zero_point, self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        kind = "channel" if self.per_channel else "tensor"
+        return f"bits={self.bits}, symmetric={self.symmetric}, rows={self.num_rows}, per={kind}"

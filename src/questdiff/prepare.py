@@ -1,0 +1,187 @@
+"""Turn a denoiser into its fake-quantized twin, in place: wrap every quantizable layer, install the attention
+processors and the timestep hook, and attach a ``QuantHandle`` that owns the config, schedule and state.
+
+Structure only: quantizer parameters keep their neutral initial values until calibration fills them.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .adapters import LayerInfo, ModelAdapter, get_adapter
+from .config import ActivationSpec, QuantConfig
+from .nn import ActQuantizer, QuantAttnProcessor, QuantLayerMixin, WeightQuantizer, wrap_layer
+from .timestep import TimestepSchedule, TimestepState, install_timestep_hook
+
+HANDLE_ATTR = "_questdiff"
+
+
+@dataclass
+class QuantHandle:
+    """Quantization bookkeeping attached to a prepared denoiser (``model._questdiff``)."""
+
+    config: QuantConfig
+    schedule: TimestepSchedule
+    state: TimestepState
+    adapter: ModelAdapter
+    layers: dict[str, LayerInfo]
+    fingerprint: str
+    hook: Any
+    method: str = "none"
+    stages: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def at_timestep(self, t: torch.Tensor | float | int) -> contextlib.AbstractContextManager[int]:
+        return self.state.at_timestep(t)
+
+
+def handle(model: nn.Module) -> QuantHandle:
+    """The ``QuantHandle`` of a prepared/quantized denoiser; raises if ``model`` is not quantized."""
+    h = getattr(model, HANDLE_ATTR, None)
+    if h is None:
+        raise ValueError(f"{type(model).__name__} is not quantized: run questdiff.quantize(model, ...) first")
+    return h
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return getattr(model, HANDLE_ATTR, None) is not None
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Hash of the base model's class, config and parameter names/shapes (quantizer state excluded)."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    config = getattr(model, "config", None)
+    if config is not None:
+        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        if "_quantizer." not in name:
+            h.update(f"{name}:{tuple(p.shape)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _act_spec(config: QuantConfig, info: LayerInfo) -> ActivationSpec:
+    if config.first_last_act_bits is not None and info.roles & {"first", "last"}:
+        return ActivationSpec(
+            bits=config.first_last_act_bits,
+            symmetric=config.activation.symmetric,
+            channelwise=config.activation.per_channel,
+            scale_method=config.activation.scale_method,
+        )
+    return config.activation
+
+
+def _wrap(module: nn.Module, info: LayerInfo, config: QuantConfig, rows: int, state: TimestepState) -> QuantLayerMixin:
+    spec = _act_spec(config, info)
+    channel_dim = -1 if isinstance(module, nn.Linear) else 1
+    channels = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+    split = info.split if config.split_skip else 0
+    weight = module.weight
+    if not split:
+        return wrap_layer(
+            module,
+            WeightQuantizer(weight.shape, config.weight),
+            ActQuantizer(rows, spec, state, channels, channel_dim),
+        )
+    head, tail = weight[:, :split].shape, weight[:, split:].shape
+    return wrap_layer(
+        module,
+        WeightQuantizer(head, config.weight),
+        ActQuantizer(rows, spec, state, split, channel_dim),
+        split,
+        WeightQuantizer(tail, config.weight),
+        ActQuantizer(rows, spec, state, channels - split, channel_dim),
+    )
+
+
+def _attention_processor(attn: nn.Module, config: QuantConfig, rows: int, state: TimestepState) -> QuantAttnProcessor:
+    heads = attn.heads
+    q_dim = attn.to_q.out_features // heads
+    kv_dim = attn.to_k.out_features // heads
+    probs = ActivationSpec(bits=config.softmax_bits, symmetric=False, channelwise=False)
+    return QuantAttnProcessor(
+        ActQuantizer(rows, config.activation, state, q_dim, -1),
+        ActQuantizer(rows, config.activation, state, kv_dim, -1),
+        ActQuantizer(rows, config.activation, state, kv_dim, -1),
+        ActQuantizer(rows, probs, state, always_zero=True),
+        fallback=attn.processor,
+    )
+
+
+def prepare(
+    model: nn.Module,
+    config: QuantConfig,
+    schedule: TimestepSchedule,
+    adapter: ModelAdapter | None = None,
+) -> nn.Module:
+    """Wrap ``model`` in place for fake quantization and return it.
+
+    Raises ``ValueError`` if ``model`` is already quantized or has no quantizable layer.
+    """
+    if is_quantized(model):
+        raise ValueError("the model is already quantized: start from a fresh copy of the full-precision model")
+    adapter = adapter or get_adapter(model)
+    base_fingerprint = fingerprint(model)
+    layers = adapter.layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no Linear/Conv1d/Conv2d layer to quantize; check that you passed the "
+            "denoiser (e.g. pipe.unet), not the pipeline"
+        )
+    if not config.timestep_aware:
+        schedule = TimestepSchedule(schedule.timesteps[:1], schedule.rule)
+    state = TimestepState(schedule)
+    rows = len(schedule)
+    hook = install_timestep_hook(model, state, adapter.timestep_argument)
+    for name, info in layers.items():
+        model.set_submodule(name, _wrap(model.get_submodule(name), info, config, rows, state))
+    if config.quantize_attention:
+        for name in adapter.attentions(model):
+            attn = model.get_submodule(name)
+            attn.set_processor(_attention_processor(attn, config, rows, state))
+    setattr(model, HANDLE_ATTR, QuantHandle(config, schedule, state, adapter, layers, base_fingerprint, hook))
+    return model
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:
+    """Every fake-quant layer by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
+
+
+def act_quantizers(model: nn.Module) -> dict[str, ActQuantizer]:
+    """Every activation quantizer by qualified name (layer inputs and attention operands)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer)}
+
+
+def weight_quantizers(model: nn.Module) -> dict[str, WeightQuantizer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, WeightQuantizer)}
+
+
+def set_quant_state(model: nn.Module, weight: bool = True, act: bool = True) -> None:
+    """Switch weight and activation quantization of every layer (both off = the FP model)."""
+    for q in weight_quantizers(model).values():
+        q.enabled = weight
+    for q in act_quantizers(model).values():
+        q.enabled = act
+
+
+@contextlib.contextmanager
+def quant_state(model: nn.Module, weight: bool, act: bool) -> Iterator[None]:
+    """Temporarily switch quantization; restores each quantizer's previous state."""
+    previous = [(q, q.enabled) for q in [*weight_quantizers(model).values(), *act_quantizers(model).values()]]
+    set_quant_state(model, weight, act)
+    try:
+        yield
+    finally:
+        for q, enabled in previous:
+            q.enabled = enabled
+
+
+def at_timestep(model: nn.Module, t: torch.Tensor | float | int) -> contextlib.AbstractContextManager[int]:
+    """``with questdiff.at_timestep(model, t):`` activates the quantizer row of ``t`` (tests, calibration loops)."""
+    return handle(model).at_timestep(t)

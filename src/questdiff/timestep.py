@@ -1,0 +1,176 @@
+"""Timestep ownership: which row of the per-timestep activation scales is active.
+
+One owner (DESIGN §3): a forward pre-hook on the denoiser reads its timestep argument, maps it through a
+``TimestepSchedule`` and writes the row index into a ``TimestepState`` that every activation quantizer of that
+denoiser shares. Samplers are never edited, so DDIM, PNDM/PLMS, DPM-Solver++, Euler, CFG batches and step counts
+other than the calibration's all work.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import torch
+from torch import nn
+
+Rule = Literal["at_or_before", "nearest"]
+
+
+class TimestepError(ValueError):
+    """A timestep cannot be mapped to a calibrated quantizer row."""
+
+
+@dataclass(frozen=True)
+class TimestepSchedule:
+    """Calibrated timesteps (sampling order, noisiest first) and the rule mapping any timestep to a row.
+
+    Rules:
+    - ``"at_or_before"`` (default, the official sampler's behaviour): the row of the most recent calibrated step at
+      or before the current one in sampling order, i.e. the smallest calibrated ``t_k >= t``.
+    - ``"nearest"``: the calibrated step closest in ``t``.
+
+    Timesteps up to one calibration gap (the largest spacing between calibrated keys) outside
+    ``[min(t_k), max(t_k)]`` map to the end row, so samplers whose grid starts slightly higher (Euler's 999 after
+    DDIM's 981) work; anything further raises ``TimestepError``. A schedule with one key (one shared scale set)
+    maps every timestep to row 0.
+    """
+
+    timesteps: tuple[float, ...]
+    rule: Rule = "at_or_before"
+
+    def __post_init__(self) -> None:
+        if not self.timesteps:
+            raise ValueError("a TimestepSchedule needs at least one calibrated timestep")
+        if self.rule not in ("at_or_before", "nearest"):
+            raise ValueError(f"unknown timestep rule {self.rule!r}: use 'at_or_before' or 'nearest'")
+        if len(set(self.timesteps)) != len(self.timesteps):
+            raise ValueError(f"calibrated timesteps must be distinct, got {list(self.timesteps)}")
+
+    @classmethod
+    def from_timesteps(cls, timesteps: Sequence[float] | torch.Tensor, rule: Rule = "at_or_before") -> "TimestepSchedule":
+        values = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+        return cls(tuple(float(t) for t in values), rule)
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def gap(self) -> float:
+        keys = sorted(self.timesteps)
+        return max((b - a for a, b in zip(keys, keys[1:])), default=0.0)
+
+    def describe(self) -> str:
+        return f"{len(self)} calibrated timesteps in [{min(self.timesteps):g}, {max(self.timesteps):g}]"
+
+    def index(self, t: float) -> int:
+        """Row of timestep ``t``; raises ``TimestepError`` outside the calibrated range (plus one gap)."""
+        if len(self.timesteps) == 1:
+            return 0
+        lo, hi, gap = min(self.timesteps), max(self.timesteps), self.gap
+        if not (lo - gap <= t <= hi + gap):
+            raise TimestepError(
+                f"timestep {t:g} is outside the calibrated range ({self.describe()}, tolerance {gap:g}); "
+                "recalibrate with a sampler that covers it or sample with the calibration's scheduler"
+            )
+        if self.rule == "nearest":
+            return min(range(len(self.timesteps)), key=lambda i: abs(self.timesteps[i] - t))
+        at_or_after = [i for i, k in enumerate(self.timesteps) if k >= t]
+        if not at_or_after:  # t above every key (within tolerance): first row in sampling order
+            return max(range(len(self.timesteps)), key=lambda i: self.timesteps[i])
+        return min(at_or_after, key=lambda i: self.timesteps[i])
+
+    def index_of_batch(self, t: torch.Tensor | float | int) -> int:
+        """Row of a timestep argument that may be a scalar or a per-sample ``[B]`` tensor (CFG batches); every
+        sample must map to the same row."""
+        values = t.detach().flatten().tolist() if isinstance(t, torch.Tensor) else [float(t)]
+        if not values:
+            raise TimestepError("empty timestep tensor")
+        rows = {self.index(float(v)) for v in set(values)}
+        if len(rows) > 1:
+            raise TimestepError(
+                f"one batch holds timesteps {sorted(set(values))} that map to different quantizer rows {sorted(rows)}; "
+                "run samples of different timesteps in separate forward calls"
+            )
+        return rows.pop()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"timesteps": list(self.timesteps), "rule": self.rule}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TimestepSchedule":
+        return cls(tuple(float(t) for t in data["timesteps"]), data.get("rule", "at_or_before"))
+
+
+class TimestepState:
+    """Mutable holder of the active row, shared by all activation quantizers of one denoiser (not a module)."""
+
+    def __init__(self, schedule: TimestepSchedule) -> None:
+        self.schedule = schedule
+        self.index: int | None = None
+
+    def set_timestep(self, t: torch.Tensor | float | int) -> int:
+        self.index = self.schedule.index_of_batch(t)
+        return self.index
+
+    def require_index(self) -> int:
+        if self.index is None:
+            if len(self.schedule) == 1:
+                return 0
+            raise TimestepError(
+                "no timestep is active: call the denoiser through its forward (the timestep hook sets it) or "
+                "wrap the call in questdiff.at_timestep(model, t)"
+            )
+        return self.index
+
+    @contextlib.contextmanager
+    def at_timestep(self, t: torch.Tensor | float | int) -> Iterator[int]:
+        previous = self.index
+        try:
+            yield self.set_timestep(t)
+        finally:
+            self.index = previous
+
+    @contextlib.contextmanager
+    def at_index(self, index: int) -> Iterator[int]:
+        previous = self.index
+        self.index = index
+        try:
+            yield index
+        finally:
+            self.index = previous
+
+
+def timestep_getter(forward: Callable[..., Any], name: str) -> Callable[[tuple, dict], Any]:
+    """Function ``(args, kwargs) -> timestep value`` for a forward signature and argument ``name``.
+
+    Raises ``ValueError`` naming the available arguments if ``forward`` has no parameter ``name``.
+    """
+    signature = inspect.signature(forward)
+    params = list(signature.parameters)
+    if name not in params:
+        raise ValueError(
+            f"the denoiser's forward has no argument {name!r} (it has {params}); pass the name of the argument that "
+            "carries the diffusion timestep, e.g. GenericAdapter(timestep_argument='t')"
+        )
+    position = params.index(name)
+
+    def get(args: tuple, kwargs: dict) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        if position < len(args):
+            return args[position]
+        raise TimestepError(f"the denoiser was called without its timestep argument {name!r}")
+
+    return get
+
+
+def install_timestep_hook(model: nn.Module, state: TimestepState, timestep_argument: str) -> torch.utils.hooks.RemovableHandle:
+    """Register the forward pre-hook that selects the active row from the timestep argument."""
+    get = timestep_getter(model.forward, timestep_argument)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state.set_timestep(get(args, kwargs))
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
