@@ -1,0 +1,73 @@
+"""Public entry point ``quantize``: prepare -> the method's calibration stages -> a fake-quantized denoiser."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter, get_adapter
+from .calibration.data import CalibrationSet
+from .calibration.methods import StageContext, method_stages, run_stages
+from .config import QuantConfig, resolve
+from .prepare import handle, prepare
+from .timestep import Rule, TimestepSchedule
+
+logger = logging.getLogger(__name__)
+
+
+def quantize(
+    denoiser: nn.Module,
+    preset: QuantConfig | str = "W8A8",
+    calib: CalibrationSet | None = None,
+    method: str = "rtn",
+    *,
+    adapter: ModelAdapter | None = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+    work_dir: str | Path | None = None,
+    timestep_rule: Rule = "at_or_before",
+    progress: bool = True,
+    seed: int = 0,
+    **method_options: Any,
+) -> nn.Module:
+    """Quantize ``denoiser`` in place and return it.
+
+    Args:
+        denoiser: the FP denoiser (e.g. ``pipe.unet``); it is modified in place and stays usable in its pipeline.
+        preset: a ``QuantConfig`` or a preset name (``"W8A8"``, ``"W4A8"``, ``"W4A4"``, any ``"W<b>A<b>"``).
+        calib: calibration data from ``collect_calibration`` / ``record_calibration``; its distinct timesteps
+            become the per-timestep quantizer rows.
+        method: ``"rtn"`` (Lp-searched weights, round to nearest, per-timestep activation init) or a registered
+            calibration method (see ``questdiff.calibration.methods.available_methods()``).
+        adapter: role adapter; defaults to the one registered for the model class (diffusers UNets). Non-diffusers
+            models need ``GenericAdapter(timestep_argument=...)``.
+        device: where calibration runs (default: the model's device).
+        work_dir: if given, each finished stage is saved there and a restarted call resumes from it.
+        timestep_rule: how sampler timesteps map to calibrated rows (``"at_or_before"`` or ``"nearest"``).
+        method_options: per-method settings (e.g. iterations), passed to the stages.
+    """
+    config = resolve(preset)
+    if calib is None:
+        raise ValueError(
+            "quantize needs calibration data: calib = questdiff.collect_calibration(pipe) (or record_calibration)"
+        )
+    method_stages(method)  # fail fast on an unknown method
+    adapter = adapter or get_adapter(denoiser)
+    calib.validate(denoiser)
+    if calib.timestep_key != adapter.timestep_argument:
+        raise ValueError(
+            f"calibration data recorded the timestep as {calib.timestep_key!r} but the adapter reads "
+            f"{adapter.timestep_argument!r}; record with the same timestep argument"
+        )
+    device = torch.device(device) if device is not None else next(denoiser.parameters()).device
+    denoiser.to(device).eval()
+    schedule = TimestepSchedule.from_timesteps(calib.timesteps, timestep_rule)
+    prepare(denoiser, config, schedule, adapter)
+    ctx = StageContext(device=device, batch_size=batch_size, progress=progress, seed=seed, options=method_options)
+    run_stages(denoiser, calib, method, ctx, work_dir)
+    handle(denoiser).extra["report"] = ctx.report
+    logger.info("quantized %s to %s with %s", type(denoiser).__name__, config.label, method)
+    return denoiser

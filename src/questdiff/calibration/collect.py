@@ -1,0 +1,74 @@
+"""``collect_calibration``: sample with the FP pipeline and keep its denoiser's inputs (data-free calibration)."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import pipelines
+from .data import CalibrationSet, record_calibration, stride_filter
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def collect_calibration(
+    pipe: Any,
+    num_samples: int = 64,
+    calib_steps: int | None = None,
+    *,
+    num_inference_steps: int | None = None,
+    samples_per_step: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    prompts: Sequence[str] | None = None,
+    timestep_argument: str | None = None,
+    progress: bool = True,
+    **call_kwargs: Any,
+) -> CalibrationSet:
+    """Run ``pipe`` for ``num_samples`` trajectories and return the denoiser inputs of ``calib_steps`` uniformly
+    strided sampler steps (all steps if ``None``), at most ``samples_per_step`` rows per step.
+
+    With classifier-free guidance each step records both the conditional and the unconditional rows (the spec's
+    cond + uncond duplication). Sampler settings (steps, guidance, eta) default to the pipeline's own.
+    """
+    if num_samples < 1:
+        raise ValueError("num_samples must be >= 1")
+    denoiser = pipelines.denoiser_of(pipe)
+    batch_size = batch_size or min(num_samples, 64)
+    pipelines.quiet(pipe)
+    bar = tqdm(total=num_samples, desc="calibration samples", unit="img", disable=not progress)
+    with record_calibration(denoiser, timestep_argument) as recorder:
+        for start in range(0, num_samples, batch_size):
+            count = min(batch_size, num_samples - start)
+            kwargs = pipelines.call_kwargs(
+                pipe,
+                start,
+                count,
+                seed,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                prompts=prompts,
+                extra=call_kwargs,
+            )
+            pipe(**kwargs)
+            if start == 0:  # the first run tells how many denoiser calls a trajectory takes
+                keep = stride_filter(recorder.calls_per_run, calib_steps)
+                recorder.drop_rows(keep)
+                recorder.keep_step = keep
+                logger.info("sampler makes %d denoiser calls per trajectory", recorder.calls_per_run)
+            bar.update(count)
+    bar.close()
+    calib = recorder.result()
+    if samples_per_step is not None:
+        calib = calib.select(None, samples_per_step, seed)
+    logger.info(
+        "calibration set: %d rows over %d timesteps (%s)",
+        len(calib),
+        len(calib.timesteps),
+        ", ".join(f"{t:g}" for t in calib.timesteps[:6]) + (" ..." if len(calib.timesteps) > 6 else ""),
+    )
+    return calib

@@ -1,0 +1,348 @@
+"""Calibration data: the denoiser's own inputs while the FP model samples (data-free, spec §2.2).
+
+``record_calibration(denoiser)`` hooks the denoiser's forward and records every call's arguments by name (x_t, t,
+text/class conditioning including the unconditional half of CFG batches, SDXL's ``added_cond_kwargs``) while ANY
+sampling loop runs. ``collect_calibration(pipe)`` runs a diffusers pipeline inside it and keeps a uniform stride of
+sampler steps. The result is a ``CalibrationSet``: one row per (sample, step), kept in memory or saved as
+safetensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..io_utils import atomic_path
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_VERSION = 1
+_SEP = "."
+
+
+def _flatten(prefix: str, value: Any, tensors: dict[str, torch.Tensor], static: dict[str, Any]) -> None:
+    if isinstance(value, torch.Tensor):
+        tensors[prefix] = value
+    elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+        for k, v in value.items():
+            tensors[f"{prefix}{_SEP}{k}"] = v
+    else:
+        static[prefix] = value
+
+
+def _unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tensors.items():
+        if _SEP in key:
+            head, tail = key.split(_SEP, 1)
+            out.setdefault(head, {})[tail] = value
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class CalibrationSet:
+    """Recorded denoiser inputs, one row per (sample, sampler step).
+
+    Attributes:
+        inputs: forward-argument name -> tensor ``[N, ...]`` (nested dicts flattened as ``"parent.child"``);
+            ``inputs[timestep_key]`` is ``[N]`` float.
+        steps: ``[N]`` sampler step index of each row (0 = first, noisiest step).
+        sample_key: name of the ``x_t`` argument; timestep_key: name of the timestep argument.
+        static: non-tensor arguments, identical for every call (e.g. ``return_dict``).
+        timestep_is_int: the sampler passed integer timesteps (replayed as int64).
+    """
+
+    inputs: dict[str, torch.Tensor]
+    steps: torch.Tensor
+    sample_key: str
+    timestep_key: str
+    static: dict[str, Any] = field(default_factory=dict)
+    timestep_is_int: bool = True
+
+    def __len__(self) -> int:
+        return int(self.steps.shape[0])
+
+    @property
+    def xs(self) -> torch.Tensor:
+        return self.inputs[self.sample_key]
+
+    @property
+    def ts(self) -> torch.Tensor:
+        return self.inputs[self.timestep_key]
+
+    @property
+    def timesteps(self) -> list[float]:
+        """Distinct calibrated timesteps in sampling order (by step index, noisiest first)."""
+        order = torch.argsort(self.steps, stable=True)
+        seen: dict[float, None] = {}
+        for t in self.ts[order].tolist():
+            seen.setdefault(float(t), None)
+        return list(seen)
+
+    def subset(self, index: torch.Tensor) -> "CalibrationSet":
+        return CalibrationSet(
+            {k: v[index] for k, v in self.inputs.items()},
+            self.steps[index],
+            self.sample_key,
+            self.timestep_key,
+            dict(self.static),
+            self.timestep_is_int,
+        )
+
+    def at_timestep(self, t: float) -> "CalibrationSet":
+        return self.subset(torch.nonzero(self.ts == t).flatten())
+
+    def model_kwargs(self, index: torch.Tensor | slice | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``denoiser(**kwargs)`` for rows ``index`` (all rows if ``None``)."""
+        rows = {k: (v if index is None else v[index]) for k, v in self.inputs.items()}
+        if device is not None:
+            rows = {k: v.to(device) for k, v in rows.items()}
+        if self.timestep_is_int:
+            rows[self.timestep_key] = rows[self.timestep_key].round().long()
+        return {**_unflatten(rows), **self.static}
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Row-index batches; with ``shuffle`` the rows are drawn i.i.d. across timesteps."""
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            yield order[start : start + batch_size]
+
+    def select(self, calib_steps: int | None = None, samples_per_step: int | None = None, seed: int = 0) -> "CalibrationSet":
+        """Spec §2.2 selection: steps ``0, s, 2s, ...`` (``s = n_steps // calib_steps``, ``calib_steps`` of them) and at
+        most ``samples_per_step`` rows of each (a seeded random subset, so CFG's cond/uncond halves mix evenly)."""
+        steps = sorted(set(self.steps.tolist()))
+        if calib_steps is not None:
+            if calib_steps < 1:
+                raise ValueError("calib_steps must be >= 1")
+            if calib_steps > len(steps):
+                raise ValueError(
+                    f"asked for {calib_steps} calibration steps but only {len(steps)} sampler steps were recorded; "
+                    "use fewer calibration steps or sample with more inference steps"
+                )
+            stride = len(steps) // calib_steps
+            steps = [steps[i * stride] for i in range(calib_steps)]
+        generator = torch.Generator().manual_seed(seed)
+        keep = []
+        for step in steps:
+            rows = torch.nonzero(self.steps == step).flatten()
+            if samples_per_step is not None and len(rows) > samples_per_step:
+                rows = rows[torch.randperm(len(rows), generator=generator)[:samples_per_step]].sort().values
+            keep.append(rows)
+        return self.subset(torch.cat(keep))
+
+    # -- checks --------------------------------------------------------------------------------------------------
+    def validate(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` naming the problem if the data has NaN/Inf or does not fit ``model``."""
+        for key, value in self.inputs.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(
+                    f"calibration input {key!r} contains NaN or Inf values; re-collect the calibration data "
+                    "(check the FP model samples correctly)"
+                )
+        config = getattr(model, "config", None)
+        in_channels = getattr(config, "in_channels", None) if config is not None else None
+        if in_channels is not None and self.xs.ndim >= 2 and self.xs.shape[1] != in_channels:
+            raise ValueError(
+                f"calibration samples have {self.xs.shape[1]} channels but the model expects {in_channels} "
+                f"(shape {tuple(self.xs.shape[1:])}); collect calibration data with this model"
+            )
+        cross = getattr(config, "cross_attention_dim", None) if config is not None else None
+        context = self.inputs.get("encoder_hidden_states")
+        if isinstance(cross, int) and context is not None and context.shape[-1] != cross:
+            raise ValueError(
+                f"calibration conditioning has width {context.shape[-1]} but the model cross-attends to width "
+                f"{cross}; collect calibration data with this model's pipeline"
+            )
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            return
+        unknown = [k for k in _unflatten(self.inputs) if k not in params]
+        if unknown:
+            raise ValueError(
+                f"calibration data has inputs {unknown} that {type(model).__name__}.forward does not take; "
+                "it was recorded from another model"
+            )
+
+    # -- persistence ---------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the set to one safetensors file (atomically)."""
+        path = Path(path)
+        tensors = {f"inputs{_SEP}{k}": v.contiguous() for k, v in self.inputs.items()}
+        tensors["steps"] = self.steps.contiguous()
+        meta = {
+            "version": str(CALIBRATION_VERSION),
+            "sample_key": self.sample_key,
+            "timestep_key": self.timestep_key,
+            "timestep_is_int": json.dumps(self.timestep_is_int),
+            "static": json.dumps(self.static),
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationSet":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file {path} does not exist")
+        try:
+            tensors = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"calibration file {path} is truncated or corrupt ({err}); collect it again") from err
+        if meta.get("version") != str(CALIBRATION_VERSION):
+            raise ValueError(f"calibration file {path} has version {meta.get('version')}, expected {CALIBRATION_VERSION}")
+        prefix = f"inputs{_SEP}"
+        return cls(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
+            tensors["steps"],
+            meta["sample_key"],
+            meta["timestep_key"],
+            json.loads(meta["static"]),
+            json.loads(meta["timestep_is_int"]),
+        )
+
+
+class CalibrationRecorder:
+    """Collects the denoiser's inputs call by call; ``result()`` returns the ``CalibrationSet``.
+
+    A call starts a new sampling run when its timestep is larger than the previous call's (samplers go from noisy
+    to clean); ``step`` counts model calls within a run. ``keep_step`` (``step -> bool``) filters what is stored.
+    """
+
+    def __init__(self, forward: Callable[..., Any], timestep_argument: str, device: str | torch.device = "cpu") -> None:
+        self.signature = inspect.signature(forward)
+        params = list(self.signature.parameters)
+        if timestep_argument not in params:
+            raise ValueError(
+                f"the denoiser's forward has no argument {timestep_argument!r} (it has {params}); pass the name of "
+                "the timestep argument"
+            )
+        self.sample_key = params[0]
+        self.timestep_key = timestep_argument
+        self.device = torch.device(device)
+        self.keep_step: Callable[[int], bool] = lambda step: True
+        self._rows: list[dict[str, torch.Tensor]] = []
+        self._steps: list[torch.Tensor] = []
+        self._static: dict[str, Any] | None = None
+        self._last_t: float | None = None
+        self._step = -1
+        self.timestep_is_int = True
+        self.calls = 0
+        self.calls_per_run = 0
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = self.signature.bind(*args, **kwargs)
+        sample = bound.arguments[self.sample_key]
+        batch = sample.shape[0]
+        t = bound.arguments[self.timestep_key]
+        t_tensor = torch.as_tensor(t).detach()
+        self.timestep_is_int &= not t_tensor.is_floating_point() or bool((t_tensor == t_tensor.round()).all())
+        t_value = float(t_tensor.flatten()[0])
+        if self._last_t is not None and t_value <= self._last_t:
+            self._step += 1
+        else:
+            self._step = 0
+        self._last_t = t_value
+        self.calls += 1
+        self.calls_per_run = max(self.calls_per_run, self._step + 1)
+        if not self.keep_step(self._step):
+            return
+        tensors: dict[str, torch.Tensor] = {}
+        static: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            if name == self.timestep_key:
+                tensors[name] = t_tensor.float().flatten().expand(batch) if t_tensor.numel() in (1, batch) else t_tensor
+                continue
+            _flatten(name, value, tensors, static)
+        if self._static is None:
+            self._static = static
+        elif static != self._static:
+            raise ValueError(f"non-tensor denoiser arguments changed between calls ({self._static} -> {static})")
+        row = {}
+        for key, value in tensors.items():
+            if value.shape[:1] == (1,) and batch > 1:
+                value = value.expand(batch, *value.shape[1:])
+            if value.shape[:1] != (batch,):
+                raise ValueError(f"cannot record denoiser input {key!r} of shape {tuple(value.shape)} for batch {batch}")
+            row[key] = value.detach().to(self.device, copy=True)
+        self._rows.append(row)
+        self._steps.append(torch.full((batch,), self._step, dtype=torch.long))
+
+    def drop_rows(self, keep_step: Callable[[int], bool]) -> None:
+        """Forget stored calls whose step ``keep_step`` rejects."""
+        pairs = [(r, s) for r, s in zip(self._rows, self._steps) if keep_step(int(s[0]))]
+        self._rows = [r for r, _ in pairs]
+        self._steps = [s for _, s in pairs]
+
+    def result(self) -> CalibrationSet:
+        if not self._rows:
+            raise ValueError(
+                "no denoiser call was recorded: run the sampling loop inside record_calibration(denoiser) and make "
+                "sure the pipeline calls this denoiser"
+            )
+        keys = list(self._rows[0])
+        inputs = {k: torch.cat([r[k] for r in self._rows]) for k in keys}
+        return CalibrationSet(
+            inputs, torch.cat(self._steps), self.sample_key, self.timestep_key, self._static or {}, self.timestep_is_int
+        )
+
+
+@contextlib.contextmanager
+def record_calibration(
+    denoiser: nn.Module, timestep_argument: str | None = None, device: str | torch.device = "cpu"
+) -> Iterator[CalibrationRecorder]:
+    """Record the denoiser's inputs while any sampling loop runs inside the ``with`` block.
+
+    ``timestep_argument`` defaults to the registered adapter's (``"timestep"`` for diffusers UNets). Recorded
+    tensors are copied to ``device`` (CPU by default, to keep GPU memory free)::
+
+        with questdiff.record_calibration(pipe.unet) as rec:
+            pipe(batch_size=16, num_inference_steps=20)
+        calib = rec.result().select(calib_steps=20)
+    """
+    if timestep_argument is None:
+        from ..adapters import get_adapter
+
+        timestep_argument = get_adapter(denoiser).timestep_argument
+    recorder = CalibrationRecorder(denoiser.forward, timestep_argument, device)
+    handle = denoiser.register_forward_pre_hook(recorder, with_kwargs=True)
+    try:
+        yield recorder
+    finally:
+        handle.remove()
+
+
+def stride_filter(calls_per_run: int, calib_steps: int | None) -> Callable[[int], bool]:
+    """Keep steps ``0, s, 2s, ...`` (``calib_steps`` of them) of runs with ``calls_per_run`` denoiser calls."""
+    if calib_steps is None or calib_steps >= calls_per_run:
+        return lambda step: True
+    stride = calls_per_run // calib_steps
+    keep = {i * stride for i in range(calib_steps)}
+    return lambda step: step in keep
+
+
+def default_batch_size(num_samples: int) -> int:
+    return min(num_samples, 64)
+
+
+def num_batches(num_samples: int, batch_size: int) -> int:
+    return math.ceil(num_samples / batch_size)

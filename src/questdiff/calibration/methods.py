@@ -1,0 +1,126 @@
+"""Quantization methods as ordered, resumable stages.
+
+A method is a list of ``Stage(name, run)``; ``run(model, calib, ctx)`` fills parameters of a prepared model.
+With a ``work_dir`` every finished stage's state is saved (``work_dir/stages/<nn>-<name>.safetensors``) and a
+restarted run loads it instead of recomputing, so a killed calibration resumes where it stopped. Each stage
+logs its wall time and peak memory. New methods (QuEST) register more stages with ``register_method``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_state, metadata, save_state
+from ..io_utils import atomic_write_text, ensure_writable_dir
+from ..prepare import handle
+from .activations import init_activations
+from .data import CalibrationSet
+from .weights import init_weights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageContext:
+    """Run-time settings shared by all stages of one ``quantize`` call."""
+
+    device: torch.device
+    batch_size: int = 64
+    progress: bool = True
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    report: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[nn.Module, CalibrationSet, StageContext], None]
+    # called before loading a checkpoint written after this stage (structure changes such as AdaRound)
+    rebuild: Callable[[nn.Module], None] | None = None
+
+
+_METHODS: dict[str, list[Stage]] = {}
+
+
+def register_method(name: str, stages: list[Stage]) -> None:
+    _METHODS[name] = list(stages)
+
+
+def method_stages(name: str) -> list[Stage]:
+    if name not in _METHODS:
+        raise ValueError(f"unknown quantization method {name!r}: choose one of {sorted(_METHODS)}")
+    return _METHODS[name]
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def rebuild_structure(model: nn.Module) -> None:
+    """Re-create structural changes of the stages already run (used by ``load``)."""
+    h = handle(model)
+    if h.method not in _METHODS:
+        return
+    for stage in _METHODS[h.method]:
+        if stage.name in h.stages and stage.rebuild is not None:
+            stage.rebuild(model)
+
+
+def _peak_memory(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def run_stages(
+    model: nn.Module, calib: CalibrationSet, method: str, ctx: StageContext, work_dir: str | Path | None = None
+) -> None:
+    """Run ``method``'s stages on a prepared ``model``, resuming finished ones from ``work_dir``."""
+    h = handle(model)
+    h.method = method
+    stage_dir = ensure_writable_dir(Path(work_dir) / "stages") if work_dir is not None else None
+    for number, stage in enumerate(method_stages(method)):
+        path = stage_dir / f"{number:02d}-{stage.name}.safetensors" if stage_dir else None
+        if path is not None and path.is_file():
+            if stage.rebuild is not None:
+                stage.rebuild(model)
+            load_state(model, path)
+            h.stages.append(stage.name)
+            logger.info("stage %s: resumed from %s", stage.name, path)
+            ctx.report.append({"stage": stage.name, "resumed": True})
+            continue
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        start = time.perf_counter()
+        stage.run(model, calib, ctx)
+        seconds = time.perf_counter() - start
+        h.stages.append(stage.name)
+        entry = {"stage": stage.name, "seconds": round(seconds, 3), "peak_memory_mib": _peak_memory(ctx.device)}
+        ctx.report.append(entry)
+        logger.info("stage %s: %.1f s%s", stage.name, seconds,
+                    f", peak {entry['peak_memory_mib']:.0f} MiB" if entry["peak_memory_mib"] is not None else "")
+        if path is not None:
+            save_state(model, path)
+            atomic_write_text(path.with_suffix(".json"), json.dumps({**metadata(model), "report": entry}, indent=2))
+
+
+def _weights_stage(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> None:
+    init_weights(model)
+
+
+def _activations_stage(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> None:
+    init_activations(model, calib, device=ctx.device, batch_size=ctx.batch_size, progress=ctx.progress)
+
+
+WEIGHT_INIT = Stage("weight_init", _weights_stage)
+ACT_INIT = Stage("act_init", _activations_stage)
+
+register_method("rtn", [WEIGHT_INIT, ACT_INIT])

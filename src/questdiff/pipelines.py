@@ -1,0 +1,110 @@
+"""Driving diffusers pipelines uniformly: find the denoiser, swap schedulers by name, and build call arguments
+for unconditional (``batch_size``), class-conditional (``class_labels``) and text (``prompt``) pipelines.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Sequence
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
+from torch import nn
+
+SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": False}),
+    "plms": (PNDMScheduler, {"skip_prk_steps": True}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "euler": (EulerDiscreteScheduler, {}),
+}
+
+
+def denoiser_of(pipe: Any) -> nn.Module:
+    """The pipeline's denoiser (``unet`` or ``transformer``)."""
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"{type(pipe).__name__} has no 'unet' or 'transformer' component to quantize")
+
+
+def set_denoiser(pipe: Any, denoiser: nn.Module) -> None:
+    name = "unet" if isinstance(getattr(pipe, "unet", None), nn.Module) else "transformer"
+    setattr(pipe, name, denoiser)
+
+
+def set_scheduler(pipe: Any, name: str) -> None:
+    """Replace the pipeline's scheduler by one of ``SCHEDULERS`` built from the current scheduler's config."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}: choose one of {sorted(SCHEDULERS)}")
+    cls, overrides = SCHEDULERS[name]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+
+
+def call_parameters(pipe: Any) -> set[str]:
+    return set(inspect.signature(pipe.__call__).parameters)
+
+
+def is_class_conditional(pipe: Any) -> bool:
+    return "class_labels" in call_parameters(pipe)
+
+
+def is_text_conditional(pipe: Any) -> bool:
+    return "prompt" in call_parameters(pipe)
+
+
+def call_kwargs(
+    pipe: Any,
+    start: int,
+    count: int,
+    seed: int,
+    *,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    eta: float | None = None,
+    prompts: Sequence[str] | None = None,
+    num_classes: int = 10,
+    output_type: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Arguments for ``pipe(**kwargs)`` producing samples ``start .. start + count - 1``.
+
+    Sample ``i`` always gets generator seed ``seed + i`` and (conditional pipelines) class ``i % num_classes`` or
+    prompt ``prompts[i % len(prompts)]``, so results do not depend on the batch size.
+    """
+    params = call_parameters(pipe)
+    kwargs: dict[str, Any] = {"generator": [torch.Generator().manual_seed(seed + start + i) for i in range(count)]}
+    if "prompt" in params:
+        if not prompts:
+            raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass prompts (e.g. --prompts FILE)")
+        kwargs["prompt"] = [prompts[(start + i) % len(prompts)] for i in range(count)]
+    elif "class_labels" in params:
+        kwargs["class_labels"] = [(start + i) % num_classes for i in range(count)]
+    elif "batch_size" in params:
+        kwargs["batch_size"] = count
+    optional = {
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "eta": eta,
+        "output_type": output_type,
+    }
+    for key, value in optional.items():
+        if value is not None and key in params:
+            kwargs[key] = value
+    kwargs.update(extra or {})
+    if "progress_bar" in params:  # pragma: no cover - not a diffusers convention, kept out of the way
+        kwargs.setdefault("progress_bar", False)
+    return kwargs
+
+
+def quiet(pipe: Any) -> None:
+    """Silence the pipeline's own per-step progress bar (questdiff shows one bar per job)."""
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)

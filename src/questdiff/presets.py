@@ -1,0 +1,4 @@
+"""Preset configs as values: ``questdiff.presets.W4A4`` etc.; ``get("W6A8")`` for any other bit pair."""
+from .config import W4A4, W4A8, W8A8, preset as get
+
+__all__ = ["W4A4", "W4A8", "W8A8", "get"]
