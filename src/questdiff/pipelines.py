@@ -108,3 +108,19 @@ def quiet(pipe: Any) -> None:
     """Silence the pipeline's own per-step progress bar (questdiff shows one bar per job)."""
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
+
+
+def as_image_tensor(images: Any) -> torch.Tensor:
+    """Pipeline ``.images`` (tensor ``[N, C, H, W]``, numpy ``[N, H, W, C]`` in [0, 1], or PIL list) -> float
+    tensor ``[N, C, H, W]`` in [0, 1] on the CPU."""
+    import numpy as np
+
+    if isinstance(images, torch.Tensor):
+        return images.detach().float().cpu()
+    if isinstance(images, np.ndarray):
+        array = images if images.ndim == 4 else images[..., None]
+        return torch.from_numpy(array).float().permute(0, 3, 1, 2)
+    if isinstance(images, list):
+        arrays = [np.asarray(im, dtype=np.float32) / 255.0 for im in images]
+        return as_image_tensor(np.stack([a if a.ndim == 3 else a[..., None] for a in arrays]))
+    raise TypeError(f"cannot convert pipeline output of type {type(images).__name__} to images")

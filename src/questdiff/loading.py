@@ -1,0 +1,44 @@
+"""Resolve a ``--model`` argument: a diffusers pipeline folder, a zoo name, or nothing (the embedded default)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+
+
+def load_pipeline(model: str | None, device: str | torch.device | None = None) -> tuple[Any, str]:
+    """``(pipeline, name)`` for a folder path, a zoo model name, or ``None`` (the zoo's default model)."""
+    from . import zoo
+
+    if model is None:
+        if not zoo.has_default():
+            raise ValueError("no --model given and the embedded default model is not installed; pass --model FOLDER")
+        model = zoo.DEFAULT_MODEL
+    path = Path(model)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json); pass a folder written by save_pretrained")
+        class_name = json.loads(index.read_text()).get("_class_name")
+        zoo_classes = {cls.__name__: cls for cls in zoo.PIPELINE_CLASSES.values()}
+        if class_name in zoo_classes:
+            pipe = zoo_classes[class_name].from_pretrained(path, low_cpu_mem_usage=False)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(path, low_cpu_mem_usage=False)
+        name = path.name
+    else:
+        names = [e.name for e in zoo.list_models()]
+        if model not in names:
+            raise ValueError(f"--model {model!r} is neither a pipeline folder nor a zoo model (zoo models: {names})")
+        pipe = zoo.load(model)
+        name = model
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe, name
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
