@@ -37,7 +37,7 @@ def tiny_cond_unet(seed: int = 0, cross_attention_dim: int = 32, **extra) -> UNe
 
 
 def ddim_pipeline(seed: int = 0) -> DDIMPipeline:
-    return DDIMPipeline(unet=tiny_unet2d(seed), scheduler=DDIMScheduler(num_train_timesteps=1000))
+    return DDIMPipeline(unet=tiny_unet2d(seed), scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False))
 
 
 def tiny_tokenizer(tmp_path):

@@ -3,7 +3,7 @@
 The user names the timestep argument of ``forward`` and, optionally, selectors for roles. A selector is a module
 name (exact, or a glob such as ``"blocks.*.time_mlp"``, or a regex written ``"re:<pattern>"``), a module type, or
 a predicate ``(name, module) -> bool``. Without selectors: every Linear/Conv1d/Conv2d is quantized with role
-``other``, the first and last of them (registration order) get ``first`` / ``last``, and diffusers ``Attention``
+``other``, the first and last of them outside the time embeddings (registration order) get ``first`` / ``last``, and diffusers ``Attention``
 modules inside the model (if any) get quantized matmuls.
 """
 from __future__ import annotations
@@ -73,7 +73,8 @@ class GenericAdapter:
                 for name in infos:
                     if name == parent or name.startswith(parent + "."):
                         infos[name].roles.add(role)
-        names = list(infos)
+        # default first/last: the first and last layers outside the time/conditioning embeddings
+        names = [n for n, info in infos.items() if not info.roles & {"time_embed", "time_proj", "cond"}]
         if names and "first" not in self.roles:
             infos[names[0]].roles.add("first")
         if names and "last" not in self.roles:

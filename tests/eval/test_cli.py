@@ -1,0 +1,100 @@
+"""``questdiff eval`` end to end: a tiny random class-conditional zoo pipeline stands in for the shipped one
+(monkeypatched), then the shipped default model for real when the zoo has it."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import questdiff
+from questdiff import zoo
+from questdiff.eval import cli
+from questdiff.zoo import data as zoo_data
+from questdiff.zoo.architectures import build_class_embedder, build_cond_unet, build_scheduler, build_vae
+from questdiff.zoo.pipelines import ClassConditionalLDMPipeline
+
+COMMON = ["--num-samples", "20", "--batch-size", "8", "--steps", "2", "--device", "cpu"]
+
+
+@pytest.fixture
+def tiny_zoo(monkeypatch, feature_net, make_images):
+    """``zoo.load`` -> a tiny random pipeline, ``load_feature_net`` -> the test feature net, 64 synthetic test
+    images, and ``questdiff.load`` -> the FP denoiser with perturbed weights (a stand-in quantized model)."""
+
+    def load(name, device=None):
+        torch.manual_seed(0)
+        pipe = ClassConditionalLDMPipeline(
+            vae=build_vae(tiny=True), unet=build_cond_unet(tiny=True),
+            class_embedder=build_class_embedder(tiny=True), scheduler=build_scheduler("ldm"),
+        )
+        return pipe.to(device)
+
+    def load_split(name, split="train", data_dir=None):
+        return (make_images(64, 5) * 255).round().to(torch.uint8)[:, 0], torch.arange(64) % 10
+
+    def load_quantized(directory, base):
+        with torch.no_grad():
+            for p in base.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        return base
+
+    monkeypatch.setattr(zoo, "load", load)
+    monkeypatch.setattr(zoo, "load_feature_net", lambda name, device=None: feature_net)
+    monkeypatch.setattr(zoo_data, "load_split", load_split)
+    monkeypatch.setattr(questdiff, "load", load_quantized, raising=False)
+
+
+def test_eval_fp_and_quantized_writes_metrics_and_images(tiny_zoo, tmp_path, capsys) -> None:
+    out = tmp_path / "eval"
+    assert cli.main([*COMMON, "--quantized", str(tmp_path / "ckpt"), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == zoo.DEFAULT_MODEL and metrics["num_samples"] == 20 and metrics["num_reference"] == 64
+    assert metrics["steps"] == 2 and metrics["guidance"] == 3.0  # the pipeline's default guidance is recorded
+    for name in ("fp", "quantized"):
+        assert {"FID (FMNIST features)", "sFID (FMNIST features)", "IS (FMNIST features)", "KID (FMNIST features)",
+                "class accuracy (FMNIST features)"} <= set(metrics[name])
+        assert len(metrics[name]["per-class accuracy (FMNIST features)"]) == 10
+    fidelity = metrics["quantized_vs_fp"]
+    assert 0 < fidelity["SSIM"] < 1 and 0 < fidelity["PSNR (dB)"] < 100
+    assert fidelity["feature distance (FMNIST features)"] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "grid_quantized.png", "metrics.json", "side_by_side.png"]
+    assert Image.open(out / "grid.png").size == (10 * 34 + 2, 2 * 34 + 2)  # 20 samples, 10 per row
+    assert Image.open(out / "side_by_side.png").size == (8 * 34 + 2, 4 * 34 + 2)  # 16 seeds: 2 bands of FP + Q
+    summary = capsys.readouterr().out
+    assert "FID (FMNIST features)" in summary and "PSNR (dB), quantized vs FP" in summary
+
+
+def test_fp_samples_do_not_depend_on_the_batch_size(tiny_zoo, tmp_path) -> None:
+    a = cli.evaluate(cli.main_parser().parse_args([*COMMON, "--out", str(tmp_path / "a")]))
+    b = cli.evaluate(cli.main_parser().parse_args([*COMMON, "--batch-size", "20", "--out", str(tmp_path / "b")]))
+    assert "quantized" not in a and not (tmp_path / "a" / "side_by_side.png").exists()
+    assert a["fp"]["FID (FMNIST features)"] == pytest.approx(b["fp"]["FID (FMNIST features)"], rel=1e-4)
+
+
+def test_bad_arguments_fail_with_one_line(tiny_zoo, tmp_path, caplog) -> None:
+    assert cli.main(["--num-samples", "5", "--out", str(tmp_path)]) == 1
+    assert "--num-samples must be >= 10" in caplog.text
+    assert cli.main(["--model", "nope", "--out", str(tmp_path)]) == 1
+    assert "unknown zoo model 'nope'" in caplog.text
+
+
+def test_register_adds_the_eval_subcommand() -> None:
+    parser = argparse.ArgumentParser(prog="questdiff")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--num-samples", "50"])
+    assert args.func is cli.run and args.num_samples == 50 and args.model == zoo.DEFAULT_MODEL
+
+
+@pytest.mark.skipif(not zoo.has_default(), reason="the zoo does not ship the default model's weights yet")
+def test_default_model_for_real(tmp_path) -> None:
+    try:
+        zoo_data.find_dataset(zoo.registry.get_spec(zoo.DEFAULT_MODEL).dataset)
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    metrics = cli.evaluate(cli.main_parser().parse_args(
+        ["--num-samples", "20", "--num-reference", "200", "--device", "cpu", "--out", str(tmp_path)]
+    ))
+    assert metrics["fp"]["class accuracy (FMNIST features)"] > 0.5  # a trained model draws the asked classes

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from questdiff.eval.features import FeatureSet, extract_features
+from questdiff.eval.generative import (
+    RECOMMENDED_SAMPLES,
+    frechet_distance,
+    generative_metrics,
+    inception_score,
+    kernel_distance,
+)
+
+
+@pytest.fixture(scope="module")
+def sets(feature_net, images, make_images) -> dict[str, FeatureSet]:
+    noise = torch.rand(256, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    return {
+        "a": extract_features(feature_net, images, "fmnist-features"),
+        "b": extract_features(feature_net, make_images(256, 7), "fmnist-features"),
+        "noise": extract_features(feature_net, noise, "fmnist-features"),
+    }
+
+
+def _fid_by_hand(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double().numpy(), y.double().numpy()
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_fid_matches_the_closed_form(sets) -> None:
+    assert frechet_distance(sets["b"], sets["a"]) == pytest.approx(_fid_by_hand(sets["b"].pool, sets["a"].pool), rel=1e-6)
+
+
+def test_fid_and_sfid_are_zero_for_a_set_against_itself_and_large_against_noise(sets) -> None:
+    for key in ("pool", "spatial"):
+        scale = frechet_distance(sets["noise"], sets["a"], key)
+        assert abs(frechet_distance(sets["a"], sets["a"], key)) < 1e-3 * scale
+        assert scale > 10 * frechet_distance(sets["b"], sets["a"], key) > 0
+
+
+def test_kid_is_zero_against_itself_positive_against_noise_and_seeded(sets) -> None:
+    scale, _ = kernel_distance(sets["noise"], sets["a"], subsets=10, subset_size=100)
+    same, _ = kernel_distance(sets["a"], sets["a"], subsets=10, subset_size=100)
+    assert abs(same) < 1e-3 * scale and scale > 0
+    assert kernel_distance(sets["b"], sets["a"], seed=3) == kernel_distance(sets["b"], sets["a"], seed=3)
+
+
+def test_inception_score_counts_the_classes_it_sees() -> None:
+    def logits(classes: torch.Tensor) -> FeatureSet:
+        n = len(classes)
+        return FeatureSet(torch.zeros(n, 256), torch.zeros(n, 2048), 50.0 * torch.eye(10)[classes], "FMNIST features")
+
+    balanced, _ = inception_score(logits(torch.arange(1000) % 10))
+    two_classes, _ = inception_score(logits(torch.arange(1000) % 2))
+    one_class, std = inception_score(logits(torch.zeros(1000, dtype=torch.long)))
+    # IS = exp(H(p(y))) for confident predictions: the number of classes, less the imbalance of random splits
+    assert 9.5 < balanced <= 10.0
+    assert 1.95 < two_classes <= 2.0
+    assert one_class == pytest.approx(1.0) and std == pytest.approx(0.0, abs=1e-6)
+
+
+def test_generative_metrics_are_named_after_the_feature_network(sets) -> None:
+    metrics = generative_metrics(sets["b"], sets["a"])
+    assert set(metrics) == {
+        f"{name} (FMNIST features)" for name in ("FID", "sFID", "IS", "IS std", "KID", "KID std")
+    }
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert metrics == generative_metrics(sets["b"], sets["a"])  # deterministic
+
+
+def test_few_samples_warn_with_the_recommended_count(sets, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="questdiff.eval.generative"):
+        generative_metrics(sets["b"], sets["a"])
+    assert f"256 images" in caplog.text and f">= {RECOMMENDED_SAMPLES} recommended" in caplog.text
+
+
+def test_features_of_different_networks_are_not_compared(sets) -> None:
+    other = FeatureSet(sets["a"].pool, sets["a"].spatial, sets["a"].logits, "MNIST features")
+    with pytest.raises(ValueError, match="same feature network"):
+        generative_metrics(sets["b"], other)

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from questdiff.eval.sampling import class_labels, generate
+from questdiff.zoo.architectures import build_class_embedder, build_cond_unet, build_scheduler, build_vae
+from questdiff.zoo.pipelines import ClassConditionalLDMPipeline
+
+
+@pytest.fixture(scope="module")
+def pipe() -> ClassConditionalLDMPipeline:
+    torch.manual_seed(0)
+    pipe = ClassConditionalLDMPipeline(
+        vae=build_vae(tiny=True), unet=build_cond_unet(tiny=True), class_embedder=build_class_embedder(tiny=True),
+        scheduler=build_scheduler("ldm"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])  # eta 1 draws fresh noise at every step: per-sample generators too
+def test_sample_i_does_not_depend_on_the_batch_size(pipe, eta: float) -> None:
+    a = generate(pipe, 7, seed=3, batch_size=3, num_inference_steps=3, eta=eta)
+    b = generate(pipe, 7, seed=3, batch_size=7, num_inference_steps=3, eta=eta)
+    assert a.shape == (7, 1, 32, 32) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert not torch.allclose(a[0], a[1])
+
+
+def test_class_labels_cycle_through_the_classes(pipe) -> None:
+    assert class_labels(pipe, 12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert class_labels(lambda batch_size=1: None, 12) is None  # unconditional
+
+
+def test_bad_counts_raise(pipe) -> None:
+    with pytest.raises(ValueError, match=">= 1"):
+        generate(pipe, 0)

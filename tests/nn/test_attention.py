@@ -1,0 +1,48 @@
+import torch
+
+import questdiff as qd
+from questdiff.nn import QuantAttnProcessor
+from questdiff.prepare import prepare, set_quant_state
+from questdiff.timestep import TimestepSchedule
+
+from builders import tiny_cond_unet
+
+
+def _prepared(preset="W8A8"):
+    unet = tiny_cond_unet()
+    prepare(unet, qd.presets.get(preset), TimestepSchedule((900.0, 500.0, 100.0)))
+    return unet
+
+
+def test_processors_installed_with_self_and_cross_quantizers():
+    unet = _prepared("W4A4")
+    procs = {n: p for n, p in unet.attn_processors.items()}
+    assert procs and all(isinstance(p, QuantAttnProcessor) for p in procs.values())
+    p = next(iter(procs.values()))
+    assert p.probs_quantizer.bits == 8 and p.probs_quantizer.always_zero and not p.probs_quantizer.symmetric
+    attn = unet.get_submodule(next(iter(procs)).rsplit(".", 1)[0])
+    head_dim = attn.to_q.out_features // attn.heads
+    assert p.q_quantizer.per_channel and p.q_quantizer.scale.shape == (3, head_dim)  # channel = head_dim at 4 bits
+    keys = [k for k in unet.state_dict() if "processor.q_quantizer.scale" in k]
+    assert len(keys) == len(procs)
+
+
+def test_quantized_attention_matches_fp_math_with_fine_scales():
+    unet = _prepared()
+    set_quant_state(unet, False, False)
+    x, c, t = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 32), torch.tensor([500, 500])
+    with torch.no_grad():
+        ref = unet(x, t, c).sample
+        for p in unet.attn_processors.values():  # only attention operands quantized, with a very fine grid
+            for q in p.act_quantizers():
+                q.scale.fill_(1e-4)  # 16-bit grid over [-3.3, 3.3]
+                q.zero_point.fill_(0 if q.always_zero else 2**15)
+                q.qmin, q.qmax = 0, 2**16 - 1 if not q.always_zero else 2**16 - 1
+            p.set_quant_state(True)
+        calls = []
+        hooks = [q.register_forward_hook(lambda *a: calls.append(1)) for p in unet.attn_processors.values() for q in p.act_quantizers()]
+        out = unet(x, t, c).sample
+    for h in hooks:
+        h.remove()
+    assert len(calls) == len(hooks)  # every operand went through its quantizer once
+    assert torch.allclose(out, ref, atol=1e-3)

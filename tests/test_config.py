@@ -1,0 +1,44 @@
+import pytest
+
+from questdiff import presets
+from questdiff.config import ActivationSpec, QuantConfig, WeightSpec, preset, resolve
+
+
+def test_presets_are_values():
+    assert presets.W4A4.weight.bits == 4 and presets.W4A4.activation.bits == 4
+    assert presets.W4A4.activation.per_channel and not presets.W8A8.activation.per_channel
+    assert not presets.W4A4.running_stat and presets.W8A8.running_stat  # README: no running stats at W4A4
+    assert preset("w6a8").label == "W6A8"
+    assert resolve("W4A8") == presets.W4A8
+
+
+@pytest.mark.parametrize("name", ["W3", "int8", "W8A"])
+def test_bad_preset_names(name):
+    with pytest.raises(ValueError, match="W<bits>A<bits>"):
+        preset(name)
+
+
+@pytest.mark.parametrize("bits", [0, 1, 32])
+def test_unsupported_bit_widths_fail_with_fix(bits):
+    with pytest.raises(ValueError, match="integer from 2 to 16"):
+        WeightSpec(bits=bits)
+    with pytest.raises(ValueError, match="integer from 2 to 16"):
+        ActivationSpec(bits=bits)
+    with pytest.raises(ValueError, match="integer from 2 to 16"):
+        preset(f"W{bits}A8")
+
+
+def test_invalid_combinations():
+    with pytest.raises(ValueError, match="group_size"):
+        WeightSpec(granularity="group")
+    with pytest.raises(ValueError, match="momentum"):
+        QuantConfig(momentum=1.5)
+
+
+def test_roundtrip_and_version():
+    config = presets.W4A4.replace(split_skip=False, weight=WeightSpec(bits=4, granularity="group", group_size=16))
+    assert QuantConfig.from_dict(config.to_dict()) == config
+    data = config.to_dict()
+    data["version"] = 99
+    with pytest.raises(ValueError, match="version 99"):
+        QuantConfig.from_dict(data)
