@@ -1,0 +1,36 @@
+"""Evaluation: FID/sFID/IS/KID on the project's feature network, PSNR/SSIM/feature distance of quantized samples
+against the FP samples of the same seeds, class accuracy, reports, and per-sample-seeded sampling.
+
+Inception-v3 FID and CLIP score with user-supplied weights live in ``questdiff.eval.standard``; the
+``questdiff eval`` command in ``questdiff.eval.cli``.
+"""
+from .accuracy import class_accuracy
+from .feature_net import FeatureNet
+from .features import FeatureSet, extract_features, feature_label, validate_images
+from .fidelity import feature_distance, fidelity_metrics, psnr, ssim
+from .generative import frechet_distance, generative_metrics, inception_score, kernel_distance
+from .report import make_grid, save_grid, save_side_by_side, write_metrics_json
+from .sampling import class_labels, generate
+
+__all__ = [
+    "FeatureNet",
+    "FeatureSet",
+    "class_accuracy",
+    "class_labels",
+    "extract_features",
+    "feature_distance",
+    "feature_label",
+    "fidelity_metrics",
+    "frechet_distance",
+    "generate",
+    "generative_metrics",
+    "inception_score",
+    "kernel_distance",
+    "make_grid",
+    "psnr",
+    "save_grid",
+    "save_side_by_side",
+    "ssim",
+    "validate_images",
+    "write_metrics_json",
+]

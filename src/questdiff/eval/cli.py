@@ -1,0 +1,197 @@
+"""``questdiff eval``: sample a zoo model (and its quantized version from the same seeds) and write its metrics.
+
+Outputs in ``--out``: ``metrics.json``, ``grid.png`` (FP samples), and with ``--quantized`` also
+``grid_quantized.png`` and ``side_by_side.png`` (FP row over quantized row, one column per seed).
+Run as ``questdiff eval ...`` or ``python -m questdiff.eval.cli ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from typing import Any
+
+import torch
+
+from .. import zoo
+from ..io_utils import ensure_writable_dir
+from ..pipelines import denoiser_of, quiet, set_denoiser
+from ..zoo import data as zoo_data
+from ..zoo.registry import get_spec
+from .accuracy import class_accuracy
+from .features import FeatureSet, extract_features
+from .fidelity import fidelity_metrics
+from .generative import IS_SPLITS, generative_metrics
+from .report import save_grid, save_side_by_side, write_metrics_json
+from .sampling import class_labels, generate
+from .standard import INCEPTION_LABEL, InceptionPool3, inception_fid
+
+logger = logging.getLogger(__name__)
+
+GRID_IMAGES = 100
+SIDE_BY_SIDE_IMAGES = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``eval`` options (shared by ``questdiff eval`` and ``python -m questdiff.eval.cli``)."""
+    parser.add_argument("--model", default=zoo.DEFAULT_MODEL, help="zoo model name (default: %(default)s)")
+    parser.add_argument("--quantized", metavar="DIR", help="quantized checkpoint of --model saved by questdiff.save")
+    parser.add_argument("--num-samples", type=int, default=1000, help="samples per model (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default: %(default)s)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's paper setting)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    parser.add_argument("--eta", type=float, help="DDIM eta (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=100, help="sampling/feature batch (default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
+    parser.add_argument("--data", metavar="DIR", help="folder with the dataset's idx .gz files (reference test set)")
+    parser.add_argument(
+        "--num-reference", type=int, help="use the first N test images as the reference set (default: all 10k)"
+    )
+    parser.add_argument(
+        "--inception-weights", metavar="FILE", help="local pt_inception-2015-12-05-*.pth: also report Inception-v3 FID"
+    )
+    parser.add_argument("--out", default="runs/eval", help="output folder (default: %(default)s)")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``eval`` subcommand to an ``argparse`` subparsers object; ``args.func`` is ``run``."""
+    parser = subparsers.add_parser(
+        "eval", help="FID/sFID/IS/KID, PSNR/SSIM vs FP and class accuracy of a zoo model", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _model_metrics(
+    feats: FeatureSet, reference: FeatureSet, labels: torch.Tensor | None, seed: int, device: str
+) -> dict[str, Any]:
+    metrics: dict[str, Any] = generative_metrics(feats, reference, seed=seed, device=device)
+    if labels is not None:
+        metrics.update(class_accuracy(feats, labels))
+    return metrics
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    """Table of the scalar metrics: one row per metric, one column per model."""
+    columns = [name for name in ("fp", "quantized") if name in metrics]
+    rows: dict[str, dict[str, Any]] = {}
+    for column in columns:
+        for key, value in metrics[column].items():
+            if isinstance(value, float):
+                rows.setdefault(key, {})[column] = value
+    for key, value in metrics.get("quantized_vs_fp", {}).items():
+        rows.setdefault(f"{key}, quantized vs FP", {})["quantized"] = value
+    width = max(len(key) for key in rows)
+    lines = [f"{'metric':<{width}}" + "".join(f"{c:>14}" for c in columns)]
+    for key, values in rows.items():
+        cells = "".join(f"{values[c]:>14.4f}" if c in values else f"{'':>14}" for c in columns)
+        lines.append(f"{key:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.num_samples < IS_SPLITS:
+        raise ValueError(f"--num-samples must be >= {IS_SPLITS} (IS uses {IS_SPLITS} splits), got {args.num_samples}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_reference is not None and args.num_reference < 2:
+        raise ValueError(f"--num-reference must be >= 2 (FID needs a covariance), got {args.num_reference}")
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate ``args.model`` (and ``args.quantized``); write the outputs to ``args.out``; return the metrics."""
+    start_time = time.perf_counter()
+    _check_args(args)
+    spec = get_spec(args.model)
+    out = ensure_writable_dir(args.out)  # fail before sampling, not after
+    pipe = zoo.load(args.model, device=args.device)
+    quiet(pipe)
+    feature_name = spec.feature_net
+    net = zoo.load_feature_net(feature_name, device=args.device)
+    real, _ = zoo_data.load_split(spec.dataset, "test", data_dir=args.data)
+    real = zoo_data.to_unit_range(real[: args.num_reference])
+    logger.info("reference: %d %s test images; features from %s", len(real), spec.dataset, feature_name)
+    reference = extract_features(net, real, feature_name, args.batch_size, args.device)
+    labels = class_labels(pipe, args.num_samples)
+    sample = dict(
+        num_images=args.num_samples, seed=args.seed, batch_size=args.batch_size,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, eta=args.eta,
+    )
+    inception = InceptionPool3(args.inception_weights) if args.inception_weights else None
+    quantized = None
+    if args.quantized:  # loaded before sampling so that a bad checkpoint fails fast
+        from .. import load as load_quantized  # the core's loader restores in place: give it a copy of the FP one
+
+        quantized = load_quantized(args.quantized, base=copy.deepcopy(denoiser_of(pipe)))
+    images = {"fp": generate(pipe, desc="FP samples", **sample)}
+    if quantized is not None:
+        set_denoiser(pipe, quantized)
+        images["quantized"] = generate(pipe, desc="quantized samples", **sample)
+
+    metrics: dict[str, Any] = {
+        "model": args.model,
+        "quantized_checkpoint": args.quantized,
+        "feature_net": feature_name,
+        "num_samples": args.num_samples,
+        "num_reference": len(real),
+        "seed": args.seed,
+        "steps": args.steps if args.steps is not None else pipe.config.get("default_num_inference_steps"),
+        "guidance": args.guidance if args.guidance is not None else pipe.config.get("default_guidance_scale"),
+        "eta": args.eta if args.eta is not None else pipe.config.get("default_eta"),
+        "device": str(args.device),
+    }
+    for name, imgs in images.items():
+        feats = extract_features(net, imgs, feature_name, args.batch_size, args.device)
+        metrics[name] = _model_metrics(feats, reference, labels, args.seed, args.device)
+    if inception is not None:
+        logger.info("Inception-v3 FID: %d reference images at 299x299", len(real))
+        for name, score in inception_fid(images, real, inception, args.batch_size, args.device).items():
+            metrics[name][INCEPTION_LABEL] = score
+    if "quantized" in images:
+        metrics["quantized_vs_fp"] = fidelity_metrics(
+            images["quantized"], images["fp"], net, feature_name, args.batch_size, args.device
+        )
+        save_grid(images["quantized"][:GRID_IMAGES], out / "grid_quantized.png", nrow=10)
+        save_side_by_side(
+            images["fp"][:SIDE_BY_SIDE_IMAGES], images["quantized"][:SIDE_BY_SIDE_IMAGES], out / "side_by_side.png"
+        )
+    save_grid(images["fp"][:GRID_IMAGES], out / "grid.png", nrow=10)
+    metrics["time_s"] = round(time.perf_counter() - start_time, 2)
+    write_metrics_json(out / "metrics.json", metrics)
+    print(_summary(metrics))
+    logger.info("wrote %s", out)
+    return metrics
+
+
+def run(args: argparse.Namespace) -> int:
+    """``evaluate(args)``; returns the exit status 0 (errors propagate)."""
+    evaluate(args)
+    return 0
+
+
+def main_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m questdiff.eval.cli`` (same options as ``questdiff eval``)."""
+    parser = argparse.ArgumentParser(
+        prog="questdiff eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m questdiff.eval.cli``; returns the exit status (1 with a one-line error)."""
+    args = main_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        evaluate(args)
+    except (ValueError, OSError, ImportError) as err:
+        logger.error("%s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
