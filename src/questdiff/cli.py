@@ -56,14 +56,31 @@ def _packed_size_mib(model: torch.nn.Module) -> tuple[float, float]:
     return fp / 2**20, packed / 2**20
 
 
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Method options from the iteration flags (only the ones given); raises if the method has no such stage."""
+    from .calibration.quest import METHOD_OPTIONS
+
+    flags = {"brecq": ("recon_iters", "iters"), "tla": ("tla_epochs", "epochs"), "cma": ("cma_epochs", "epochs")}
+    options: dict[str, Any] = {}
+    for stage, (flag, key) in flags.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if stage not in METHOD_OPTIONS.get(args.method, ()):
+            raise ValueError(f"--{flag.replace('_', '-')} does not apply to method {args.method!r} (it has no {stage} stage)")
+        options[stage] = {key: value}
+    return options
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .api import quantize
     from .calibration import CalibrationSet, collect_calibration
     from .prepare import act_quantizers, handle, quant_layers
 
     start = time.perf_counter()
+    options = _method_options(args)  # fail before any long work
     device = args.device or default_device()
-    out = ensure_writable_dir(args.out)  # fail before any long work
+    out = ensure_writable_dir(args.out)
     pipe, name = load_pipeline(args.model, device)
     calib_path = out / "calibration.safetensors"
     if calib_path.is_file() and not args.recollect:
@@ -83,7 +100,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
         calib.save(calib_path)
     unet = pipelines.denoiser_of(pipe)
-    quantize(unet, args.preset, calib, args.method, device=device, batch_size=args.batch_size, work_dir=out / "work", seed=args.seed)
+    quantize(unet, args.preset, calib, args.method, device=device, batch_size=args.batch_size, work_dir=out / "work",
+             seed=args.seed, **options)
     checkpoint.save(unet, out)
     h = handle(unet)
     fp_mib, packed_mib = _packed_size_mib(unet)
@@ -163,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=int, default=None, help="sampler steps for calibration (default: the pipeline's)")
     q.add_argument("--guidance", type=float, default=None, help="CFG scale for calibration (default: the pipeline's)")
     q.add_argument("--recollect", action="store_true", help="sample calibration data again even if OUT has it")
+    q.add_argument("--recon-iters", type=int, default=None, help="BRECQ/AdaRound iterations per block (default 20000)")
+    q.add_argument("--tla-epochs", type=int, default=None, help="TLA epochs per timestep (default 200)")
+    q.add_argument("--cma-epochs", type=int, default=None, help="CMA epochs over all timesteps (default 20)")
     q.add_argument("--out", default="runs/quantized", help="output folder (checkpoint, calibration data, stage checkpoints)")
     q.set_defaults(func=cmd_quantize)
 

@@ -1,0 +1,189 @@
+"""CMA, critical module alignment with the global loss (paper §3.3.3-3.3.4, code ``pd_optimize_timewise``, spec
+§2.8 stage B).
+
+Finetunes the weights and biases of the "critical" layers and the active row of EVERY activation scale except
+the time-embedding layers' (those belong to TLA), against the FP teacher over all timesteps.
+
+Critical layers (``critical``):
+- ``"auto"`` picks the code's per-family lists by what the model conditions on (read from one forward):
+  unconditional UNets with self-attention (LSUN-like): q, k, v of self-attention (the code's ``qkv``);
+  class-conditional with cross-attention to one token (ImageNet-like): ``ff``, self/cross q, self k and v;
+  text-conditional (SD-like): ``ff``;
+- a tuple of adapter roles;
+- ``"sensitivity"``: the ``top_k`` layers ranked by ``sensitivity.layer_sensitivity`` at ``sensitivity_bits``.
+
+Defaults: weight lr 1e-5 and act lr 1e-4 (paper = code); 20 epochs of 64 fresh rows per (epoch, timestep) in
+batches of 4 (the code's micro-batch 1 x 4-step accumulation, i.e. the same 16 steps per visit); loss ``"paper"``
+(``local_weight * sum_k MSE_k + global_weight * MSE_out``, 1 and 2); ``"code"`` is ``N_hooked * MSE_out`` plus the
+local terms only for text models. The code resets the scale optimizer for every (epoch, t) visit
+(``reset_act_state=True``); the default keeps one Adam state per scale row.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..adapters import TIME_EMBEDDING_ROLES
+from ..nn import ActQuantizer
+from ..prepare import handle, quant_layers
+from .common import generator, layers_with_roles
+from .data import CalibrationSet
+from .finetune import ORDERS, FinetuneResult, Objective, Order, evaluate, evaluation_batches, finetune, plan_batches
+from .sensitivity import layer_sensitivity
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["unconditional", "class", "text"]
+CRITICAL_ROLES: dict[str, tuple[str, ...]] = {
+    "unconditional": ("attn.self.q", "attn.self.k", "attn.self.v"),
+    "class": ("ff", "attn.self.q", "attn.cross.q", "attn.self.k", "attn.self.v"),
+    "text": ("ff",),
+}
+
+
+@dataclass(frozen=True)
+class CMAConfig:
+    """CMA settings (see the module docstring for the paper/code choice of each default).
+
+    Attributes:
+        critical: ``"auto"``, ``"sensitivity"`` or a tuple of adapter roles.
+        top_k / sensitivity_bits / sensitivity_samples: layer count, probe bits and rows per timestep for
+            ``critical="sensitivity"``.
+        weight_lr / act_lr: Adam learning rates of weights+biases and of the activation-scale rows.
+        epochs: sweeps over the timesteps; samples_per_t: fresh rows per (epoch, timestep); batch_size: rows per step.
+        local_weight / global_weight: lambda_CMA and lambda_G of Eq. 7 (``loss="paper"``).
+        loss: ``"paper"`` or ``"code"``; global_loss: include the global output term.
+        order: ``"shuffled"`` (default) or ``"sequential"`` (code: noisiest first every epoch).
+        reset_act_state: fresh scale-optimizer state per (epoch, timestep) visit (code: yes).
+        timesteps: train only these calibrated timesteps (default: all).
+        eval_samples_per_t: rows per timestep of the before/after loss report (0: no report).
+        autocast: bf16 autocast on CUDA (off by default).
+    """
+
+    critical: tuple[str, ...] | Literal["auto", "sensitivity"] = "auto"
+    top_k: int = 8
+    sensitivity_bits: int = 4
+    sensitivity_samples: int = 4
+    weight_lr: float = 1e-5
+    act_lr: float = 1e-4
+    epochs: int = 20
+    samples_per_t: int = 64
+    batch_size: int = 4
+    local_weight: float = 1.0
+    global_weight: float = 2.0
+    loss: Literal["paper", "code"] = "paper"
+    global_loss: bool = True
+    order: Order = "shuffled"
+    reset_act_state: bool = False
+    timesteps: tuple[float, ...] | None = None
+    eval_samples_per_t: int = 8
+    autocast: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.critical, str):
+            object.__setattr__(self, "critical", tuple(self.critical))
+            clash = [r for r in self.critical if r in TIME_EMBEDDING_ROLES]
+            if not self.critical or clash:
+                raise ValueError(f"CMA critical roles must be non-empty and exclude the time-embedding roles {TIME_EMBEDDING_ROLES} "
+                                 f"(TLA trains those), got {self.critical}")
+        elif self.critical not in ("auto", "sensitivity"):
+            raise ValueError(f"CMA critical must be 'auto', 'sensitivity' or a tuple of roles, got {self.critical!r}")
+        if self.top_k < 1 or self.sensitivity_samples < 1:
+            raise ValueError("top_k and sensitivity_samples must be >= 1")
+        if self.weight_lr <= 0 or self.act_lr <= 0:
+            raise ValueError("CMA learning rates must be > 0 (paper and code: weight 1e-5, act 1e-4)")
+        if self.epochs < 0 or self.samples_per_t < 1 or self.batch_size < 1 or self.eval_samples_per_t < 0:
+            raise ValueError("CMA needs epochs >= 0, samples_per_t >= 1, batch_size >= 1 and eval_samples_per_t >= 0")
+        if self.loss not in ("paper", "code") or self.order not in ORDERS:
+            raise ValueError(f"CMA loss must be 'paper' or 'code' and order one of {ORDERS}")
+        if self.timesteps is not None:
+            object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
+
+
+@torch.no_grad()
+def model_family(model: nn.Module, calib: CalibrationSet, device: torch.device | str | None = None) -> Family:
+    """``"unconditional"`` (no cross-attention), ``"class"`` (cross-attention to one context token) or ``"text"``
+    (more tokens), read from the context the cross-attention modules see in one forward."""
+    h = handle(model)
+    cross = [name for name, info in h.adapter.attentions(model).items() if info.cross]
+    if not cross:
+        return "unconditional"
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    tokens: list[int] = []
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if isinstance(context, torch.Tensor) and context.ndim == 3:
+            tokens.append(context.shape[1])
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook, with_kwargs=True) for n in cross]
+    try:
+        model(**calib.model_kwargs(torch.arange(1), device))
+    finally:
+        for handle_ in handles:
+            handle_.remove()
+    return "class" if tokens and max(tokens) == 1 else "text"
+
+
+def critical_layers(model: nn.Module, calib: CalibrationSet, config: CMAConfig, *, device: torch.device,
+                    seed: int = 0, progress: bool = False) -> tuple[Family, list[str]]:
+    """``(model family, names of the layers CMA trains)``."""
+    family = model_family(model, calib, device)
+    if config.critical == "sensitivity":
+        ranking = layer_sensitivity(model, calib, bits=config.sensitivity_bits, samples_per_t=config.sensitivity_samples,
+                                    exclude_roles=TIME_EMBEDDING_ROLES, device=device, seed=seed, progress=progress)
+        return family, [s.name for s in ranking[: config.top_k]]
+    roles = CRITICAL_ROLES[family] if config.critical == "auto" else config.critical
+    names = layers_with_roles(model, roles)
+    if not names:
+        raise ValueError(f"no layer of {type(model).__name__} plays the CMA roles {roles} (model family {family!r}); "
+                         "pass CMAConfig(critical=('ff', ...)) or critical='sensitivity'")
+    return family, names
+
+
+def cma_objective(model: nn.Module, layers: list[str], family: Family, config: CMAConfig) -> Objective:
+    """Layers' weights, every non-time-embedding activation scale, and the loss weights."""
+    te_quantizers = {id(q) for n in layers_with_roles(model, TIME_EMBEDDING_ROLES) for q in quant_layers(model)[n].act_quantizers()}
+    scales = {n: q for n, q in model.named_modules() if isinstance(q, ActQuantizer) and id(q) not in te_quantizers}
+    if config.loss == "code":
+        local = config.local_weight if family == "text" else 0.0
+        global_weight = float(len(layers))
+    else:
+        local, global_weight = config.local_weight, config.global_weight
+    return Objective(list(layers), scales, list(layers), local, global_weight if config.global_loss else 0.0)
+
+
+def run_cma(
+    model: nn.Module,
+    calib: CalibrationSet,
+    config: CMAConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> FinetuneResult:
+    """Critical module alignment (+ global loss) of a prepared, calibrated ``model``.
+
+    Returns the per-step losses and the CMA loss on ``eval_samples_per_t`` rows per timestep before and after."""
+    config = config or CMAConfig()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    family, layers = critical_layers(model, calib, config, device=device, seed=seed, progress=progress)
+    objective = cma_objective(model, layers, family, config)
+    plan = plan_batches(model, calib, samples_per_t=config.samples_per_t, epochs=config.epochs, batch_size=config.batch_size,
+                        resample=True, order=config.order, generator=generator(seed, 41), timesteps=config.timesteps)
+    rows = (evaluation_batches(model, calib, config.eval_samples_per_t, max(config.batch_size, 8), seed + 43, config.timesteps)
+            if config.eval_samples_per_t else [])
+    result = FinetuneResult()
+    if rows:
+        result.loss_before = evaluate(model, calib, objective, rows, device=device, use_autocast=config.autocast)
+    result.losses = finetune(model, calib, objective, plan, weight_lr=config.weight_lr, act_lr=config.act_lr, device=device,
+                             use_autocast=config.autocast, reset_act_state=config.reset_act_state, progress=progress, desc="CMA")
+    if rows:
+        result.loss_after = evaluate(model, calib, objective, rows, device=device, use_autocast=config.autocast)
+    logger.info("CMA (%s model) on %d layers, %d activation scales: loss %.4g -> %.4g (%d steps)", family, len(layers),
+                len(objective.act_quantizers), result.loss_before, result.loss_after, len(result.losses))
+    return result

@@ -1,0 +1,299 @@
+"""Teacher-student finetuning shared by TLA and CMA (spec §2.8, §3.3): one engine, two objectives.
+
+The FP teacher is the same prepared model with quantization off (layers whose weights train keep an FP copy, so
+the teacher always runs the original weights). Each step takes a batch of calibration rows of ONE timestep (a
+forward uses one activation-scale row), runs the teacher under ``no_grad`` (or reads its cached outputs) and the
+fully quantized student, and minimises
+
+    loss = local_weight * sum_k MSE(student_k, teacher_k) + global_weight * MSE(student_out, teacher_out)
+
+over the outputs of the hooked layers ``k`` and the denoiser output. Weights and biases of the chosen layers get
+straight-through gradients through their frozen weight quantizers (Adam); the active row of the chosen activation
+scales is trained with ``RowAdam``. Batches come from a ``plan``: timesteps shuffled per epoch by default (the
+code's sequential sweeps are available as orders). Nothing is written to disk.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..nn import ActQuantizer
+from ..prepare import handle, quant_layers, quant_state
+from .common import autocast, output_tensor, trainable_only
+from .data import CalibrationSet
+from .row_adam import RowAdam
+
+logger = logging.getLogger(__name__)
+
+Order = Literal["shuffled", "sequential", "timestep_major"]
+ORDERS = ("shuffled", "sequential", "timestep_major")
+
+
+@dataclass
+class Objective:
+    """What a finetuning stage trains and how its loss is assembled.
+
+    Attributes:
+        weight_layers: quantized layers whose ``weight`` and ``bias`` train.
+        act_quantizers: activation quantizers whose active row of ``scale`` trains.
+        hooked_layers: layers whose outputs enter the local MSE terms.
+        local_weight / global_weight: weights of the summed local MSEs and of the output MSE.
+    """
+
+    weight_layers: list[str]
+    act_quantizers: dict[str, ActQuantizer]
+    hooked_layers: list[str]
+    local_weight: float
+    global_weight: float
+
+    def __post_init__(self) -> None:
+        if self.local_weight < 0 or self.global_weight < 0:
+            raise ValueError("loss weights must be >= 0")
+        if (self.local_weight == 0 or not self.hooked_layers) and self.global_weight == 0:
+            raise ValueError("the finetuning loss is empty: enable the global loss or a local term on hooked layers")
+        if not self.weight_layers and not self.act_quantizers:
+            raise ValueError("nothing to finetune: no layer weights and no activation scales were selected")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Calibration rows ``index`` of one timestep ``t`` (quantizer row ``row``); ``visit`` numbers the
+    (epoch, timestep) visit the batch belongs to."""
+
+    row: int
+    t: float
+    index: torch.Tensor
+    visit: int
+
+
+@dataclass
+class FinetuneResult:
+    """Per-step training losses and the stage's own loss on its evaluation batches before and after."""
+
+    losses: list[float] = field(default_factory=list)
+    loss_before: float = float("nan")
+    loss_after: float = float("nan")
+
+    def summary(self) -> dict[str, float]:
+        return {"loss_before": self.loss_before, "loss_after": self.loss_after, "steps": len(self.losses)}
+
+
+# -- plans ---------------------------------------------------------------------------------------------------------
+def plan_batches(
+    model: nn.Module,
+    calib: CalibrationSet,
+    *,
+    samples_per_t: int,
+    epochs: int,
+    batch_size: int,
+    resample: bool,
+    order: Order,
+    generator: torch.Generator,
+    timesteps: tuple[float, ...] | None = None,
+) -> list[Batch]:
+    """Batches of one timestep each.
+
+    Per timestep, ``samples_per_t`` rows are drawn (once, or afresh for every epoch with ``resample``) and cut into
+    ``batch_size`` chunks. ``order``: ``"shuffled"`` visits the timesteps in a new random order every epoch
+    (default); ``"sequential"`` visits them noisiest first every epoch (the code's CMA); ``"timestep_major"`` runs all
+    epochs of one timestep before the next (the code's TLA).
+    """
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}: use one of {ORDERS}")
+    schedule = handle(model).schedule
+    wanted = calib.timesteps if timesteps is None else [t for t in calib.timesteps if t in set(map(float, timesteps))]
+    if timesteps is not None and len(wanted) != len(set(timesteps)):
+        raise ValueError(f"timesteps {sorted(set(map(float, timesteps)) - set(wanted))} are not calibrated (calibrated: {calib.timesteps})")
+    rows = {t: torch.nonzero(calib.ts == t).flatten() for t in wanted}
+
+    def draw(t: float) -> list[torch.Tensor]:
+        pool = rows[t]
+        pick = pool[torch.randperm(len(pool), generator=generator)[:samples_per_t]]
+        return list(pick.split(batch_size))
+
+    fixed = {t: draw(t) for t in wanted} if not resample else {}
+    visits: list[tuple[int, float]] = []
+    if order == "timestep_major":
+        visits = [(e, t) for t in wanted for e in range(epochs)]
+    else:
+        for e in range(epochs):
+            ts = [wanted[i] for i in torch.randperm(len(wanted), generator=generator)] if order == "shuffled" else wanted
+            visits += [(e, t) for t in ts]
+    plan = []
+    for visit, (_, t) in enumerate(visits):
+        for chunk in (draw(t) if resample else fixed[t]):
+            plan.append(Batch(schedule.index(t), t, chunk, visit))
+    return plan
+
+
+def evaluation_batches(model: nn.Module, calib: CalibrationSet, samples_per_t: int, batch_size: int, seed: int,
+                       timesteps: tuple[float, ...] | None = None) -> list[Batch]:
+    """A fixed set of ``samples_per_t`` rows per timestep (for before/after loss reports)."""
+    g = torch.Generator().manual_seed(seed)
+    return plan_batches(model, calib, samples_per_t=samples_per_t, epochs=1, batch_size=batch_size, resample=False,
+                        order="sequential", generator=g, timesteps=timesteps)
+
+
+# -- teacher bookkeeping ---------------------------------------------------------------------------------------------
+def keep_teacher_copies(model: nn.Module, layer_names: list[str]) -> None:
+    """Snapshot the current weights of ``layer_names`` as the FP teacher's, unless a snapshot exists."""
+    layers = quant_layers(model)
+    for name in layer_names:
+        if layers[name].fp_weight is None:
+            layers[name].keep_fp_copy()
+
+
+def release_teacher_copies(model: nn.Module) -> None:
+    """Drop every FP weight snapshot (when no later stage needs the teacher)."""
+    for layer in quant_layers(model).values():
+        layer.drop_fp_copy()
+
+
+# -- loss ----------------------------------------------------------------------------------------------------------
+class OutputRecorder:
+    """Forward hooks keeping the outputs of some layers, call by call."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self._handles = [
+            model.get_submodule(n).register_forward_hook(lambda _m, _a, out, n=n: self.outputs[n].append(output_tensor(out)))
+            for n in names
+        ]
+
+    def take(self) -> dict[str, list[torch.Tensor]]:
+        out = self.outputs
+        self.outputs = {n: [] for n in out}
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def assemble_loss(
+    objective: Objective,
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    student_locals: dict[str, list[torch.Tensor]],
+    teacher_locals: dict[str, list[torch.Tensor]],
+) -> torch.Tensor:
+    """``local_weight * sum_k MSE_k + global_weight * MSE_out`` (float32 scalar)."""
+    loss = torch.zeros((), device=student_out.device)
+    if objective.local_weight > 0:
+        for name in objective.hooked_layers:
+            for s, t in zip(student_locals[name], teacher_locals[name]):
+                loss = loss + objective.local_weight * F.mse_loss(s.float(), t.float())
+    if objective.global_weight > 0:
+        loss = loss + objective.global_weight * F.mse_loss(student_out.float(), teacher_out.float())
+    return loss
+
+
+class _Forwards:
+    """Teacher and student forwards of one batch, with the recorder and an optional teacher cache."""
+
+    def __init__(self, model: nn.Module, calib: CalibrationSet, objective: Objective, device: torch.device,
+                 use_autocast: bool, cache: bool) -> None:
+        self.model, self.calib, self.objective, self.device = model, calib, objective, device
+        self.use_autocast = use_autocast
+        self.cache: dict[tuple[int, ...], tuple[torch.Tensor, dict[str, list[torch.Tensor]]]] | None = {} if cache else None
+        hooked = objective.hooked_layers if objective.local_weight > 0 else []
+        self.recorder = OutputRecorder(model, hooked)
+
+    def teacher(self, batch: Batch) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        key = tuple(batch.index.tolist())
+        if self.cache is not None and key in self.cache:
+            return self.cache[key]
+        with torch.no_grad(), quant_state(self.model, weight=False, act=False), autocast(self.device, self.use_autocast):
+            out = output_tensor(self.model(**self.calib.model_kwargs(batch.index, self.device))).detach()
+        result = (out, {k: [v.detach() for v in vs] for k, vs in self.recorder.take().items()})
+        if self.cache is not None:
+            self.cache[key] = result
+        return result
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        teacher_out, teacher_locals = self.teacher(batch)
+        with quant_state(self.model, weight=True, act=True), autocast(self.device, self.use_autocast):
+            out = output_tensor(self.model(**self.calib.model_kwargs(batch.index, self.device)))
+        return assemble_loss(self.objective, out, teacher_out, self.recorder.take(), teacher_locals)
+
+    def close(self) -> None:
+        self.recorder.remove()
+
+
+@contextlib.contextmanager
+def _forwards(*args, **kwargs) -> Iterator[_Forwards]:  # type: ignore[no-untyped-def]
+    f = _Forwards(*args, **kwargs)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, calib: CalibrationSet, objective: Objective, batches: list[Batch], *,
+             device: torch.device, use_autocast: bool = False) -> float:
+    """Mean loss of ``objective`` over ``batches`` (weighted by batch size); changes nothing."""
+    total, count = 0.0, 0
+    with _forwards(model, calib, objective, device, use_autocast, cache=False) as f:
+        for batch in batches:
+            total += float(f.loss(batch)) * len(batch.index)
+            count += len(batch.index)
+    return total / max(count, 1)
+
+
+def finetune(
+    model: nn.Module,
+    calib: CalibrationSet,
+    objective: Objective,
+    plan: list[Batch],
+    *,
+    weight_lr: float,
+    act_lr: float,
+    device: torch.device,
+    use_autocast: bool = False,
+    cache_teacher: bool = False,
+    reset_act_state: bool = False,
+    progress: bool = True,
+    desc: str = "finetune",
+) -> list[float]:
+    """Run ``plan`` and return the per-step losses.
+
+    ``cache_teacher`` keeps teacher outputs per batch in memory (for plans that repeat batches); ``reset_act_state``
+    gives every (epoch, timestep) visit a fresh Adam state for its scale row (the code's CMA).
+    """
+    layers = quant_layers(model)
+    keep_teacher_copies(model, objective.weight_layers)
+    weights = [p for n in objective.weight_layers for p in (layers[n].weight, layers[n].bias) if p is not None]
+    scales = list({id(q.scale): q.scale for q in objective.act_quantizers.values()}.values())
+    weight_opt = torch.optim.Adam(weights, lr=weight_lr) if weights else None
+    scale_opt = RowAdam(scales, lr=act_lr) if scales else None
+    losses: list[float] = []
+    last_visit = -1
+    bar = tqdm(plan, desc=desc, unit="step", disable=not progress)
+    with _forwards(model, calib, objective, device, use_autocast, cache_teacher) as f, \
+            trainable_only(model, weights + scales), torch.enable_grad():
+        for step, batch in enumerate(bar):
+            if scale_opt is not None and reset_act_state and batch.visit != last_visit:
+                scale_opt.reset(batch.row)
+            last_visit = batch.visit
+            loss = f.loss(batch)
+            if weight_opt is not None:
+                weight_opt.zero_grad(set_to_none=True)
+            if scale_opt is not None:
+                scale_opt.zero_grad()
+            loss.backward()
+            if weight_opt is not None:
+                weight_opt.step()
+            if scale_opt is not None:
+                scale_opt.step(batch.row)
+            losses.append(float(loss.detach()))
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.4g}", t=f"{batch.t:g}")
+    return losses

@@ -1,0 +1,142 @@
+"""The Q-Diffusion baseline and QuEST as resumable stage lists, and their options.
+
+Methods (``questdiff.quantize(..., method=...)``):
+
+============  =============================================================================================
+``qdiffusion``  weight init (Lp) -> BRECQ/AdaRound -> per-timestep activation init (baseline)
+``quest``       weight init -> BRECQ/AdaRound -> activation init -> TLA -> CMA (+ global loss)
+``quest-tla``   ... -> activation init -> TLA           (ablation: no CMA)
+``quest-cma``   ... -> activation init -> CMA           (ablation: no TLA)
+============  =============================================================================================
+
+Options (keyword arguments of ``quantize``): ``brecq=BrecqConfig(...)``, ``tla=TLAConfig(...)``,
+``cma=CMAConfig(...)`` (a config or a dict of its fields) and ``global_loss=False`` (drops the global output loss
+in TLA and CMA, Table 7's ablation). Each stage records its losses in ``handle(model).extra["calibration"]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from torch import nn
+
+from ..adapters import TIME_EMBEDDING_ROLES
+from ..prepare import handle
+from .brecq import BrecqConfig, reconstruct, rebuild_adaround
+from .cma import CMAConfig, run_cma
+from .common import layers_with_roles
+from .data import CalibrationSet
+from .finetune import keep_teacher_copies, release_teacher_copies
+from .methods import ACT_INIT, WEIGHT_INIT, Stage, StageContext, method_stages, register_method
+from .tla import TLAConfig, run_tla
+
+__all__ = ["METHOD_OPTIONS", "QuestOptions", "later_stages_pending", "resolve_options"]
+
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "qdiffusion": ("brecq",),
+    "quest": ("brecq", "tla", "cma", "global_loss"),
+    "quest-tla": ("brecq", "tla", "global_loss"),
+    "quest-cma": ("brecq", "cma", "global_loss"),
+}
+_CONFIGS = {"brecq": BrecqConfig, "tla": TLAConfig, "cma": CMAConfig}
+
+
+@dataclass(frozen=True)
+class QuestOptions:
+    """Resolved per-stage configs of one ``quantize`` call."""
+
+    brecq: BrecqConfig = field(default_factory=BrecqConfig)
+    tla: TLAConfig = field(default_factory=TLAConfig)
+    cma: CMAConfig = field(default_factory=CMAConfig)
+
+
+def resolve_options(options: Mapping[str, Any], method: str = "quest") -> QuestOptions:
+    """Configs from ``quantize``'s method options; raises ``ValueError`` naming unknown or malformed options."""
+    allowed = METHOD_OPTIONS.get(method, tuple(_CONFIGS) + ("global_loss",))
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}: it accepts {list(allowed)}")
+    configs: dict[str, Any] = {}
+    for key, cls in _CONFIGS.items():
+        value = options.get(key)
+        if value is None:
+            configs[key] = cls()
+        elif isinstance(value, cls):
+            configs[key] = value
+        elif isinstance(value, Mapping):
+            try:
+                configs[key] = cls(**value)
+            except TypeError as err:
+                names = [f.name for f in dataclasses.fields(cls)]
+                raise ValueError(f"bad {key} options {dict(value)} ({err}); {cls.__name__} fields are {names}") from err
+        else:
+            raise ValueError(f"option {key} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+    if "global_loss" in options:
+        flag = bool(options["global_loss"])
+        configs["tla"] = dataclasses.replace(configs["tla"], global_loss=flag)
+        configs["cma"] = dataclasses.replace(configs["cma"], global_loss=flag)
+    return QuestOptions(**configs)
+
+
+def later_stages_pending(model: nn.Module, stage: str) -> bool:
+    """True if the model's method has stages after ``stage`` that have not run yet (they need the FP teacher)."""
+    h = handle(model)
+    try:
+        names = [s.name for s in method_stages(h.method)]
+    except ValueError:
+        return False
+    if stage not in names:
+        return False
+    return any(n not in h.stages for n in names[names.index(stage) + 1 :])
+
+
+def _record(model: nn.Module, stage: str, stats: dict[str, Any]) -> None:
+    handle(model).extra.setdefault("calibration", {})[stage] = stats
+
+
+def _finish_finetuning(model: nn.Module, stage: str) -> None:
+    if not later_stages_pending(model, stage):
+        release_teacher_copies(model)
+
+
+def _brecq_stage(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> None:
+    config = resolve_options(ctx.options, handle(model).method).brecq
+    results = reconstruct(model, calib, config, device=ctx.device, batch_size=ctx.batch_size, progress=ctx.progress, seed=ctx.seed)
+    _record(model, "brecq", {
+        "units": len(results),
+        "rtn_loss": sum(r.rtn_loss for r in results),
+        "loss": sum(r.loss for r in results),
+        "improved_units": sum(r.loss < r.rtn_loss for r in results),
+    })
+
+
+def _tla_stage(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> None:
+    config = resolve_options(ctx.options, handle(model).method).tla
+    result = run_tla(model, calib, config, device=ctx.device, progress=ctx.progress, seed=ctx.seed)
+    _record(model, "tla", result.summary())
+    _finish_finetuning(model, "tla")
+
+
+def _cma_stage(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> None:
+    config = resolve_options(ctx.options, handle(model).method).cma
+    result = run_cma(model, calib, config, device=ctx.device, progress=ctx.progress, seed=ctx.seed)
+    _record(model, "cma", result.summary())
+    _finish_finetuning(model, "cma")
+
+
+def _rebuild_tla(model: nn.Module) -> None:
+    """Before a finished TLA stage is loaded on resume, keep the original time-embedding weights as the teacher's
+    for the stages that still have to run (the checkpoint holds the finetuned ones)."""
+    if later_stages_pending(model, "tla"):
+        keep_teacher_copies(model, layers_with_roles(model, TIME_EMBEDDING_ROLES))
+
+
+BRECQ = Stage("brecq", _brecq_stage, rebuild_adaround)
+TLA = Stage("tla", _tla_stage, _rebuild_tla)
+CMA = Stage("cma", _cma_stage)
+
+register_method("qdiffusion", [WEIGHT_INIT, BRECQ, ACT_INIT])
+register_method("quest", [WEIGHT_INIT, BRECQ, ACT_INIT, TLA, CMA])
+register_method("quest-tla", [WEIGHT_INIT, BRECQ, ACT_INIT, TLA])
+register_method("quest-cma", [WEIGHT_INIT, BRECQ, ACT_INIT, CMA])

@@ -1,0 +1,68 @@
+"""BRECQ: units in forward order, every weight hard-rounded afterwards, loss below round-to-nearest, data orders."""
+from __future__ import annotations
+
+import torch
+
+import questdiff as qd
+from questdiff.calibration.brecq import BrecqConfig, _batch_index, reconstruct, reconstruction_units
+from questdiff.calibration.weights import init_weights
+from questdiff.config import preset
+from questdiff.nn.adaround import AdaRoundQuantizer
+from questdiff.prepare import handle, prepare, weight_quantizers
+from questdiff.timestep import TimestepSchedule
+
+
+def _prepared(unet, calib, name="W4A8"):
+    prepare(unet, preset(name), TimestepSchedule.from_timesteps(calib.timesteps))
+    init_weights(unet)
+    return unet
+
+
+def test_units_are_blocks_and_loose_layers_in_forward_order(unet, calib):
+    _prepared(unet, calib)
+    units = reconstruction_units(unet, calib, torch.device("cpu"))
+    blocks = handle(unet).adapter.blocks(unet)
+    assert set(blocks) <= set(units)
+    assert units[:3] == ["time_embedding.linear_1", "time_embedding.linear_2", "conv_in"]
+    assert units[-1] == "conv_out"
+    assert units.index("down_blocks.0.downsamplers.0.conv") == units.index("down_blocks.0.resnets.0") + 1
+    covered = {n for n in handle(unet).layers if any(n == u or n.startswith(u + ".") for u in units)}
+    assert covered == set(handle(unet).layers)
+
+
+def test_reconstruction_hard_rounds_everything_and_beats_rtn(unet, calib):
+    _prepared(unet, calib)
+    results = reconstruct(unet, calib, BrecqConfig(iters=40, batch_size=8, lr=1e-2), batch_size=32, progress=False)
+    assert len(results) == 18
+    rtn, ada = sum(r.rtn_loss for r in results), sum(r.loss for r in results)
+    print(f"BRECQ tiny UNet W4 (40 iters/unit): sum of unit losses RTN {rtn:.4f} -> AdaRound {ada:.4f}")
+    assert ada < rtn
+    assert sum(r.loss < r.rtn_loss for r in results) >= len(results) * 2 // 3
+    quantizers = weight_quantizers(unet)
+    assert all(isinstance(q, AdaRoundQuantizer) and not q.soft for q in quantizers.values())
+
+
+def test_sequential_order_sweeps_timestep_shards():
+    config = BrecqConfig(iters=100, batch_size=4, order="sequential", num_shards=4)
+    g = torch.Generator().manual_seed(0)
+    shards = [set(_batch_index(step, config, 64, g).tolist()) for step in (0, 24, 25, 99)]
+    assert shards[0] <= set(range(16)) and shards[1] <= set(range(16))
+    assert shards[2] <= set(range(16, 32)) and shards[3] <= set(range(48, 64))
+    iid = BrecqConfig(batch_size=4)
+    seen = set().union(*(_batch_index(step, iid, 64, g).tolist() for step in range(40)))
+    assert len(seen & set(range(48, 64))) > 0 and len(seen & set(range(16))) > 0
+
+
+def test_cpu_bf16_storage_and_sample_cap(unet, calib):
+    _prepared(unet, calib)
+    config = BrecqConfig(iters=2, batch_size=4, storage="cpu", storage_dtype="bfloat16", max_samples=8, order="sequential")
+    results = reconstruct(unet, calib, config, progress=False)
+    assert all(r.loss == r.loss for r in results)  # finite
+
+
+def test_qdiffusion_method_runs_its_stages(unet, calib):
+    qd.quantize(unet, "W4A8", calib, "qdiffusion", progress=False, brecq=BrecqConfig(iters=2, batch_size=4))
+    h = handle(unet)
+    assert h.stages == ["weight_init", "brecq", "act_init"]
+    assert h.extra["calibration"]["brecq"]["units"] == 18
+    assert [r["stage"] for r in h.extra["report"]] == h.stages

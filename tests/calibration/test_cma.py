@@ -1,0 +1,82 @@
+"""CMA: trains only the critical layers and the non-time-embedding scales, lowers its loss; family defaults."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import questdiff as qd
+from questdiff.adapters import TIME_EMBEDDING_ROLES
+from questdiff.calibration import BrecqConfig, CMAConfig, run_cma
+from questdiff.calibration.cma import CRITICAL_ROLES, cma_objective, critical_layers, model_family
+from questdiff.prepare import act_quantizers, handle
+from quest_helpers import synthetic_calibration
+
+
+def _calibrated(model, calib, name="W4A4"):
+    return qd.quantize(model, name, calib, "qdiffusion", progress=False, brecq=BrecqConfig(iters=2, batch_size=4))
+
+
+def test_cma_touches_only_critical_layers_and_non_time_embedding_scales(unet, calib):
+    _calibrated(unet, calib)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    run_cma(unet, calib, CMAConfig(epochs=1, samples_per_t=8, weight_lr=1e-3, eval_samples_per_t=0), progress=False)
+    after = unet.state_dict()
+    h = handle(unet)
+    critical = [n for n, info in h.layers.items() if info.has_role(CRITICAL_ROLES["unconditional"])]
+    assert len(critical) == 12  # q, k, v of 4 attention blocks
+    owned = {f"{n}.{p}" for n in critical for p in ("weight", "bias")}
+    te_scales = {f"{n}.scale" for n, q in act_quantizers(unet).items()
+                 if any(n.startswith(layer + ".") for layer, info in h.layers.items() if info.has_role(TIME_EMBEDDING_ROLES))}
+    scales = {f"{n}.scale" for n in act_quantizers(unet)} - te_scales
+    assert len(te_scales) == 10
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed <= owned | scales
+    assert owned <= changed and len(changed & scales) > len(scales) // 2
+    assert not changed & te_scales
+
+
+def test_cma_lowers_its_loss(unet, calib):
+    _calibrated(unet, calib)
+    config = CMAConfig(epochs=3, samples_per_t=16, batch_size=8, weight_lr=1e-3, eval_samples_per_t=16)
+    result = run_cma(unet, calib, config, progress=False)
+    print(f"CMA loss (tiny UNet W4A4, 3 epochs): {result.loss_before:.4f} -> {result.loss_after:.4f}")
+    assert result.loss_after < result.loss_before
+
+
+def test_model_family_and_default_critical_roles(unet, calib, cond_unet, cond_calib):
+    _calibrated(unet, calib, "W8A8")
+    assert model_family(unet, calib) == "unconditional"
+    _calibrated(cond_unet, cond_calib, "W8A8")
+    assert model_family(cond_unet, cond_calib) == "class"
+    family, layers = critical_layers(cond_unet, cond_calib, CMAConfig(), device=torch.device("cpu"))
+    roles = set().union(*(handle(cond_unet).layers[n].roles for n in layers))
+    assert family == "class" and roles == {"ff", "attn.self.q", "attn.cross.q", "attn.self.k", "attn.self.v"}
+    text_calib = synthetic_calibration(2, shape=(4, 8, 8), context=(5, 32))
+    assert model_family(cond_unet, text_calib) == "text"
+
+
+def test_code_loss_variant_and_sensitivity_choice(unet, calib):
+    _calibrated(unet, calib)
+    objective = cma_objective(unet, ["mid_block.attentions.0.to_q"], "unconditional", CMAConfig(loss="code"))
+    assert (objective.local_weight, objective.global_weight) == (0.0, 1.0)
+    assert cma_objective(unet, ["x"], "text", CMAConfig(loss="code")).local_weight == 1.0
+    family, layers = critical_layers(unet, calib, CMAConfig(critical="sensitivity", top_k=3, sensitivity_samples=2),
+                                     device=torch.device("cpu"))
+    assert len(layers) == 3
+    assert not any(handle(unet).layers[n].has_role(TIME_EMBEDDING_ROLES) for n in layers)
+
+
+def test_cma_config_validation():
+    with pytest.raises(ValueError, match="time-embedding"):
+        CMAConfig(critical=("time_proj",))
+    with pytest.raises(ValueError, match="critical"):
+        CMAConfig(critical="everything")
+    with pytest.raises(ValueError, match="no layer"):
+        from builders import CustomUNet
+        model = CustomUNet()
+        calib = synthetic_calibration(2)
+        calib.inputs["noise_level"] = calib.inputs.pop("timestep")
+        calib.timestep_key, calib.sample_key = "noise_level", "x"
+        calib.inputs["x"] = calib.inputs.pop("sample")
+        qd.quantize(model, "W8A8", calib, "rtn", adapter=qd.GenericAdapter("noise_level"), progress=False)
+        critical_layers(model, calib, CMAConfig(), device=torch.device("cpu"))

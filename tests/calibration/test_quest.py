@@ -1,0 +1,116 @@
+"""QuEST methods: registration, options, bit-exact resume and save/load, the command line."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import questdiff as qd
+import questdiff.calibration.quest as quest
+from builders import ddim_pipeline, tiny_unet2d
+from questdiff.calibration import BrecqConfig, CMAConfig, TLAConfig
+from questdiff.calibration.methods import method_stages
+from questdiff.calibration.quest import resolve_options
+from questdiff.nn.adaround import AdaRoundQuantizer
+from questdiff.prepare import handle, quant_layers, weight_quantizers
+from quest_helpers import outputs_per_timestep
+
+TINY = dict(brecq=BrecqConfig(iters=3, batch_size=4), tla=TLAConfig(epochs=2, weight_lr=1e-3),
+            cma=CMAConfig(epochs=1, samples_per_t=4, weight_lr=1e-3, eval_samples_per_t=0))
+
+
+def _quest(model, calib, **kwargs):
+    return qd.quantize(model, "W4A4", calib, "quest", progress=False, **{**TINY, **kwargs})
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def quest_model(calib):
+    return _quest(tiny_unet2d(), calib)
+
+
+def test_methods_and_stages():
+    names = {m: [s.name for s in method_stages(m)] for m in ("qdiffusion", "quest", "quest-tla", "quest-cma")}
+    assert names["qdiffusion"] == ["weight_init", "brecq", "act_init"]
+    assert names["quest"] == ["weight_init", "brecq", "act_init", "tla", "cma"]
+    assert names["quest-tla"][-1] == "tla" and names["quest-cma"][-1] == "cma" and len(names["quest-cma"]) == 4
+
+
+def test_options_resolve_and_fail_loudly():
+    options = resolve_options({"tla": {"epochs": 3}, "global_loss": False}, "quest")
+    assert options.tla.epochs == 3 and not options.tla.global_loss and not options.cma.global_loss
+    assert options.brecq == BrecqConfig()
+    with pytest.raises(ValueError, match="accepts"):
+        resolve_options({"tla": TLAConfig()}, "qdiffusion")
+    with pytest.raises(ValueError, match="TLAConfig fields"):
+        resolve_options({"tla": {"epoch": 3}}, "quest")
+    with pytest.raises(ValueError, match="order"):
+        resolve_options({"brecq": {"order": "random"}}, "quest")
+
+
+def test_quest_model_state(quest_model):
+    h = handle(quest_model)
+    assert h.stages == ["weight_init", "brecq", "act_init", "tla", "cma"]
+    assert all(isinstance(q, AdaRoundQuantizer) and not q.soft for q in weight_quantizers(quest_model).values())
+    assert all(layer.fp_weight is None for layer in quant_layers(quest_model).values())  # teacher copies released
+    stats = h.extra["calibration"]
+    assert stats["tla"]["steps"] == 2 * 4 * 4 and stats["cma"]["steps"] == 4
+    assert {r["stage"] for r in h.extra["report"]} == set(h.stages)
+
+
+def test_resumed_run_equals_uninterrupted_run_bit_exactly(calib, quest_model, tmp_path, monkeypatch):
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed during CMA")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(quest, "run_cma", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            _quest(tiny_unet2d(), calib, work_dir=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "stages").glob("*.safetensors"))[-1] == "03-tla.safetensors"
+    resumed = _quest(tiny_unet2d(), calib, work_dir=tmp_path)
+    report = handle(resumed).extra["report"]
+    assert [r.get("resumed", False) for r in report] == [True, True, True, True, False]
+    _assert_same(_state(resumed), _state(quest_model))
+    assert torch.equal(outputs_per_timestep(resumed, calib), outputs_per_timestep(quest_model, calib))
+
+
+def test_save_load_round_trip_is_bit_exact(calib, quest_model, tmp_path):
+    qd.save(quest_model, tmp_path / "q")
+    loaded = qd.load(tmp_path / "q", base=tiny_unet2d())
+    assert handle(loaded).method == "quest"
+    _assert_same(_state(loaded), _state(quest_model))
+    assert torch.equal(outputs_per_timestep(loaded, calib), outputs_per_timestep(quest_model, calib))
+
+
+def test_global_loss_ablation_option(unet, calib):
+    _quest(unet, calib, global_loss=False, cma=CMAConfig(epochs=1, samples_per_t=4, eval_samples_per_t=2))
+    assert handle(unet).extra["calibration"]["cma"]["loss_before"] > 0
+
+
+def test_cli_quantize_quest(tmp_path):
+    folder = tmp_path / "pipe"
+    ddim_pipeline().save_pretrained(folder)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "questdiff.cli", "quantize", "--model", str(folder), "--method", "quest", "--preset", "W4A8",
+           "--device", "cpu", "--calib-samples", "2", "--calib-steps", "2", "--steps", "4", "--recon-iters", "1",
+           "--tla-epochs", "1", "--cma-epochs", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "questdiff quantize: done" in done.stdout and "cma" in done.stdout
+    assert (out / "model.safetensors").is_file() and (out / "work" / "stages" / "04-cma.safetensors").is_file()
+    wrong = subprocess.run(cmd[:6] + ["--method", "rtn", "--recon-iters", "1", "--out", str(out)], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert wrong.returncode == 2 and "does not apply to method 'rtn'" in wrong.stderr
