@@ -152,3 +152,15 @@ def custom_sampling_loop(model: nn.Module, n: int = 4, steps: int = 10, seed: in
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> float:
     mse = torch.mean((a.float() - b.float()) ** 2).item()
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(data_range**2 / mse)).item()
+
+
+def scheduler_loop(unet, scheduler, steps: int, n: int = 2, seed: int = 0) -> torch.Tensor:
+    """Generic sampling loop for any diffusers scheduler (DDIMPipeline hard-codes DDIM's ``eta``)."""
+    scheduler.set_timesteps(steps)
+    x = torch.randn(n, unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(seed))
+    x = x * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = unet(scheduler.scale_model_input(x, t), t).sample
+            x = scheduler.step(eps, t, x).prev_sample
+    return x

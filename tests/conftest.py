@@ -5,6 +5,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/builders.py
+torch.set_num_threads(1)  # the test models are tiny: intra-op threads only add overhead
 
 
 def pytest_collection_modifyitems(config, items):

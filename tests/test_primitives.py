@@ -93,3 +93,10 @@ def test_percentile_per_channel_and_group_axes():
     assert s.shape == (6, 3, 1)
     with pytest.raises(ValueError, match="does not divide"):
         P.to_groups(torch.randn(6, 8, 3, 3), 7)
+
+
+def test_round_half_even_equals_torch_round():
+    edge = torch.tensor([0.5 - 2**-25, -0.5 + 2**-25, 1.5 - 2**-24, 2.5, -2.5, 3.5, 2**23 - 0.5])
+    x = torch.cat([torch.randn(100_000) * 300, torch.arange(-50, 50) + 0.5, edge])
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        assert torch.equal(P.round_half_even(x.to(dtype)), torch.round(x.to(dtype)))

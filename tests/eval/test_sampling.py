@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -31,6 +33,19 @@ def test_sample_i_does_not_depend_on_the_batch_size(pipe, eta: float) -> None:
 def test_class_labels_cycle_through_the_classes(pipe) -> None:
     assert class_labels(pipe, 12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     assert class_labels(lambda batch_size=1: None, 12) is None  # unconditional
+
+
+def test_text_pipelines_get_cycled_prompts_and_one_generator_per_sample() -> None:
+    calls = []
+
+    class TextPipeline:
+        def __call__(self, prompt, generator=None, output_type="pil", num_inference_steps=50):
+            calls.append((prompt, [g.initial_seed() for g in generator], num_inference_steps))
+            return SimpleNamespace(images=torch.zeros(len(prompt), 3, 8, 8))
+
+    images = generate(TextPipeline(), 5, seed=10, batch_size=2, num_inference_steps=4, prompts=["a", "b", "c"])
+    assert images.shape == (5, 3, 8, 8)
+    assert calls == [(["a", "b"], [10, 11], 4), (["c", "a"], [12, 13], 4), (["b"], [14], 4)]
 
 
 def test_bad_counts_raise(pipe) -> None:
