@@ -13,7 +13,7 @@ from .calibration.data import CalibrationSet
 from .calibration.methods import StageContext, method_stages, run_stages
 from .config import QuantConfig, resolve
 from .prepare import handle, prepare
-from .timestep import Rule, TimestepSchedule
+from .timestep import Rule, TimestepSchedule, timestep_getter
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +56,15 @@ def quantize(
         )
     method_stages(method)  # fail fast on an unknown method
     adapter = adapter or get_adapter(denoiser)
+    timestep_getter(denoiser.forward, adapter.timestep_argument)  # the named argument must exist
     calib.validate(denoiser)
     if calib.timestep_key != adapter.timestep_argument:
         raise ValueError(
             f"calibration data recorded the timestep as {calib.timestep_key!r} but the adapter reads "
             f"{adapter.timestep_argument!r}; record with the same timestep argument"
         )
-    device = torch.device(device) if device is not None else next(denoiser.parameters()).device
+    first = next(denoiser.parameters(), None)
+    device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
     denoiser.to(device).eval()
     schedule = TimestepSchedule.from_timesteps(calib.timesteps, timestep_rule)
     prepare(denoiser, config, schedule, adapter)

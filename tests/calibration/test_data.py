@@ -1,0 +1,98 @@
+import pytest
+import torch
+from torch import nn
+
+import questdiff as qd
+from questdiff.calibration import CalibrationSet
+
+from builders import CustomUNet, custom_sampling_loop, ddim_pipeline, tiny_cond_unet, tiny_unet2d
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return qd.collect_calibration(ddim_pipeline(), num_samples=6, num_inference_steps=10, batch_size=4, progress=False)
+
+
+def test_records_every_step_of_every_trajectory(calib):
+    assert len(calib) == 6 * 10 and calib.xs.shape == (60, 1, 16, 16)
+    assert sorted(set(calib.steps.tolist())) == list(range(10))
+    assert calib.timesteps == sorted(calib.timesteps, reverse=True)  # noisiest first
+    assert calib.timestep_is_int and calib.static == {}  # DDIMPipeline passes (sample, t) only
+
+
+def test_select_stride_and_samples_per_step(calib):
+    sub = calib.select(calib_steps=5, samples_per_step=3)
+    assert sorted(set(sub.steps.tolist())) == [0, 2, 4, 6, 8] and len(sub) == 15
+    with pytest.raises(ValueError, match="only 10 sampler steps"):
+        calib.select(calib_steps=11)
+
+
+def test_collect_with_stride_stores_only_kept_steps():
+    calib = qd.collect_calibration(ddim_pipeline(), num_samples=3, calib_steps=5, num_inference_steps=10, batch_size=2, progress=False)
+    assert sorted(set(calib.steps.tolist())) == [0, 2, 4, 6, 8] and len(calib) == 15
+
+
+def test_save_load_roundtrip(calib, tmp_path):
+    path = calib.save(tmp_path / "calib.safetensors")
+    loaded = CalibrationSet.load(path)
+    assert loaded.timesteps == calib.timesteps and loaded.static == calib.static
+    for key in calib.inputs:
+        assert torch.equal(loaded.inputs[key], calib.inputs[key])
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        CalibrationSet.load(path)
+
+
+def test_nan_and_wrong_shapes_rejected(calib):
+    bad = calib.subset(torch.arange(4))
+    bad.inputs["sample"] = bad.inputs["sample"].clone()
+    bad.inputs["sample"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        qd.quantize(tiny_unet2d(), "W8A8", bad, progress=False)
+    with pytest.raises(ValueError, match="channels but the model expects 4"):
+        qd.quantize(tiny_cond_unet(), "W8A8", calib, progress=False)
+
+
+def test_conditioning_width_mismatch():
+    unet = tiny_cond_unet()
+    rows = {"sample": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([500.0, 500.0]), "encoder_hidden_states": torch.randn(2, 3, 16)}
+    calib = CalibrationSet(rows, torch.zeros(2, dtype=torch.long), "sample", "timestep")
+    with pytest.raises(ValueError, match="cross-attends to width 32"):
+        qd.quantize(unet, "W8A8", calib, progress=False)
+
+
+def test_generic_adapter_with_missing_timestep_argument():
+    model = CustomUNet()
+    with qd.record_calibration(model, timestep_argument="noise_level") as rec:
+        custom_sampling_loop(model, n=2, steps=4)
+    with pytest.raises(ValueError, match="has no argument 't'"):
+        qd.quantize(model, "W8A8", rec.result(), adapter=qd.GenericAdapter("t"), progress=False)
+    with pytest.raises(ValueError, match="no argument 'sigma'"):
+        with qd.record_calibration(model, timestep_argument="sigma"):
+            pass
+
+
+def test_denoiser_without_quantizable_layers():
+    class NoLayers(nn.Module):
+        def forward(self, x, t):
+            return x * 0.5
+
+    model = NoLayers()
+    with qd.record_calibration(model, timestep_argument="t") as rec:
+        model(torch.randn(2, 1, 4, 4), torch.tensor(10))
+    with pytest.raises(ValueError, match="no Linear/Conv1d/Conv2d layer"):
+        qd.quantize(model, "W8A8", rec.result(), adapter=qd.GenericAdapter("t"), progress=False)
+
+
+def test_nothing_recorded():
+    with qd.record_calibration(tiny_unet2d()) as rec:
+        pass
+    with pytest.raises(ValueError, match="no denoiser call was recorded"):
+        rec.result()
+
+
+def test_unknown_method_and_missing_calibration(calib):
+    with pytest.raises(ValueError, match="unknown quantization method"):
+        qd.quantize(tiny_unet2d(), "W8A8", calib, method="magic", progress=False)
+    with pytest.raises(ValueError, match="collect_calibration"):
+        qd.quantize(tiny_unet2d(), "W8A8", None)

@@ -1,0 +1,103 @@
+"""save -> load round trips and every bad checkpoint input."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import questdiff as qd
+from questdiff import checkpoint
+
+from builders import ddim_pipeline, tiny_unet2d
+
+
+@pytest.fixture(scope="module")
+def calib():
+    pipe = ddim_pipeline()
+    return qd.collect_calibration(pipe, num_samples=4, calib_steps=4, num_inference_steps=8, progress=False)
+
+
+@pytest.fixture
+def saved(tmp_path, calib):
+    unet = qd.quantize(tiny_unet2d(), "W4A4", calib, progress=False)
+    qd.save(unet, tmp_path / "q")
+    return unet, tmp_path / "q"
+
+
+def test_save_load_bit_exact(saved, calib):
+    unet, folder = saved
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "questdiff.json"}
+    restored = qd.load(folder, base=tiny_unet2d())
+    for key, value in unet.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
+    kwargs = calib.model_kwargs(torch.arange(4))
+    with torch.no_grad():
+        assert torch.equal(unet(**kwargs).sample, restored(**kwargs).sample)
+    meta = json.loads((folder / "questdiff.json").read_text())
+    assert meta["quant_config"]["name"] == "W4A4" and meta["method"] == "rtn" and meta["format_version"] == 1
+
+
+def test_checkpoint_of_another_base_model(saved):
+    other = tiny_unet2d()
+    other.conv_in = torch.nn.Conv2d(1, 16, 5, padding=2)
+    with pytest.raises(ValueError, match="another base model"):
+        qd.load(saved[1], base=other)
+
+
+def test_checkpoint_of_another_config_version(saved):
+    folder = saved[1]
+    meta = json.loads((folder / "questdiff.json").read_text())
+    meta["format_version"] = 7
+    (folder / "questdiff.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="version 7"):
+        qd.load(folder, base=tiny_unet2d())
+    meta["format_version"] = 1
+    meta["quant_config"]["version"] = 3
+    (folder / "questdiff.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="config version 3"):
+        qd.load(folder, base=tiny_unet2d())
+
+
+def test_truncated_or_corrupt_weights(saved):
+    folder = saved[1]
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        qd.load(folder, base=tiny_unet2d())
+    (folder / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        qd.load(folder, base=tiny_unet2d())
+    save_file({"x": torch.zeros(1)}, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="does not match the model"):
+        qd.load(folder, base=tiny_unet2d())
+
+
+def test_not_a_checkpoint_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a questdiff checkpoint"):
+        qd.load(tmp_path, base=tiny_unet2d())
+
+
+def test_output_folder_not_writable(tmp_path, saved):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="not writable"):
+        qd.save(saved[0], blocker / "out")
+
+
+def test_failed_save_keeps_previous_checkpoint(saved, monkeypatch):
+    unet, folder = saved
+    before = (folder / "model.safetensors").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        qd.save(unet, folder)
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_quantizing_twice_is_refused(saved, calib):
+    with pytest.raises(ValueError, match="already quantized"):
+        qd.quantize(saved[0], "W8A8", calib, progress=False)
