@@ -50,7 +50,7 @@ def test_kid_is_zero_against_itself_positive_against_noise_and_seeded(sets) -> N
     scale, _ = kernel_distance(sets["noise"], sets["a"], subsets=10, subset_size=100)
     same, _ = kernel_distance(sets["a"], sets["a"], subsets=10, subset_size=100)
     assert abs(same) < 1e-3 * scale and scale > 0
-    assert kernel_distance(sets["b"], sets["a"], seed=3) == kernel_distance(sets["b"], sets["a"], seed=3)
+    assert kernel_distance(sets["b"], sets["a"], 10, 100, seed=3) == kernel_distance(sets["b"], sets["a"], 10, 100, seed=3)
 
 
 def test_inception_score_counts_the_classes_it_sees() -> None:

@@ -29,6 +29,11 @@ from .standard import INCEPTION_LABEL, InceptionPool3, inception_fid
 
 logger = logging.getLogger(__name__)
 
+DESCRIPTION = (
+    "Sample a zoo model (and its quantized version from the same seeds); write FID/sFID/IS/KID on the feature "
+    "network, PSNR/SSIM/feature distance of quantized vs FP samples and class accuracy to OUT/metrics.json, with "
+    "OUT/grid.png, OUT/grid_quantized.png and OUT/side_by_side.png (FP row over quantized row)."
+)
 GRID_IMAGES = 100
 SIDE_BY_SIDE_IMAGES = 16
 
@@ -42,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's paper setting)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--eta", type=float, help="DDIM eta (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=100, help="sampling/feature batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=100, help="sampling batch (default: %(default)s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
     parser.add_argument("--data", metavar="DIR", help="folder with the dataset's idx .gz files (reference test set)")
     parser.add_argument(
@@ -57,8 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` subcommand to an ``argparse`` subparsers object; ``args.func`` is ``run``."""
     parser = subparsers.add_parser(
-        "eval", help="FID/sFID/IS/KID, PSNR/SSIM vs FP and class accuracy of a zoo model", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "eval", help="FID/sFID/IS/KID, PSNR/SSIM vs FP and class accuracy of a zoo model", description=DESCRIPTION
     )
     add_arguments(parser)
     parser.set_defaults(func=run)
@@ -87,7 +91,7 @@ def _summary(metrics: dict[str, Any]) -> str:
     width = max(len(key) for key in rows)
     lines = [f"{'metric':<{width}}" + "".join(f"{c:>14}" for c in columns)]
     for key, values in rows.items():
-        cells = "".join(f"{values[c]:>14.4f}" if c in values else f"{'':>14}" for c in columns)
+        cells = "".join(f"{values[c]:>14.5g}" if c in values else f"{'':>14}" for c in columns)
         lines.append(f"{key:<{width}}{cells}")
     return "\n".join(lines)
 
@@ -114,7 +118,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     real, _ = zoo_data.load_split(spec.dataset, "test", data_dir=args.data)
     real = zoo_data.to_unit_range(real[: args.num_reference])
     logger.info("reference: %d %s test images; features from %s", len(real), spec.dataset, feature_name)
-    reference = extract_features(net, real, feature_name, args.batch_size, args.device)
+    reference = extract_features(net, real, feature_name, device=args.device)
     labels = class_labels(pipe, args.num_samples)
     sample = dict(
         num_images=args.num_samples, seed=args.seed, batch_size=args.batch_size,
@@ -144,7 +148,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "device": str(args.device),
     }
     for name, imgs in images.items():
-        feats = extract_features(net, imgs, feature_name, args.batch_size, args.device)
+        feats = extract_features(net, imgs, feature_name, device=args.device)
         metrics[name] = _model_metrics(feats, reference, labels, args.seed, args.device)
     if inception is not None:
         logger.info("Inception-v3 FID: %d reference images at 299x299", len(real))
@@ -152,7 +156,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             metrics[name][INCEPTION_LABEL] = score
     if "quantized" in images:
         metrics["quantized_vs_fp"] = fidelity_metrics(
-            images["quantized"], images["fp"], net, feature_name, args.batch_size, args.device
+            images["quantized"], images["fp"], net, feature_name, device=args.device
         )
         save_grid(images["quantized"][:GRID_IMAGES], out / "grid_quantized.png", nrow=10)
         save_side_by_side(
@@ -174,9 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m questdiff.eval.cli`` (same options as ``questdiff eval``)."""
-    parser = argparse.ArgumentParser(
-        prog="questdiff eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="questdiff eval", description=DESCRIPTION)
     add_arguments(parser)
     return parser
 

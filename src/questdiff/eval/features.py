@@ -77,7 +77,7 @@ def extract_features(
     net: FeatureNet,
     images: torch.Tensor,
     name: str,
-    batch_size: int = 256,
+    batch_size: int = 500,
     device: str | torch.device | None = None,
 ) -> FeatureSet:
     """Run the feature network over ``images`` in batches, in eval mode.

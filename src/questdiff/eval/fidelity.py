@@ -61,7 +61,7 @@ def feature_distance(
     images: torch.Tensor,
     reference: torch.Tensor,
     net: FeatureNet,
-    batch_size: int = 256,
+    batch_size: int = 500,
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """LPIPS-like distance on the feature network, without learned heads: ``[N, 1, 32, 32]`` x2 -> ``[N]``.
@@ -89,7 +89,7 @@ def fidelity_metrics(
     reference: torch.Tensor,
     net: FeatureNet,
     name: str,
-    batch_size: int = 256,
+    batch_size: int = 500,
     device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """Mean PSNR, SSIM and feature distance of ``images`` against ``reference`` (both ``[N, 1, 32, 32]``).

@@ -4,6 +4,7 @@ models see the same noise for the same ``i``.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -25,12 +26,15 @@ def generate(
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
     eta: float | None = None,
+    prompts: Sequence[str] | None = None,
     desc: str = "sampling",
     **extra: Any,
 ) -> torch.Tensor:
-    """Sample ``num_images`` images from a zoo-style pipeline in batches, with a progress bar.
+    """Sample ``num_images`` images from a diffusers-style pipeline in batches, with a progress bar.
 
-    ``None`` settings mean the pipeline's defaults; ``extra`` goes to every pipeline call as is. Returns ``[N, 1, 32, 32]`` float32 in [0, 1] on the CPU.
+    ``None`` settings mean the pipeline's defaults. Class-conditional pipelines get class ``i % 10`` and
+    text-conditioned ones ``prompts[i % len(prompts)]`` for sample ``i``; ``extra`` goes to every call as is.
+    Returns ``[N, C, H, W]`` float32 in [0, 1] on the CPU (``[N, 1, 32, 32]`` for the zoo models).
     """
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
@@ -40,8 +44,8 @@ def generate(
             count = min(batch_size, num_images - start)
             kwargs = call_kwargs(
                 pipe, start, count, seed,
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, output_type="pt",
-                extra=extra,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, prompts=prompts,
+                output_type="pt", extra=extra,
             )
             chunks.append(pipe(**kwargs).images.float().cpu())
             bar.update(count)
