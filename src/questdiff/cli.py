@@ -139,13 +139,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.scheduler:
         pipelines.set_scheduler(pipe, args.scheduler)
     pipelines.quiet(pipe)
-    extra: dict[str, Any] = {}
-    prompts = _read_prompts(args.prompts)
-    if prompts:
-        extra["prompts"] = prompts
     images = generate(
         pipe, args.num_images, seed=args.seed, batch_size=args.batch_size, num_inference_steps=args.steps,
-        guidance_scale=args.guidance, desc=f"sampling {label}", **extra,
+        guidance_scale=args.guidance, prompts=_read_prompts(args.prompts), desc=f"sampling {label}",
     )
     grid = save_grid(images, out / "grid.png", nrow=min(8, args.num_images))
     image_dir = ensure_writable_dir(out / "images")

@@ -1,0 +1,51 @@
+"""``questdiff quantize`` then ``questdiff sample`` from the shell on a tiny pipeline folder."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from builders import ddim_pipeline
+
+
+def _run(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "questdiff.cli", *args], capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"questdiff {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipe")
+    ddim_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_quantize_then_sample(pipeline_folder, tmp_path):
+    out = tmp_path / "w4a8"
+    result = _run("quantize", "--model", str(pipeline_folder), "--preset", "W4A8", "--calib-samples", "4",
+                  "--calib-steps", "3", "--steps", "6", "--device", "cpu", "--out", str(out))
+    assert "questdiff quantize: done" in result.stdout and "W4A8" in result.stdout
+    assert {"model.safetensors", "questdiff.json", "calibration.safetensors", "summary.json"} <= {p.name for p in out.iterdir()}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["calibrated timesteps"] == 3
+    # a second run resumes: the calibration data and every stage come from OUT
+    again = _run("quantize", "--model", str(pipeline_folder), "--preset", "W4A8", "--steps", "6", "--device", "cpu", "--out", str(out))
+    assert "resumed" in again.stdout
+    samples = tmp_path / "samples"
+    result = _run("sample", "--model", str(pipeline_folder), "--quantized", str(out), "--num-images", "3",
+                  "--steps", "6", "--scheduler", "ddim", "--device", "cpu", "--out", str(samples))
+    assert "questdiff sample: done" in result.stdout
+    assert (samples / "grid.png").is_file() and len(list((samples / "images").glob("*.png"))) == 3
+
+
+def test_bad_arguments_give_one_line_errors(pipeline_folder, tmp_path):
+    result = _run("quantize", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), check=False)
+    assert result.returncode == 2 and "neither a pipeline folder nor a zoo model" in result.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = _run("quantize", "--model", str(pipeline_folder), "--out", str(blocker / "o"), check=False)
+    assert result.returncode == 2 and "not writable" in result.stderr
+    result = _run("quantize", "--model", str(pipeline_folder), "--preset", "W1A8", "--steps", "4", "--calib-samples", "2", "--out", str(tmp_path / "o2"), check=False)
+    assert result.returncode == 2 and "unsupported" in result.stderr
