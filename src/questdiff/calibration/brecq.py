@@ -91,7 +91,10 @@ class UnitResult:
     name: str
     rtn_loss: float
     loss: float
-    seconds: float = 0.0
+    iters: int = 0
+    train_seconds: float = 0.0  # the AdaRound iterations only
+    capture_seconds: float = 0.0  # capturing inputs and targets
+    seconds: float = 0.0  # everything for this unit
 
 
 class _Stop(Exception):
@@ -265,6 +268,7 @@ def reconstruct_unit(
     rtn_loss = unit_loss(unit, inputs, targets, device)
     quantizers: list[AdaRoundQuantizer] = [q for layer in layers for q in convert_layer(layer, True, config.adaround)]
     alphas = [q.alpha for q in quantizers if q.alpha is not None]
+    start = time.perf_counter()
     if alphas and config.iters > 0:
         optimizer = torch.optim.Adam(alphas, lr=config.lr)
         g = generator(seed, 13)
@@ -280,9 +284,12 @@ def reconstruct_unit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - start
     for q in quantizers:
         q.harden()
-    result = UnitResult(name, rtn_loss, unit_loss(unit, inputs, targets, device))
+    result = UnitResult(name, rtn_loss, unit_loss(unit, inputs, targets, device), config.iters if alphas else 0, train_seconds)
     logger.debug("unit %s: rec loss RTN %.4g -> AdaRound %.4g", name, result.rtn_loss, result.loss)
     return result
 
@@ -341,7 +348,11 @@ def reconstruct(
             inputs = capture(model, unit, calib, parts, what="input", **kwargs)
             with quant_state(model, weight=False, act=False):
                 targets = capture(model, unit, calib, parts, what="output", **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            captured = time.perf_counter() - start
             result = reconstruct_unit(unit, inputs, targets, config, device=device, seed=seed + number, name=name)
+            result.capture_seconds = captured
             result.seconds = time.perf_counter() - start
             results.append(result)
             bar.set_postfix_str(f"{name}: {result.rtn_loss:.3g} -> {result.loss:.3g}")

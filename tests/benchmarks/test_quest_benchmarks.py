@@ -1,0 +1,54 @@
+"""Smoke runs of the QuEST benchmark scripts with their tiniest settings (CPU, in-process)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from builders import ddim_pipeline
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_quest_cost_quick(tmp_path):
+    assert _script("quest_cost").main(["--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    reports = json.loads((tmp_path / "quest_cost-quick.json").read_text())
+    assert [r["architecture"] for r in reports] == ["ldm4", "sd15"]
+    for report in reports:
+        assert set(report["stages"]) == {"weight_init", "brecq", "act_init", "tla", "cma"}
+        assert report["projected_total_hours"] > 0
+    assert "**total**" in (tmp_path / "quest_cost-quick.md").read_text()
+
+
+def test_quest_tables_quick(tmp_path):
+    ddim_pipeline().save_pretrained(tmp_path / "pipe")
+    argv = ["--quick", "--quiet", "--model", str(tmp_path / "pipe"), "--presets", "W4A8", "--methods", "FP", "rtn",
+            "quest", "quest-no-global", "--num-samples", "4", "--out", str(tmp_path / "out")]
+    assert _script("quest_tables").main(argv) == 0
+    result = json.loads((tmp_path / "out" / "quest_tables-quick.json").read_text())
+    methods = [row["method"] for row in result["rows"]]
+    assert methods == ["FP", "rtn", "quest", "quest-no-global"]
+    quest_row = result["rows"][2]
+    assert quest_row["metrics"]["PSNR (dB)"] > 0 and [s["stage"] for s in quest_row["stages"]][-1] == "cma"
+    no_global = result["rows"][3]["stages"]
+    assert [s.get("resumed", False) for s in no_global] == [True, True, True, False, False]  # shared stages reused
