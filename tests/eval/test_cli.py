@@ -60,7 +60,8 @@ def test_eval_fp_and_quantized_writes_metrics_and_images(tiny_zoo, tmp_path, cap
     fidelity = metrics["quantized_vs_fp"]
     assert 0 < fidelity["SSIM"] < 1 and 0 < fidelity["PSNR (dB)"] < 100
     assert fidelity["feature distance (FMNIST features)"] > 0
-    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "grid_quantized.png", "metrics.json", "side_by_side.png"]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["grid.png", "grid_quantized.png", "metrics.json", "side_by_side.png"]
     assert Image.open(out / "grid.png").size == (10 * 34 + 2, 2 * 34 + 2)  # 20 samples, 10 per row
     assert Image.open(out / "side_by_side.png").size == (8 * 34 + 2, 4 * 34 + 2)  # 16 seeds: 2 bands of FP + Q
     summary = capsys.readouterr().out

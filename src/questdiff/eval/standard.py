@@ -45,7 +45,9 @@ def _standard_images(images: torch.Tensor, name: str) -> torch.Tensor:
     if images.dtype == torch.uint8:
         images = images.float() / 255.0
     elif not images.is_floating_point() or images.min() < 0 or images.max() > 1:
-        raise ValueError(f"{name} must be float in [0, 1] or uint8 in [0, 255]; divide by 255 or map [-1, 1] with (x + 1) / 2")
+        raise ValueError(
+            f"{name} must be float in [0, 1] or uint8 in [0, 255]; divide by 255 or map [-1, 1] with (x + 1) / 2"
+        )
     return images.float().expand(-1, 3, -1, -1)
 
 
@@ -71,7 +73,8 @@ def fid_inception_v3(weights: str | os.PathLike[str] | None) -> nn.Module:
         path = Path(weights)
         if not path.is_file():
             raise FileNotFoundError(
-                f"Inception weights {path} not found; download {INCEPTION_URL} on a machine with internet and pass its path"
+                f"Inception weights {path} not found; download {INCEPTION_URL} on a machine with internet "
+                "and pass its path"
             )
         try:
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
