@@ -29,7 +29,7 @@ from torch import nn
 
 from ..adapters import TIME_EMBEDDING_ROLES
 from ..nn import ActQuantizer
-from ..prepare import handle, quant_layers
+from ..prepare import handle, quant_layers, quant_state
 from .common import generator, layers_with_roles
 from .data import CalibrationSet
 from .finetune import ORDERS, FinetuneResult, Objective, Order, evaluate, evaluation_batches, finetune, plan_batches
@@ -122,7 +122,8 @@ def model_family(model: nn.Module, calib: CalibrationSet, device: torch.device |
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook, with_kwargs=True) for n in cross]
     try:
-        model(**calib.model_kwargs(torch.arange(1), device))
+        with quant_state(model, weight=False, act=False):
+            model(**calib.model_kwargs(torch.arange(1), device))
     finally:
         for handle_ in handles:
             handle_.remove()

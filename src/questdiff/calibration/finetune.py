@@ -108,9 +108,13 @@ def plan_batches(
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}: use one of {ORDERS}")
     schedule = handle(model).schedule
-    wanted = calib.timesteps if timesteps is None else [t for t in calib.timesteps if t in set(map(float, timesteps))]
-    if timesteps is not None and len(wanted) != len(set(timesteps)):
-        raise ValueError(f"timesteps {sorted(set(map(float, timesteps)) - set(wanted))} are not calibrated (calibrated: {calib.timesteps})")
+    wanted = calib.timesteps
+    if timesteps is not None:
+        chosen = {float(t) for t in timesteps}
+        missing = chosen - set(wanted)
+        if missing:
+            raise ValueError(f"timesteps {sorted(missing)} are not calibrated (calibrated: {calib.timesteps})")
+        wanted = [t for t in wanted if t in chosen]
     rows = {t: torch.nonzero(calib.ts == t).flatten() for t in wanted}
 
     def draw(t: float) -> list[torch.Tensor]:
@@ -274,7 +278,7 @@ def finetune(
     scales = list({id(q.scale): q.scale for q in objective.act_quantizers.values()}.values())
     weight_opt = torch.optim.Adam(weights, lr=weight_lr) if weights else None
     scale_opt = RowAdam(scales, lr=act_lr) if scales else None
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # kept on the device: no host sync per step
     last_visit = -1
     bar = tqdm(plan, desc=desc, unit="step", disable=not progress)
     with _forwards(model, calib, objective, device, use_autocast, cache_teacher) as f, \
@@ -293,7 +297,7 @@ def finetune(
                 weight_opt.step()
             if scale_opt is not None:
                 scale_opt.step(batch.row)
-            losses.append(float(loss.detach()))
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.4g}", t=f"{batch.t:g}")
-    return losses
+            losses.append(loss.detach())
+            if progress and step % 25 == 0:
+                bar.set_postfix(loss=f"{float(losses[-1]):.4g}", t=f"{batch.t:g}")
+    return torch.stack(losses).tolist() if losses else []
