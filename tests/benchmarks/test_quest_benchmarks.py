@@ -6,9 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 from builders import ddim_pipeline
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -20,14 +17,6 @@ def _script(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_quest_cost_quick(tmp_path):

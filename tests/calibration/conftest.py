@@ -1,25 +1,17 @@
 """Fixtures for the calibration-algorithm tests: synthetic, well-conditioned calibration sets (a random tiny UNet's
-own samples diverge to |x| ~ 300, which makes reconstruction losses meaningless) and fresh tiny UNets.
-
-The tests pin torch to one thread: on the shared 2-core CI machines torch's intra-op thread pool makes these tiny
-ops 10-20x slower under load.
-"""
+own samples diverge to |x| ~ 300, which makes reconstruction losses meaningless) and fresh tiny UNets."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # quest_helpers.py (tests run with --import-mode=importlib)
 
 from builders import tiny_cond_unet, tiny_unet2d
 from questdiff.calibration import CalibrationSet
 from quest_helpers import synthetic_calibration
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
