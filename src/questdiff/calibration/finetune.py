@@ -81,8 +81,12 @@ class FinetuneResult:
     loss_before: float = float("nan")
     loss_after: float = float("nan")
 
-    def summary(self) -> dict[str, float]:
-        return {"loss_before": self.loss_before, "loss_after": self.loss_after, "steps": len(self.losses)}
+    def summary(self) -> dict[str, float | int | None]:
+        """JSON-safe summary (``None`` for losses that were not measured)."""
+        def safe(x: float) -> float | None:
+            return None if x != x else x
+
+        return {"loss_before": safe(self.loss_before), "loss_after": safe(self.loss_after), "steps": len(self.losses)}
 
 
 # -- plans ---------------------------------------------------------------------------------------------------------

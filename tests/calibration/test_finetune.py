@@ -1,0 +1,50 @@
+"""The shared finetuning engine: per-row Adam and batch plans."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import questdiff as qd
+from questdiff.calibration.finetune import plan_batches
+from questdiff.calibration.row_adam import RowAdam
+
+
+def test_row_adam_matches_torch_adam_on_the_active_row_and_leaves_others_alone():
+    torch.manual_seed(0)
+    start = torch.rand(3, 5) + 0.5
+    ours, ref = nn.Parameter(start.clone()), nn.Parameter(start[1:2].clone())
+    row_opt, torch_opt = RowAdam([ours], lr=1e-2), torch.optim.Adam([ref], lr=1e-2)
+    for step in range(5):
+        grad = torch.randn(5)
+        ours.grad = torch.zeros(3, 5)
+        ours.grad[1] = grad
+        ref.grad = grad[None].clone()
+        row_opt.step(1)
+        torch_opt.step()
+        if step == 2:  # a step of another row must not move row 1 (torch.optim.Adam would, through momentum)
+            ours.grad = torch.zeros(3, 5)
+            ours.grad[0] = torch.randn(5)
+            row_opt.step(0)
+    torch.testing.assert_close(ours.data[1], ref.data[0])
+    assert torch.equal(ours.data[2], start[2])
+    row_opt.reset(1)
+    assert int(row_opt.steps[0][1]) == 0 and int(row_opt.steps[0][0]) == 1
+
+
+def test_plans_keep_one_timestep_per_batch(unet, calib):
+    qd.quantize(unet, "W8A8", calib, "rtn", progress=False)
+    g = torch.Generator().manual_seed(0)
+    common = dict(samples_per_t=4, epochs=3, batch_size=2, generator=g)
+    for order in ("shuffled", "sequential", "timestep_major"):
+        plan = plan_batches(unet, calib, resample=False, order=order, **common)
+        assert len(plan) == 3 * 4 * 2
+        for batch in plan:
+            assert set(calib.ts[batch.index].tolist()) == {batch.t}
+    major = [b.t for b in plan_batches(unet, calib, resample=False, order="timestep_major", **common)]
+    assert major[:6] == [900.0] * 6
+    sequential = [b.t for b in plan_batches(unet, calib, resample=False, order="sequential", **common)]
+    assert sequential[:8:2] == [900.0, 600.0, 300.0, 50.0]
+    fixed = plan_batches(unet, calib, resample=False, order="shuffled", **common)
+    fresh = plan_batches(unet, calib, resample=True, order="shuffled", **common)
+    rows = lambda plan, t: {tuple(b.index.tolist()) for b in plan if b.t == t}  # noqa: E731
+    assert len(rows(fixed, 900.0)) == 2 and len(rows(fresh, 900.0)) > 2
