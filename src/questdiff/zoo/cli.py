@@ -1,0 +1,123 @@
+"""``questdiff zoo list|train|eval|export``: the zoo's command line.
+
+``register(subparsers)`` adds the ``zoo`` command to the main parser; each subcommand sets ``args.func``, a callable
+``(args) -> int`` (exit code). ``python -m questdiff.zoo.cli ...`` runs it stand-alone.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from .registry import SPECS
+from .train import TARGETS, train
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _list(args: argparse.Namespace) -> int:
+    from . import list_models
+
+    rows = [("name", "kind", "mirrors", "params", "size", "sampler", "quality")]
+    for e in list_models():
+        sampler = "-"
+        if e.sampler is not None:
+            s = e.sampler
+            sampler = f"{s.scheduler} {s.num_inference_steps} eta {s.eta}" + (
+                f" cfg {s.guidance_scale}" if s.guidance_scale is not None else "")
+        if e.fid is not None:
+            quality = f"{e.fid_label} {e.fid:.2f}"
+        elif "test_accuracy" in e.metrics:
+            quality = f"test acc {e.metrics['test_accuracy']:.4f}"
+        else:
+            quality = "-"
+        params = f"{e.params / 1e6:.2f}M" if e.shipped else "not shipped"
+        size = f"{e.size_bytes / 1e6:.1f} MB" if e.shipped else "-"
+        rows.append((e.name, e.kind, e.mirrors, params, size, sampler, quality))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    budget = args.time_budget * 60 if args.time_budget is not None else None
+    train(args.name, args.out, data_dir=args.data, device=args.device, steps=args.steps, batch_size=args.batch_size,
+          time_budget_s=budget, resume=args.resume, vae_dir=args.vae, tiny=args.tiny)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_folder
+
+    metrics = evaluate_folder(args.name, args.model, data_dir=args.data, features_dir=args.features,
+                              device=args.device, num_samples=args.num_samples, batch_size=args.batch_size,
+                              seed=args.seed, grid=args.grid)
+    logging.getLogger(__name__).info("%s: %s", args.name, metrics)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    export_model(args.name, args.model, args.out, DTYPES[args.dtype])
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``zoo`` with the subcommands ``list``, ``train``, ``eval`` and ``export``."""
+    zoo = subparsers.add_parser("zoo", help="the reference zoo: list, train, evaluate and export its models")
+    sub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="{list,train,eval,export}")
+
+    p = sub.add_parser("list", help="zoo models with sizes, sampler defaults and measured quality")
+    p.set_defaults(func=_list)
+
+    p = sub.add_parser("train", help="train a zoo model (GPU recommended) into OUT/model")
+    p.add_argument("name", choices=TARGETS)
+    p.add_argument("--data", help="folder with the idx .gz files (default: $QUESTDIFF_DATA, then standard places)")
+    p.add_argument("--out", required=True, help="run folder: model/, checkpoints/, samples/")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--steps", type=int, help="training steps of each stage (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, help="batch size of each stage (default: the recipe's)")
+    p.add_argument("--time-budget", type=float, help="wall-clock minutes per stage; the lr schedule anneals by it")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    p.add_argument("--vae", help="trained autoencoder folder (`zoo train fmnist-vae` output) for latent models")
+    p.add_argument("--tiny", action="store_true", help="minimal architectures, for tests and smoke runs")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="FID (own features) / accuracy of a saved zoo folder into its metrics.json")
+    p.add_argument("name", choices=list(SPECS))
+    p.add_argument("--model", required=True, help="saved model folder (e.g. OUT/model)")
+    p.add_argument("--features", help="feature-net folder (default: the shipped one of the model's dataset)")
+    p.add_argument("--data", help="folder with the idx .gz files")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--num-samples", type=int, default=10000)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", help="also write a 10x10 PNG grid of samples here")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="copy a saved zoo folder with weights stored in another dtype")
+    p.add_argument("name", choices=list(SPECS))
+    p.add_argument("--model", required=True, help="saved model folder (e.g. OUT/model)")
+    p.add_argument("--out", required=True, help="destination folder")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float16")
+    p.set_defaults(func=_export)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry: ``python -m questdiff.zoo.cli zoo train ...`` (``zoo`` may be left out)."""
+    parser = argparse.ArgumentParser(prog="questdiff")
+    register(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "zoo":
+        argv = ["zoo", *argv]
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

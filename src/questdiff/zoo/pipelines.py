@@ -1,0 +1,257 @@
+"""Sampling pipelines of the zoo: pixel-space DDPM, unconditional LDM and class-conditional LDM with CFG.
+
+All three share one call convention::
+
+    pipe(batch_size=4, num_inference_steps=None, generator=None, output_type="pt", eta=None)
+
+``None`` means the zoo model's paper setting, stored in the pipeline config (``default_num_inference_steps``,
+``default_eta``, ``default_guidance_scale``). ``output_type="pt"`` gives ``.images`` as ``[N, 1, 32, 32]`` float in
+``[0, 1]`` on the pipeline's device, ``"np"`` a ``[N, 32, 32, 1]`` float array, ``"pil"`` a list of grey PIL images.
+The loop is the standard ``set_timesteps / scale_model_input / step`` one, so any diffusers scheduler can be swapped
+in, and the denoiser is always ``pipe.unet`` (called as ``unet(x, t[, encoder_hidden_states=...])``).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+OUTPUT_TYPES = ("pt", "np", "pil")
+Generator = torch.Generator | list[torch.Generator] | None
+
+
+class ClassEmbedder(ModelMixin, ConfigMixin):
+    """Learned class tokens: labels ``[N]`` (int, ``num_classes`` = the null token) -> context ``[N, 1, embed_dim]``.
+
+    Mirrors LDM's ``ClassEmbedder`` (ImageNet LDM-4): one token that the UNet cross-attends to.
+    """
+
+    @register_to_config
+    def __init__(self, num_classes: int = 10, embed_dim: int = 128) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(num_classes + 1, embed_dim)
+
+    @property
+    def null_label(self) -> int:
+        """Index of the unconditional (null) token used for classifier-free guidance."""
+        return self.config.num_classes
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding(labels)[:, None, :]
+
+
+class _ZooPipeline(DiffusionPipeline):
+    """Shared sampling loop and output handling; subclasses define ``__call__`` and the denoiser call."""
+
+    def _resolve(self, num_inference_steps: int | None, eta: float | None) -> tuple[int, float]:
+        steps = self.config.default_num_inference_steps if num_inference_steps is None else int(num_inference_steps)
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+        return steps, self.config.default_eta if eta is None else float(eta)
+
+    def _initial_noise(self, batch_size: int, generator: Generator) -> torch.Tensor:
+        """Gaussian noise ``[N, C, H, W]`` in the denoiser's space, scaled by the scheduler's ``init_noise_sigma``."""
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
+        shape = (batch_size, cfg.in_channels, *size)
+        noise = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+        return noise * self.scheduler.init_noise_sigma
+
+    def _step_kwargs(self, eta: float, generator: Generator) -> dict[str, Any]:
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs: dict[str, Any] = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def _denoise(
+        self,
+        x: torch.Tensor,
+        predict_noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        num_inference_steps: int,
+        eta: float,
+        generator: Generator,
+    ) -> torch.Tensor:
+        """Runs the scheduler loop from noise ``x`` to a clean sample of the same shape."""
+        self.scheduler.set_timesteps(num_inference_steps, device=x.device)
+        step_kwargs = self._step_kwargs(eta, generator)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(x, t)
+            noise = predict_noise(model_input, t)
+            x = self.scheduler.step(noise, t, x, **step_kwargs, return_dict=False)[0]
+        return x
+
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[N, 4, 8, 8]`` (unit-variance scale) -> images ``[N, 1, 32, 32]`` in about ``[-1, 1]``."""
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        return self.vae.decode(latents, return_dict=False)[0]
+
+    def _output(self, images: torch.Tensor, output_type: str, return_dict: bool) -> ImagePipelineOutput | tuple:
+        """``images`` ``[N, 1, H, W]`` in ``[-1, 1]`` -> the requested output type in ``[0, 1]``."""
+        result: Any = (images.float() / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            result = result.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                result = self.numpy_to_pil(result)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=result) if return_dict else (result,)
+
+
+def _check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+class PixelDiffusionPipeline(_ZooPipeline):
+    """Unconditional pixel-space diffusion (mirrors CIFAR-10 DDPM): components ``unet``, ``scheduler``."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        scheduler: SchedulerMixin,
+        default_num_inference_steps: int = 100,
+        default_eta: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps, default_eta=default_eta)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int | None = None,
+        generator: Generator = None,
+        output_type: str = "pil",
+        eta: float | None = None,
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Samples ``batch_size`` images; see the module docstring for the outputs."""
+        _check_output_type(output_type)
+        steps, eta = self._resolve(num_inference_steps, eta)
+        x = self._initial_noise(batch_size, generator)
+        x = self._denoise(x, lambda xt, t: self.unet(xt, t, return_dict=False)[0], steps, eta, generator)
+        return self._output(x, output_type, return_dict)
+
+
+class LatentDiffusionPipeline(_ZooPipeline):
+    """Unconditional latent diffusion (mirrors LSUN-Bedrooms LDM-4): components ``vae``, ``unet``, ``scheduler``."""
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        unet: nn.Module,
+        scheduler: SchedulerMixin,
+        default_num_inference_steps: int = 200,
+        default_eta: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps, default_eta=default_eta)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int | None = None,
+        generator: Generator = None,
+        output_type: str = "pil",
+        eta: float | None = None,
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Samples ``batch_size`` images; see the module docstring for the outputs."""
+        _check_output_type(output_type)
+        steps, eta = self._resolve(num_inference_steps, eta)
+        latents = self._initial_noise(batch_size, generator)
+        latents = self._denoise(
+            latents, lambda xt, t: self.unet(xt, t, return_dict=False)[0], steps, eta, generator
+        )
+        return self._output(self._decode_latents(latents), output_type, return_dict)
+
+
+class ClassConditionalLDMPipeline(_ZooPipeline):
+    """Class-conditional latent diffusion with classifier-free guidance (mirrors ImageNet LDM-4).
+
+    Components ``vae``, ``unet``, ``class_embedder`` (kept full precision), ``scheduler``. With guidance the UNet
+    runs once per step on a doubled batch, **unconditional half first**: ``[x, x]`` with context
+    ``[null tokens, class tokens]``, and ``eps = eps_uncond + g * (eps_cond - eps_uncond)``.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        unet: nn.Module,
+        class_embedder: ClassEmbedder,
+        scheduler: SchedulerMixin,
+        default_num_inference_steps: int = 20,
+        default_eta: float = 0.0,
+        default_guidance_scale: float = 3.0,
+    ) -> None:
+        super().__init__()
+        self.register_modules(vae=vae, unet=unet, class_embedder=class_embedder, scheduler=scheduler)
+        self.register_to_config(
+            default_num_inference_steps=default_num_inference_steps,
+            default_eta=default_eta,
+            default_guidance_scale=default_guidance_scale,
+        )
+
+    def _labels(self, class_labels: Sequence[int] | torch.Tensor | None, batch_size: int | None) -> torch.Tensor:
+        """Label tensor ``[N]``; without labels, ``batch_size`` images cycle through the classes 0, 1, ..."""
+        num_classes = self.class_embedder.config.num_classes
+        if class_labels is None:
+            labels = torch.arange(1 if batch_size is None else batch_size) % num_classes
+        else:
+            labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+            if batch_size is not None and batch_size != labels.numel():
+                raise ValueError(f"batch_size={batch_size} but {labels.numel()} class_labels were given; pass one")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"class_labels must lie in [0, {num_classes - 1}], got {labels.tolist()}")
+        return labels.to(self._execution_device)
+
+    def _context(self, labels: torch.Tensor) -> torch.Tensor:
+        """Class tokens ``[N, 1, D]`` in the UNet's dtype."""
+        return self.class_embedder(labels).to(self.unet.dtype)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int | None = None,
+        num_inference_steps: int | None = None,
+        generator: Generator = None,
+        output_type: str = "pil",
+        eta: float | None = None,
+        class_labels: Sequence[int] | torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Samples one image per class label (``guidance_scale <= 1`` disables guidance: one plain conditional
+        forward per step); see the module docstring for the outputs."""
+        _check_output_type(output_type)
+        steps, eta = self._resolve(num_inference_steps, eta)
+        scale = self.config.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+        labels = self._labels(class_labels, batch_size)
+        cond = self._context(labels)
+        latents = self._initial_noise(labels.numel(), generator)
+        if scale > 1.0:
+            context = torch.cat([self._context(torch.full_like(labels, self.class_embedder.null_label)), cond])
+
+            def predict(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                uncond_eps, cond_eps = self.unet(
+                    torch.cat([xt, xt]), t, encoder_hidden_states=context, return_dict=False
+                )[0].chunk(2)
+                return uncond_eps + scale * (cond_eps - uncond_eps)
+        else:
+
+            def predict(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return self.unet(xt, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+        latents = self._denoise(latents, predict, steps, eta, generator)
+        return self._output(self._decode_latents(latents), output_type, return_dict)
