@@ -63,7 +63,7 @@ def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype
     return load_pipeline(weights_dir(name), spec.kind, device, dtype)
 
 
-def load_feature_net(name: str = "fmnist-features", device: str | torch.device | None = None) -> "FeatureNet":
+def load_feature_net(name: str = "fmnist-features", device: str | torch.device | None = None) -> FeatureNet:
     """The shipped feature network ``name`` (``"fmnist-features"`` or ``"mnist-features"``) in eval mode.
 
     Input ``[N, 1, 32, 32]`` in ``[0, 1]``; ``net.features(x)["pool"]`` is ``[N, 256]`` for FID.

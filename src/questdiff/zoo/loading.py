@@ -57,7 +57,7 @@ def load_pipeline(
     return pipe.to(device) if device is not None else pipe
 
 
-def load_feature_net_from(folder: str | Path, device: str | torch.device | None = None) -> "FeatureNet":
+def load_feature_net_from(folder: str | Path, device: str | torch.device | None = None) -> FeatureNet:
     """A ``FeatureNet`` (float32, eval mode) from a folder with ``config.json`` and ``model.safetensors``."""
     from ..eval.feature_net import FeatureNet
 

@@ -13,14 +13,15 @@ in, and the denoiser is always ``pipe.unet`` (called as ``unet(x, t[, encoder_hi
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from torch import nn
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
 
 OUTPUT_TYPES = ("pt", "np", "pil")
 Generator = torch.Generator | list[torch.Generator] | None

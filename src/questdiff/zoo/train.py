@@ -11,9 +11,9 @@ from __future__ import annotations
 import datetime
 import logging
 import platform
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import diffusers
 import torch
@@ -88,7 +88,7 @@ def _shift_and_flip(x: torch.Tensor, flip: bool, max_shift: int = 2) -> torch.Te
     return out
 
 
-def _train_feature_net(name: str, ctx: "_Context") -> dict:
+def _train_feature_net(name: str, ctx: _Context) -> dict:
     """Supervised FeatureNet training with shift (+ h-flip for Fashion-MNIST) augmentation."""
     images, labels = load_split(ctx.dataset, "train", ctx.data_dir)
     x, y = to_unit_range(images).to(ctx.device), labels.to(ctx.device)
@@ -121,7 +121,7 @@ def _latent_stats(vae: AutoencoderKL, x: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.cat(means), torch.cat(stds)
 
 
-def _train_vae(ctx: "_Context") -> tuple[AutoencoderKL, dict]:
+def _train_vae(ctx: _Context) -> tuple[AutoencoderKL, dict]:
     """L1 reconstruction + KL (weight 1e-6, as LDM's KL autoencoders) on pixels in [-1, 1]; sets ``scaling_factor``
     to 1 / std of the training latents."""
     images, _ = load_split("fashion-mnist", "train", ctx.data_dir)
@@ -152,7 +152,7 @@ def _train_vae(ctx: "_Context") -> tuple[AutoencoderKL, dict]:
 
 
 @torch.no_grad()
-def _test_psnr(vae: AutoencoderKL, ctx: "_Context") -> float:
+def _test_psnr(vae: AutoencoderKL, ctx: _Context) -> float:
     """Mean reconstruction PSNR (dB, images in [0, 1]) of the autoencoder on the test split."""
     images, _ = load_split("fashion-mnist", "test", ctx.data_dir)
     psnrs = []
@@ -164,7 +164,7 @@ def _test_psnr(vae: AutoencoderKL, ctx: "_Context") -> float:
     return float(torch.cat(psnrs).mean())
 
 
-def _load_vae(ctx: "_Context") -> tuple[AutoencoderKL, dict]:
+def _load_vae(ctx: _Context) -> tuple[AutoencoderKL, dict]:
     """The autoencoder from ``vae_dir`` (with its training record), or a freshly trained one."""
     if ctx.vae_dir is None:
         vae, stages = _train_vae(ctx)
@@ -194,7 +194,7 @@ def _noise_loss(scheduler: DDIMScheduler, predict: Callable[[torch.Tensor, torch
     return F.mse_loss(predict(scheduler.add_noise(x0, noise, t), t).float(), noise)
 
 
-def _train_diffusion(name: str, ctx: "_Context") -> dict:
+def _train_diffusion(name: str, ctx: _Context) -> dict:
     """Trains the denoiser of ``name`` (and the autoencoder first for latent models) and saves the pipeline."""
     kind = get_spec(name).kind
     config = ctx.config(name)

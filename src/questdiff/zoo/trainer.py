@@ -11,9 +11,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ class TrainConfig:
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1) or be None, got {self.ema_decay}")
 
-    def updated(self, **changes: object) -> "TrainConfig":
+    def updated(self, **changes: object) -> TrainConfig:
         """A copy with the non-``None`` ``changes`` applied."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
