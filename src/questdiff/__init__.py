@@ -8,7 +8,7 @@
 """
 __version__ = "0.1.0"
 
-from . import presets
+from . import eval, presets, zoo  # noqa: A004 - questdiff.eval is the evaluation subpackage
 from .adapters import DiffusersUNetAdapter, GenericAdapter, ModelAdapter, get_adapter, register_adapter
 from .api import quantize
 from .calibration import CalibrationSet, available_methods, collect_calibration, record_calibration
@@ -30,6 +30,7 @@ __all__ = [
     "at_timestep",
     "available_methods",
     "collect_calibration",
+    "eval",
     "get_adapter",
     "handle",
     "is_quantized",
@@ -41,4 +42,5 @@ __all__ = [
     "register_adapter",
     "save",
     "set_quant_state",
+    "zoo",
 ]

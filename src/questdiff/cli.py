@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError, OSError) as err:
+    except (ValueError, FileNotFoundError, PermissionError, OSError, ImportError) as err:
         print(f"questdiff {args.command}: error: {err}", file=sys.stderr)
         return 2
 
