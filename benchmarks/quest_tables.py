@@ -34,6 +34,7 @@ import questdiff as qd
 from questdiff import pipelines, zoo
 from questdiff.calibration import BrecqConfig, CMAConfig, TLAConfig
 from questdiff.config import preset
+from questdiff.io_utils import atomic_write_text
 from questdiff.loading import load_pipeline
 
 logger = logging.getLogger("quest_tables")
@@ -181,7 +182,8 @@ def quantize_variant(fp_unet: torch.nn.Module, calib: qd.CalibrationSet, preset_
     return unet, h.extra.get("report", []), h.extra.get("calibration", {})
 
 
-def run_model(name: str | None, folder: str | None, args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_model(name: str | None, folder: str | None, args: argparse.Namespace,
+              flush: Any = lambda rows: None) -> list[dict[str, Any]]:
     pipe, label = (zoo.load(name, device=args.device), name) if name else load_pipeline(folder, args.device)
     pipelines.quiet(pipe)
     fp_unet = pipelines.denoiser_of(pipe)
@@ -211,6 +213,7 @@ def run_model(name: str | None, folder: str | None, args: argparse.Namespace) ->
                    "calibration": losses, "seconds": round(time.perf_counter() - start, 2)}
             logger.info("%s %s %s: %s", label, row["preset"], variant_name, row["metrics"])
             rows.append(row)
+            flush(rows)  # results so far survive a run cut short
     return rows
 
 
@@ -275,19 +278,23 @@ def main(argv: list[str] | None = None) -> int:
     if not names and not args.model:
         print("quest_tables: no zoo model is shipped yet; pass --model PIPELINE_FOLDER (or --zoo NAME)", file=sys.stderr)
         return 2
-    rows = []
-    for name in names:
-        rows += run_model(name, None, args)
-    for folder in args.model:
-        rows += run_model(None, folder, args)
     settings = {k: getattr(args, k) for k in ("presets", "num_samples", "calib_samples", "calib_steps", "steps",
                                               "recon_iters", "tla_epochs", "cma_epochs", "seed", "device", "autocast")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "quest_tables-quick" if args.quick else "quest_tables"
-    (out / f"{stem}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2, default=str))
-    (out / f"{stem}.md").write_text(markdown(rows, settings))
-    print(markdown(rows, settings))
+    done: list[dict[str, Any]] = []
+
+    def flush(model_rows: list[dict[str, Any]]) -> None:
+        rows = done + model_rows
+        atomic_write_text(out / f"{stem}.json", json.dumps({"settings": settings, "rows": rows}, indent=2, default=str))
+        atomic_write_text(out / f"{stem}.md", markdown(rows, settings))
+
+    for name in names:
+        done += run_model(name, None, args, flush)
+    for folder in args.model:
+        done += run_model(None, folder, args, flush)
+    print(markdown(done, settings))
     return 0
 
 
