@@ -148,3 +148,12 @@ def test_shared_scale_set_ablation(fp_and_calib):
     scales = [q.scale for n, q in pipe.unet.named_modules() if isinstance(q, qd.nn.ActQuantizer)]
     assert scales and all(s.shape[0] == 1 for s in scales)
     assert torch.isfinite(_sample(pipe, 2)).all()
+
+
+@pytest.mark.gpu
+def test_quantize_on_cuda(fp_and_calib):
+    pipe = ddim_pipeline().to("cuda")
+    qd.quantize(pipe.unet, "W4A4", fp_and_calib[1], progress=False)
+    assert all(p.is_cuda for p in pipe.unet.parameters()) and all(b.is_cuda for b in pipe.unet.buffers())
+    images = scheduler_loop(pipe.unet.cpu(), pipe.scheduler, 4)
+    assert torch.isfinite(images).all()

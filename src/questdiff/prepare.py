@@ -139,11 +139,13 @@ def prepare(
     rows = len(schedule)
     hook = install_timestep_hook(model, state, adapter.timestep_argument)
     for name, info in layers.items():
-        model.set_submodule(name, _wrap(model.get_submodule(name), info, config, rows, state))
+        layer = model.get_submodule(name)
+        # new quantizer parameters follow the layer's device and dtype
+        model.set_submodule(name, _wrap(layer, info, config, rows, state).to(layer.weight.device))
     if config.quantize_attention:
         for name in adapter.attentions(model):
             attn = model.get_submodule(name)
-            attn.set_processor(_attention_processor(attn, config, rows, state))
+            attn.set_processor(_attention_processor(attn, config, rows, state).to(attn.to_q.weight.device))
     setattr(model, HANDLE_ATTR, QuantHandle(config, schedule, state, adapter, layers, base_fingerprint, hook))
     return model
 
