@@ -29,9 +29,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
@@ -139,7 +140,7 @@ def time_steps(model: nn.Module, calib: CalibrationSet, objective: Objective, ba
     plan = plan_batches(model, calib, samples_per_t=min(batch_size, rows), epochs=steps + 1, batch_size=batch_size,
                         resample=True, order="shuffled", generator=generator(0, 7))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    kwargs = dict(weight_lr=1e-5, act_lr=1e-4, device=device, use_autocast=use_autocast, progress=False)
+    kwargs = {"weight_lr": 1e-5, "act_lr": 1e-4, "device": device, "use_autocast": use_autocast, "progress": False}
     finetune(model, calib, objective, plan[:1], **kwargs)  # warm-up
     _, seconds, peak = meter(lambda: finetune(model, calib, objective, plan[1 : steps + 1], **kwargs))
     model.load_state_dict(state)
@@ -239,7 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    defaults = dict(timesteps=(2, 4), rows_per_t=(2, 16), recon_iters=(1, 20), steps=(1, 10), large_batch=(2, 16))
+    defaults = {"timesteps": (2, 4), "rows_per_t": (2, 16), "recon_iters": (1, 20), "steps": (1, 10), "large_batch": (2, 16)}
     for key, (quick, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)

@@ -115,7 +115,13 @@ class Reference:
 
 def quality(images: torch.Tensor, ref: Reference, args: argparse.Namespace, is_fp: bool) -> dict[str, float]:
     """Generative metrics vs the test set (when a feature network is known) and fidelity vs the FP samples."""
-    from questdiff.eval import extract_features, fidelity_metrics, generative_metrics, psnr, ssim
+    from questdiff.eval import (
+        extract_features,
+        fidelity_metrics,
+        generative_metrics,
+        psnr,
+        ssim,
+    )
 
     metrics: dict[str, float] = {}
     if ref.feature_net is not None:
@@ -260,8 +266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="stage checkpoints (default: OUT/quest_tables_work)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    quick = dict(num_samples=16, calib_samples=2, calib_steps=2, steps=4, recon_iters=2, tla_epochs=1, cma_epochs=1)
-    full = dict(num_samples=2048, calib_samples=256, calib_steps=20)
+    quick = {"num_samples": 16, "calib_samples": 2, "calib_steps": 2, "steps": 4, "recon_iters": 2, "tla_epochs": 1, "cma_epochs": 1}
+    full = {"num_samples": 2048, "calib_samples": 256, "calib_steps": 20}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -10,8 +10,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # quest_helpers.py (tests run with --import-mode=importlib)
 
 from builders import tiny_cond_unet, tiny_unet2d
-from questdiff.calibration import CalibrationSet
 from quest_helpers import synthetic_calibration
+
+from questdiff.calibration import CalibrationSet
 
 
 @pytest.fixture(scope="session")

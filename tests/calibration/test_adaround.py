@@ -4,7 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from questdiff.calibration.adaround import AdaRoundConfig, beta_at, convert_layer, init_alpha, rounding_regularizer
+from questdiff.calibration.adaround import (
+    AdaRoundConfig,
+    beta_at,
+    convert_layer,
+    init_alpha,
+    rounding_regularizer,
+)
 from questdiff.calibration.brecq import BrecqConfig, capture, reconstruct_unit
 from questdiff.calibration.common import rows_by_quantizer_row
 from questdiff.calibration.weights import init_weight_quantizer, init_weights
@@ -104,7 +110,7 @@ def test_adaround_beats_round_to_nearest_on_a_block(unet, calib):
     block = unet.get_submodule("up_blocks.0.resnets.0")
     parts = [p for ps in rows_by_quantizer_row(unet, calib).values() for p in ps]
     device = torch.device("cpu")
-    kwargs = dict(device=device, batch_size=64, storage=device)
+    kwargs = {"device": device, "batch_size": 64, "storage": device}
     with quant_state(unet, weight=True, act=False):
         inputs = capture(unet, block, calib, parts, what="input", **kwargs)
         with quant_state(unet, weight=False, act=False):

@@ -4,7 +4,12 @@ from __future__ import annotations
 import torch
 
 import questdiff as qd
-from questdiff.calibration.brecq import BrecqConfig, _batch_index, reconstruct, reconstruction_units
+from questdiff.calibration.brecq import (
+    BrecqConfig,
+    _batch_index,
+    reconstruct,
+    reconstruction_units,
+)
 from questdiff.calibration.weights import init_weights
 from questdiff.config import preset
 from questdiff.nn.adaround import AdaRoundQuantizer

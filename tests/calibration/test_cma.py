@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quest_helpers import synthetic_calibration
 
 import questdiff as qd
 from questdiff.adapters import TIME_EMBEDDING_ROLES
 from questdiff.calibration import BrecqConfig, CMAConfig, run_cma
-from questdiff.calibration.cma import CRITICAL_ROLES, cma_objective, critical_layers, model_family
+from questdiff.calibration.cma import (
+    CRITICAL_ROLES,
+    cma_objective,
+    critical_layers,
+    model_family,
+)
 from questdiff.prepare import act_quantizers, handle
-from quest_helpers import synthetic_calibration
 
 
 def _calibrated(model, calib, name="W4A4"):
@@ -60,7 +65,7 @@ def test_code_loss_variant_and_sensitivity_choice(unet, calib):
     objective = cma_objective(unet, ["mid_block.attentions.0.to_q"], "unconditional", CMAConfig(loss="code"))
     assert (objective.local_weight, objective.global_weight) == (0.0, 1.0)
     assert cma_objective(unet, ["x"], "text", CMAConfig(loss="code")).local_weight == 1.0
-    family, layers = critical_layers(unet, calib, CMAConfig(critical="sensitivity", top_k=3, sensitivity_samples=2),
+    _, layers = critical_layers(unet, calib, CMAConfig(critical="sensitivity", top_k=3, sensitivity_samples=2),
                                      device=torch.device("cpu"))
     assert len(layers) == 3
     assert not any(handle(unet).layers[n].has_role(TIME_EMBEDDING_ROLES) for n in layers)

@@ -34,7 +34,7 @@ def test_row_adam_matches_torch_adam_on_the_active_row_and_leaves_others_alone()
 def test_plans_keep_one_timestep_per_batch(unet, calib):
     qd.quantize(unet, "W8A8", calib, "rtn", progress=False)
     g = torch.Generator().manual_seed(0)
-    common = dict(samples_per_t=4, epochs=3, batch_size=2, generator=g)
+    common = {"samples_per_t": 4, "epochs": 3, "batch_size": 2, "generator": g}
     for order in ("shuffled", "sequential", "timestep_major"):
         plan = plan_batches(unet, calib, resample=False, order=order, **common)
         assert len(plan) == 3 * 4 * 2
@@ -46,5 +46,5 @@ def test_plans_keep_one_timestep_per_batch(unet, calib):
     assert sequential[:8:2] == [900.0, 600.0, 300.0, 50.0]
     fixed = plan_batches(unet, calib, resample=False, order="shuffled", **common)
     fresh = plan_batches(unet, calib, resample=True, order="shuffled", **common)
-    rows = lambda plan, t: {tuple(b.index.tolist()) for b in plan if b.t == t}  # noqa: E731
+    rows = lambda plan, t: {tuple(b.index.tolist()) for b in plan if b.t == t}
     assert len(rows(fixed, 900.0)) == 2 and len(rows(fresh, 900.0)) > 2

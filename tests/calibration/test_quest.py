@@ -7,19 +7,18 @@ import sys
 
 import pytest
 import torch
+from builders import ddim_pipeline, tiny_unet2d
+from quest_helpers import outputs_per_timestep
 
 import questdiff as qd
-import questdiff.calibration.quest as quest
-from builders import ddim_pipeline, tiny_unet2d
-from questdiff.calibration import BrecqConfig, CMAConfig, TLAConfig
+from questdiff.calibration import BrecqConfig, CMAConfig, TLAConfig, quest
 from questdiff.calibration.methods import method_stages
 from questdiff.calibration.quest import resolve_options
 from questdiff.nn.adaround import AdaRoundQuantizer
 from questdiff.prepare import handle, quant_layers, weight_quantizers
-from quest_helpers import outputs_per_timestep
 
-TINY = dict(brecq=BrecqConfig(iters=3, batch_size=4), tla=TLAConfig(epochs=2, weight_lr=1e-3),
-            cma=CMAConfig(epochs=1, samples_per_t=4, weight_lr=1e-3, eval_samples_per_t=0))
+TINY = {"brecq": BrecqConfig(iters=3, batch_size=4), "tla": TLAConfig(epochs=2, weight_lr=1e-3),
+            "cma": CMAConfig(epochs=1, samples_per_t=4, weight_lr=1e-3, eval_samples_per_t=0)}
 
 
 def _quest(model, calib, **kwargs):
@@ -78,7 +77,7 @@ def test_resumed_run_equals_uninterrupted_run_bit_exactly(calib, quest_model, tm
         patch.setattr(quest, "run_cma", killed)
         with pytest.raises(RuntimeError, match="killed"):
             _quest(tiny_unet2d(), calib, work_dir=tmp_path)
-    assert sorted(p.name for p in (tmp_path / "stages").glob("*.safetensors"))[-1] == "03-tla.safetensors"
+    assert max(p.name for p in (tmp_path / "stages").glob("*.safetensors")) == "03-tla.safetensors"
     resumed = _quest(tiny_unet2d(), calib, work_dir=tmp_path)
     report = handle(resumed).extra["report"]
     assert [r.get("resumed", False) for r in report] == [True, True, True, True, False]
@@ -107,10 +106,10 @@ def test_cli_quantize_quest(tmp_path):
            "--device", "cpu", "--calib-samples", "2", "--calib-steps", "2", "--steps", "4", "--recon-iters", "1",
            "--tla-epochs", "1", "--cma-epochs", "1", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "questdiff quantize: done" in done.stdout and "cma" in done.stdout
     assert (out / "model.safetensors").is_file() and (out / "work" / "stages" / "04-cma.safetensors").is_file()
     wrong = subprocess.run(cmd[:6] + ["--method", "rtn", "--recon-iters", "1", "--out", str(out)], capture_output=True,
-                           text=True, env=env, timeout=300)
+                           text=True, env=env, timeout=300, check=False)
     assert wrong.returncode == 2 and "does not apply to method 'rtn'" in wrong.stderr

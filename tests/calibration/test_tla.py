@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quest_helpers import outputs_per_timestep
 
 import questdiff as qd
 from questdiff.calibration import BrecqConfig, TLAConfig, run_tla
 from questdiff.calibration.tla import tla_objective
 from questdiff.prepare import handle, quant_state
-from quest_helpers import outputs_per_timestep
 
 
 def _calibrated(unet, calib, name="W4A4"):

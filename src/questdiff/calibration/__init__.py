@@ -1,11 +1,11 @@
 """Calibration: produces quantization parameters (never packs bits). One file per algorithm."""
-from .collect import collect_calibration
-from .data import CalibrationSet, record_calibration
-from .methods import Stage, StageContext, available_methods, register_method
-from . import quest  # noqa: E402,F401  (registers qdiffusion, quest, quest-tla, quest-cma)
+from . import quest  # noqa: F401  (registers qdiffusion, quest, quest-tla, quest-cma)
 from .adaround import AdaRoundConfig
 from .brecq import BrecqConfig, reconstruct
 from .cma import CMAConfig, run_cma
+from .collect import collect_calibration
+from .data import CalibrationSet, record_calibration
+from .methods import Stage, StageContext, available_methods, register_method
 from .quest import QuestOptions
 from .sensitivity import Sensitivity, layer_sensitivity
 from .tla import TLAConfig, run_tla

@@ -344,7 +344,7 @@ def reconstruct(
             if not any(isinstance(m, QuantLayerMixin) for m in unit.modules()):
                 continue
             start = time.perf_counter()
-            kwargs = dict(device=device, batch_size=capture_bs, storage=storage, dtype=dtype)
+            kwargs = {"device": device, "batch_size": capture_bs, "storage": storage, "dtype": dtype}
             inputs = capture(model, unit, calib, parts, what="input", **kwargs)
             with quant_state(model, weight=False, act=False):
                 targets = capture(model, unit, calib, parts, what="output", **kwargs)

@@ -32,7 +32,16 @@ from ..nn import ActQuantizer
 from ..prepare import handle, quant_layers, quant_state
 from .common import generator, layers_with_roles
 from .data import CalibrationSet
-from .finetune import ORDERS, FinetuneResult, Objective, Order, evaluate, evaluation_batches, finetune, plan_batches
+from .finetune import (
+    ORDERS,
+    FinetuneResult,
+    Objective,
+    Order,
+    evaluate,
+    evaluation_batches,
+    finetune,
+    plan_batches,
+)
 from .sensitivity import layer_sensitivity
 
 logger = logging.getLogger(__name__)

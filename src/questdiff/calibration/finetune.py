@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,7 @@ class FinetuneResult:
     def summary(self) -> dict[str, float | int | None]:
         """JSON-safe summary (``None`` for losses that were not measured)."""
         def safe(x: float) -> float | None:
-            return None if x != x else x
+            return None if math.isnan(x) else x
 
         return {"loss_before": safe(self.loss_before), "loss_after": safe(self.loss_after), "steps": len(self.losses)}
 
@@ -235,21 +236,12 @@ class _Forwards:
         self.recorder.remove()
 
 
-@contextlib.contextmanager
-def _forwards(*args, **kwargs) -> Iterator[_Forwards]:  # type: ignore[no-untyped-def]
-    f = _Forwards(*args, **kwargs)
-    try:
-        yield f
-    finally:
-        f.close()
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, calib: CalibrationSet, objective: Objective, batches: list[Batch], *,
              device: torch.device, use_autocast: bool = False) -> float:
     """Mean loss of ``objective`` over ``batches`` (weighted by batch size); changes nothing."""
     total, count = 0.0, 0
-    with _forwards(model, calib, objective, device, use_autocast, cache=False) as f:
+    with contextlib.closing(_Forwards(model, calib, objective, device, use_autocast, cache=False)) as f:
         for batch in batches:
             total += float(f.loss(batch)) * len(batch.index)
             count += len(batch.index)
@@ -285,7 +277,7 @@ def finetune(
     losses: list[torch.Tensor] = []  # kept on the device: no host sync per step
     last_visit = -1
     bar = tqdm(plan, desc=desc, unit="step", disable=not progress)
-    with _forwards(model, calib, objective, device, use_autocast, cache_teacher) as f, \
+    with contextlib.closing(_Forwards(model, calib, objective, device, use_autocast, cache_teacher)) as f, \
             trainable_only(model, weights + scales), torch.enable_grad():
         for step, batch in enumerate(bar):
             if scale_opt is not None and reset_act_state and batch.visit != last_visit:

@@ -16,19 +16,27 @@ in TLA and CMA, Table 7's ablation). Each stage records its losses in ``handle(m
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from torch import nn
 
 from ..adapters import TIME_EMBEDDING_ROLES
 from ..prepare import handle
-from .brecq import BrecqConfig, reconstruct, rebuild_adaround
+from .brecq import BrecqConfig, rebuild_adaround, reconstruct
 from .cma import CMAConfig, run_cma
 from .common import layers_with_roles
 from .data import CalibrationSet
 from .finetune import keep_teacher_copies, release_teacher_copies
-from .methods import ACT_INIT, WEIGHT_INIT, Stage, StageContext, method_stages, register_method
+from .methods import (
+    ACT_INIT,
+    WEIGHT_INIT,
+    Stage,
+    StageContext,
+    method_stages,
+    register_method,
+)
 from .tla import TLAConfig, run_tla
 
 __all__ = ["METHOD_OPTIONS", "QuestOptions", "later_stages_pending", "resolve_options"]

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,8 @@ from tqdm.auto import tqdm
 from ..adapters import ROLE_NAMES
 from ..config import ActivationSpec
 from ..nn import QuantLayerMixin, QuantLinear
-from ..primitives import fake_quantize, qrange, search_minmax
 from ..prepare import handle, quant_layers, quant_state
+from ..primitives import fake_quantize, qrange, search_minmax
 from .common import generator, output_tensor
 from .data import CalibrationSet
 

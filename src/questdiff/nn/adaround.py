@@ -59,7 +59,7 @@ class AdaRoundQuantizer(WeightQuantizer):
         self.register_parameter("alpha", None)
 
     @classmethod
-    def from_quantizer(cls, quantizer: WeightQuantizer, zeta: float = ZETA, gamma: float = GAMMA) -> "AdaRoundQuantizer":
+    def from_quantizer(cls, quantizer: WeightQuantizer, zeta: float = ZETA, gamma: float = GAMMA) -> AdaRoundQuantizer:
         """Hard-mode AdaRound quantizer with ``quantizer``'s spec, scale, zero point, device and enabled flag."""
         new = cls(quantizer.weight_shape, quantizer.spec, zeta, gamma).to(quantizer.scale.device)
         with torch.no_grad():
