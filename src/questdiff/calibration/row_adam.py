@@ -62,17 +62,25 @@ class RowAdam:
 
     @torch.no_grad()
     def step(self, row: int) -> None:
-        """Update row ``row`` of every parameter that has a gradient."""
+        """Update row ``row`` of every parameter that has a gradient (one fused ``_foreach`` update for all)."""
         beta1, beta2 = self.betas
-        for p, m, v, s in zip(self.params, self.exp_avg, self.exp_avg_sq, self.steps):
-            if p.grad is None:
-                continue
-            g = p.grad[row]
-            s[row] += 1
-            t = int(s[row])
-            m[row].mul_(beta1).add_(g, alpha=1 - beta1)
-            v[row].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v[row].sqrt() / math.sqrt(1 - beta2**t)).add_(self.eps)
-            p[row].addcdiv_(m[row], denom, value=-self.lr / (1 - beta1**t))
-            if self.min_value is not None:
-                p[row].clamp_(min=self.min_value)
+        active = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not active:
+            return
+        for i in active:
+            self.steps[i][row] += 1
+        counts = [int(self.steps[i][row]) for i in active]
+        params = [self.params[i][row] for i in active]
+        grads = [self.params[i].grad[row] for i in active]  # type: ignore[index]
+        exp_avg = [self.exp_avg[i][row] for i in active]
+        exp_avg_sq = [self.exp_avg_sq[i][row] for i in active]
+        torch._foreach_mul_(exp_avg, beta1)
+        torch._foreach_add_(exp_avg, grads, alpha=1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in counts])
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(params, exp_avg, denom, [-self.lr / (1 - beta1**t) for t in counts])
+        if self.min_value is not None:
+            torch._foreach_clamp_min_(params, self.min_value)
