@@ -74,14 +74,11 @@ def _stage_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if "brecq" in accepted and args.recon_iters is not None:
         options["brecq"] = BrecqConfig(iters=args.recon_iters)
-    if "tla" in accepted and args.tla_epochs is not None:
-        options["tla"] = TLAConfig(epochs=args.tla_epochs, autocast=args.autocast)
-    elif "tla" in accepted and args.autocast:
-        options["tla"] = TLAConfig(autocast=True)
-    if "cma" in accepted and args.cma_epochs is not None:
-        options["cma"] = CMAConfig(epochs=args.cma_epochs, autocast=args.autocast)
-    elif "cma" in accepted and args.autocast:
-        options["cma"] = CMAConfig(autocast=True)
+    for stage, cls, epochs, batch in (("tla", TLAConfig, args.tla_epochs, args.tla_batch),
+                                      ("cma", CMAConfig, args.cma_epochs, args.cma_batch)):
+        fields = {k: v for k, v in (("epochs", epochs), ("batch_size", batch)) if v is not None}
+        if stage in accepted and (fields or args.autocast):
+            options[stage] = cls(autocast=args.autocast, **fields)
     return options
 
 
@@ -258,6 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recon-iters", type=int, default=None, help="BRECQ iterations per unit (default 20000; quick 2)")
     p.add_argument("--tla-epochs", type=int, default=None, help="TLA epochs (default 200; quick 1)")
     p.add_argument("--cma-epochs", type=int, default=None, help="CMA epochs (default 20; quick 1)")
+    p.add_argument("--tla-batch", type=int, default=None, help="TLA rows per step (default 2, the code's micro-batch)")
+    p.add_argument("--cma-batch", type=int, default=None, help="CMA rows per step (default 4, the code's micro-batch)")
     p.add_argument("--feature-net", default=None, help="zoo feature network for --model folders (e.g. mnist-features)")
     p.add_argument("--data", default=None, help="dataset folder for the test images (default: questdiff.zoo.data lookup)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -285,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         print("quest_tables: no zoo model is shipped yet; pass --model PIPELINE_FOLDER (or --zoo NAME)", file=sys.stderr)
         return 2
     settings = {k: getattr(args, k) for k in ("presets", "num_samples", "calib_samples", "calib_steps", "steps",
-                                              "recon_iters", "tla_epochs", "cma_epochs", "seed", "device", "autocast")}
+                                              "recon_iters", "tla_epochs", "cma_epochs", "tla_batch", "cma_batch", "seed", "device",
+                                              "autocast")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "quest_tables-quick" if args.quick else "quest_tables"
