@@ -157,7 +157,8 @@ def critical_layers(model: nn.Module, calib: CalibrationSet, config: CMAConfig, 
 
 def cma_objective(model: nn.Module, layers: list[str], family: Family, config: CMAConfig) -> Objective:
     """Layers' weights, every non-time-embedding activation scale, and the loss weights."""
-    te_quantizers = {id(q) for n in layers_with_roles(model, TIME_EMBEDDING_ROLES) for q in quant_layers(model)[n].act_quantizers()}
+    all_layers = quant_layers(model)
+    te_quantizers = {id(q) for n in layers_with_roles(model, TIME_EMBEDDING_ROLES) for q in all_layers[n].act_quantizers()}
     scales = {n: q for n, q in model.named_modules() if isinstance(q, ActQuantizer) and id(q) not in te_quantizers}
     if config.loss == "code":
         local = config.local_weight if family == "text" else 0.0
