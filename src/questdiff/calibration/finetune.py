@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..nn import ActQuantizer
-from ..prepare import handle, quant_layers, quant_state
+from ..prepare import act_quantizers, handle, quant_layers, weight_quantizers
 from .common import autocast, output_tensor, trainable_only
 from .data import CalibrationSet
 from .row_adam import RowAdam
@@ -214,12 +215,29 @@ class _Forwards:
         self.cache: dict[tuple[int, ...], tuple[torch.Tensor, dict[str, list[torch.Tensor]]]] | None = {} if cache else None
         hooked = objective.hooked_layers if objective.local_weight > 0 else []
         self.recorder = OutputRecorder(model, hooked)
+        # quantizer lists gathered once: switching per step must not walk the module tree (launch-bound GPU steps)
+        self._weight_q = list(weight_quantizers(model).values())
+        self._act_q = list(act_quantizers(model).values())
+
+    @contextlib.contextmanager
+    def _quant(self, on: bool) -> Iterator[None]:
+        """All quantizers on (student) or off (teacher) for the block; previous flags restored."""
+        previous = [q.enabled for q in self._weight_q] + [q.enabled for q in self._act_q]
+        for q in self._weight_q:
+            q.enabled = on
+        for q in self._act_q:
+            q.enabled = on
+        try:
+            yield
+        finally:
+            for q, flag in zip([*self._weight_q, *self._act_q], previous):
+                q.enabled = flag
 
     def teacher(self, batch: Batch) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         key = tuple(batch.index.tolist())
         if self.cache is not None and key in self.cache:
             return self.cache[key]
-        with torch.no_grad(), quant_state(self.model, weight=False, act=False), autocast(self.device, self.use_autocast):
+        with torch.no_grad(), self._quant(False), autocast(self.device, self.use_autocast):
             out = output_tensor(self.model(**self.calib.model_kwargs(batch.index, self.device))).detach()
         result = (out, {k: [v.detach() for v in vs] for k, vs in self.recorder.take().items()})
         if self.cache is not None:
@@ -228,7 +246,7 @@ class _Forwards:
 
     def loss(self, batch: Batch) -> torch.Tensor:
         teacher_out, teacher_locals = self.teacher(batch)
-        with quant_state(self.model, weight=True, act=True), autocast(self.device, self.use_autocast):
+        with self._quant(True), autocast(self.device, self.use_autocast):
             out = output_tensor(self.model(**self.calib.model_kwargs(batch.index, self.device)))
         return assemble_loss(self.objective, out, teacher_out, self.recorder.take(), teacher_locals)
 

@@ -55,10 +55,11 @@ def _probe_input(layer: QuantLayerMixin, x: torch.Tensor, bits: int, per_channel
 
 
 @contextlib.contextmanager
-def low_bit_inputs(model: nn.Module, names: list[str], bits: int, per_channel: bool) -> Iterator[None]:
+def low_bit_inputs(model: nn.Module, names: list[str], bits: int, per_channel: bool,
+                   layers: dict[str, QuantLayerMixin] | None = None) -> Iterator[None]:
     """Within the block, the layers ``names`` see inputs fake-quantized to ``bits`` (their own activation quantizers
-    are bypassed)."""
-    layers = quant_layers(model)
+    are bypassed). ``layers``: ``quant_layers(model)`` if already at hand."""
+    layers = layers if layers is not None else quant_layers(model)
     handles, previous = [], []
     for name in names:
         layer = layers[name]
@@ -132,10 +133,11 @@ def layer_sensitivity(
     with quant_state(model, weight=False, act=False):
         references = [output_tensor(model(**kwargs)).float() for kwargs in batches]
     groups = _groups(model, group_by, exclude_roles)
+    layers = quant_layers(model)
     results = []
     with quant_state(model, weight=False, act=others == "quantized"):
         for name, names in tqdm(groups.items(), desc=f"sensitivity A{bits}", unit=group_by, disable=not progress):
-            with low_bit_inputs(model, names, bits, per_channel):
+            with low_bit_inputs(model, names, bits, per_channel, layers):
                 errors = [F.mse_loss(output_tensor(model(**kw)).float(), ref).item() for kw, ref in zip(batches, references)]
             results.append(Sensitivity(name, sum(errors) / len(errors), names))
     results.sort(key=lambda s: s.mse, reverse=True)
