@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,8 +21,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..io_utils import atomic_path
-
-logger = logging.getLogger(__name__)
 
 CALIBRATION_VERSION = 1
 _SEP = "."
@@ -338,11 +334,3 @@ def stride_filter(calls_per_run: int, calib_steps: int | None) -> Callable[[int]
     stride = calls_per_run // calib_steps
     keep = {i * stride for i in range(calib_steps)}
     return lambda step: step in keep
-
-
-def default_batch_size(num_samples: int) -> int:
-    return min(num_samples, 64)
-
-
-def num_batches(num_samples: int, batch_size: int) -> int:
-    return math.ceil(num_samples / batch_size)

@@ -15,34 +15,21 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from PIL import Image
 from torch import nn
 
+from ..eval.accuracy import class_accuracy
+from ..eval.features import FeatureSet, extract_features
+from ..eval.generative import frechet_distance
 from .card import write_card, write_json
 from .data import load_split, to_model_range, to_unit_range
 from .loading import load_feature_net_from, load_pipeline
-from .registry import CLASS_LATENT, FEATURES, METRICS_FILE, get_spec, read_metrics, weights_dir
+from .registry import CLASS_LATENT, FEATURES, METRICS_FILE, SPECS, get_spec, read_metrics, weights_dir
 
 log = logging.getLogger(__name__)
 
 
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to features ``a`` ``[N, D]`` and ``b`` ``[M, D]`` (float64)."""
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    # tr sqrt(A B) = sum of sqrt of the eigenvalues of A B (real, >= 0 for PSD A, B up to rounding)
-    eig = torch.linalg.eigvals(cov_a @ cov_b).real.clamp(min=0)
-    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * eig.sqrt().sum())
-
-
-@torch.no_grad()
-def extract_features(net: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> dict[str, torch.Tensor]:
-    """FeatureNet ``pool`` ``[N, 256]`` and ``logits`` ``[N, 10]`` (CPU) of images ``[N, 1, 32, 32]`` in [0, 1]."""
-    device = next(net.parameters()).device
-    pools, logits = [], []
-    for chunk in images.split(batch_size):
-        out = net.features(chunk.to(device).float())
-        pools.append(out["pool"].cpu())
-        logits.append(out["logits"].cpu())
-    return {"pool": torch.cat(pools), "logits": torch.cat(logits)}
+def _features(net: nn.Module, images: torch.Tensor, dataset: str) -> FeatureSet:
+    """``questdiff.eval`` features of images ``[N, 1, 32, 32]`` in [0, 1], labelled by the dataset's feature net."""
+    name = next(n for n, spec in SPECS.items() if spec.kind == FEATURES and spec.dataset == dataset)
+    return extract_features(net, images, name, batch_size=1000)
 
 
 @torch.no_grad()
@@ -66,13 +53,6 @@ def generate(
     return torch.cat(images), (torch.cat(labels) if class_conditional else None)
 
 
-def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Per-class and mean accuracy of ``logits`` ``[N, 10]`` against ``labels`` ``[N]``."""
-    correct = logits.argmax(1) == labels
-    per_class = {str(c): float(correct[labels == c].float().mean()) for c in range(int(labels.max()) + 1)}
-    return {"per_class": per_class, "mean": float(correct.float().mean())}
-
-
 def evaluate_pipeline(
     pipe: DiffusionPipeline,
     kind: str,
@@ -88,14 +68,14 @@ def evaluate_pipeline(
     samples ``[N, 1, 32, 32]``."""
     test_images, _ = load_split(dataset, "test", data_dir)
     train_images, _ = load_split(dataset, "train", data_dir)
-    test = extract_features(feature_net, to_unit_range(test_images))
-    floor = extract_features(feature_net, to_unit_range(train_images[: len(test_images)]))
+    test = _features(feature_net, to_unit_range(test_images), dataset)
+    floor = _features(feature_net, to_unit_range(train_images[: len(test_images)]), dataset)
     conditional = kind == CLASS_LATENT
     samples, labels = generate(pipe, num_samples, batch_size, seed, conditional)
-    feats = extract_features(feature_net, samples)
+    feats = _features(feature_net, samples, dataset)
     metrics = {
-        "fid": frechet_distance(feats["pool"], test["pool"]),
-        "fid_train_vs_test": frechet_distance(floor["pool"], test["pool"]),
+        "fid": frechet_distance(feats, test),
+        "fid_train_vs_test": frechet_distance(floor, test),
         "num_samples": num_samples,
         "reference": f"{dataset} test split ({len(test_images)} images)",
         "seed": seed,
@@ -103,7 +83,9 @@ def evaluate_pipeline(
         "scheduler": type(pipe.scheduler).__name__,
     }
     if conditional:
-        metrics["class_accuracy"] = class_accuracy(feats["logits"], labels)
+        accuracy = class_accuracy(feats, labels)
+        metrics["class_accuracy"] = {"per_class": accuracy[f"per-class accuracy ({feats.label})"],
+                                     "mean": accuracy[f"class accuracy ({feats.label})"]}
     log.info("%s samples: FID %.2f (train-vs-test floor %.2f)", kind, metrics["fid"], metrics["fid_train_vs_test"])
     return metrics, samples
 
@@ -121,7 +103,7 @@ def evaluate_autoencoder(vae: AutoencoderKL, feature_net: nn.Module, dataset: st
     recon = torch.cat(recons)
     original = to_unit_range(images)
     mse = (recon - original).square().flatten(1).mean(1)
-    feats = extract_features(feature_net, recon)["pool"], extract_features(feature_net, original)["pool"]
+    feats = _features(feature_net, recon, dataset), _features(feature_net, original, dataset)
     return {"recon_psnr_db": float((-10 * torch.log10(mse.clamp(min=1e-10))).mean()),
             "recon_fid": frechet_distance(*feats)}
 
@@ -130,7 +112,7 @@ def evaluate_autoencoder(vae: AutoencoderKL, feature_net: nn.Module, dataset: st
 def feature_net_accuracy(net: nn.Module, dataset: str, data_dir: str | None = None) -> float:
     """Top-1 accuracy of ``net`` on the test split."""
     images, labels = load_split(dataset, "test", data_dir)
-    logits = extract_features(net, to_unit_range(images))["logits"]
+    logits = _features(net, to_unit_range(images), dataset).logits
     return float((logits.argmax(1) == labels).float().mean())
 
 
