@@ -56,10 +56,6 @@ def is_class_conditional(pipe: Any) -> bool:
     return "class_labels" in call_parameters(pipe)
 
 
-def is_text_conditional(pipe: Any) -> bool:
-    return "prompt" in call_parameters(pipe)
-
-
 def call_kwargs(
     pipe: Any,
     start: int,
@@ -99,8 +95,6 @@ def call_kwargs(
         if value is not None and key in params:
             kwargs[key] = value
     kwargs.update(extra or {})
-    if "progress_bar" in params:  # pragma: no cover - not a diffusers convention, kept out of the way
-        kwargs.setdefault("progress_bar", False)
     return kwargs
 
 

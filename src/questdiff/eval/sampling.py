@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..pipelines import call_kwargs, is_class_conditional
+from ..pipelines import as_image_tensor, call_kwargs, is_class_conditional
 
 
 def class_labels(pipe: Any, num_images: int, num_classes: int = 10) -> torch.Tensor | None:
@@ -47,6 +47,6 @@ def generate(
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, prompts=prompts,
                 output_type="pt", extra=extra,
             )
-            chunks.append(pipe(**kwargs).images.float().cpu())
+            chunks.append(as_image_tensor(pipe(**kwargs).images))
             bar.update(count)
     return torch.cat(chunks)
