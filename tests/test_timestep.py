@@ -32,6 +32,19 @@ def test_batches_must_map_to_one_row():
         s.index_of_batch(torch.tensor([951, 801]))
 
 
+def test_state_takes_per_sample_rows_for_mixed_batches():
+    state = TimestepState(TimestepSchedule(KEYS))
+    with state.at_timestep(torch.tensor([951, 801, 951])):
+        assert state.index is None and state.rows.tolist() == [0, 3, 0]
+        with pytest.raises(TimestepError, match="mixes timesteps"):
+            state.require_index()
+        with state.at_index(2):
+            assert state.rows is None and state.require_index() == 2
+        assert state.rows is not None
+    assert state.rows is None and state.index is None
+    assert state.set_timestep(torch.tensor([901, 901])) == 1 and state.rows is None
+
+
 def test_single_set_maps_everything_to_row_zero():
     s = TimestepSchedule((500.0,))
     assert s.index(0) == 0 and s.index(999) == 0

@@ -37,7 +37,7 @@ class QuantHandle:
     stages: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def at_timestep(self, t: torch.Tensor | float | int) -> contextlib.AbstractContextManager[int]:
+    def at_timestep(self, t: torch.Tensor | float | int) -> contextlib.AbstractContextManager[int | None]:
         return self.state.at_timestep(t)
 
 
@@ -184,6 +184,6 @@ def quant_state(model: nn.Module, weight: bool, act: bool) -> Iterator[None]:
             q.enabled = enabled
 
 
-def at_timestep(model: nn.Module, t: torch.Tensor | float | int) -> contextlib.AbstractContextManager[int]:
+def at_timestep(model: nn.Module, t: torch.Tensor | float | int) -> contextlib.AbstractContextManager[int | None]:
     """``with questdiff.at_timestep(model, t):`` activates the quantizer row of ``t`` (tests, calibration loops)."""
     return handle(model).at_timestep(t)

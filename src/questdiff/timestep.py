@@ -81,16 +81,20 @@ class TimestepSchedule:
             return max(range(len(self.timesteps)), key=lambda i: self.timesteps[i])
         return min(at_or_after, key=lambda i: self.timesteps[i])
 
-    def index_of_batch(self, t: torch.Tensor | float | int) -> int:
-        """Row of a timestep argument that may be a scalar or a per-sample ``[B]`` tensor (CFG batches); every
-        sample must map to the same row."""
+    def rows_of_batch(self, t: torch.Tensor | float | int) -> list[int]:
+        """Row of every entry of a timestep argument that may be a scalar or a per-sample ``[B]`` tensor."""
         values = t.detach().flatten().tolist() if isinstance(t, torch.Tensor) else [float(t)]
         if not values:
             raise TimestepError("empty timestep tensor")
-        rows = {self.index(float(v)) for v in set(values)}
+        rows = {v: self.index(float(v)) for v in set(values)}
+        return [rows[v] for v in values]
+
+    def index_of_batch(self, t: torch.Tensor | float | int) -> int:
+        """Row of a timestep argument whose samples all map to the same row (CFG batches)."""
+        rows = set(self.rows_of_batch(t))
         if len(rows) > 1:
             raise TimestepError(
-                f"one batch holds timesteps {sorted(set(values))} that map to different quantizer rows {sorted(rows)}; "
+                f"one batch holds timesteps that map to different quantizer rows {sorted(rows)}; "
                 "run samples of different timesteps in separate forward calls"
             )
         return rows.pop()
@@ -104,20 +108,34 @@ class TimestepSchedule:
 
 
 class TimestepState:
-    """Mutable holder of the active row, shared by all activation quantizers of one denoiser (not a module)."""
+    """Mutable holder of the active row(s), shared by all activation quantizers of one denoiser (not a module).
+
+    ``index`` is the row of a batch whose samples share one row (sampling, CFG); a batch that mixes timesteps of
+    different rows (finetuning batches across timesteps) sets ``rows`` instead: the per-sample rows ``[B]`` (long,
+    on the timestep argument's device), and every quantizer picks its scale row sample by sample.
+    """
 
     def __init__(self, schedule: TimestepSchedule) -> None:
         self.schedule = schedule
         self.index: int | None = None
+        self.rows: torch.Tensor | None = None
 
-    def set_timestep(self, t: torch.Tensor | float | int) -> int:
-        self.index = self.schedule.index_of_batch(t)
+    def set_timestep(self, t: torch.Tensor | float | int) -> int | None:
+        """Select the row(s) of timestep argument ``t``; returns the single row, or ``None`` for a mixed batch."""
+        rows = self.schedule.rows_of_batch(t)
+        if len(set(rows)) == 1:
+            self.index, self.rows = rows[0], None
+        else:
+            device = t.device if isinstance(t, torch.Tensor) else None
+            self.index, self.rows = None, torch.tensor(rows, dtype=torch.long, device=device)
         return self.index
 
     def require_index(self) -> int:
         if self.index is None:
             if len(self.schedule) == 1:
                 return 0
+            if self.rows is not None:
+                raise TimestepError("this batch mixes timesteps of different rows: use the per-sample rows (state.rows)")
             raise TimestepError(
                 "no timestep is active: call the denoiser through its forward (the timestep hook sets it) or "
                 "wrap the call in questdiff.at_timestep(model, t)"
@@ -125,21 +143,23 @@ class TimestepState:
         return self.index
 
     @contextlib.contextmanager
-    def at_timestep(self, t: torch.Tensor | float | int) -> Iterator[int]:
-        previous = self.index
+    def _restoring(self) -> Iterator[None]:
+        previous = self.index, self.rows
         try:
-            yield self.set_timestep(t)
+            yield
         finally:
-            self.index = previous
+            self.index, self.rows = previous
+
+    @contextlib.contextmanager
+    def at_timestep(self, t: torch.Tensor | float | int) -> Iterator[int | None]:
+        with self._restoring():
+            yield self.set_timestep(t)
 
     @contextlib.contextmanager
     def at_index(self, index: int) -> Iterator[int]:
-        previous = self.index
-        self.index = index
-        try:
+        with self._restoring():
+            self.index, self.rows = index, None
             yield index
-        finally:
-            self.index = previous
 
 
 def timestep_getter(forward: Callable[..., Any], name: str) -> Callable[[tuple, dict], Any]:

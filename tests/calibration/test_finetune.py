@@ -31,20 +31,63 @@ def test_row_adam_matches_torch_adam_on_the_active_row_and_leaves_others_alone()
     assert int(row_opt.steps[0][1]) == 0 and int(row_opt.steps[0][0]) == 1
 
 
+def test_row_adam_steps_several_rows_at_once_like_torch_adam():
+    torch.manual_seed(0)
+    start = torch.rand(3, 5) + 0.5
+    ours, ref = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    row_opt, torch_opt = RowAdam([ours], lr=1e-2), torch.optim.Adam([ref], lr=1e-2)
+    for _ in range(4):
+        grad = torch.randn(3, 5)
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        row_opt.step((0, 1, 2))
+        torch_opt.step()
+    torch.testing.assert_close(ours.data, ref.data)
+    ours.grad = torch.randn(3, 5)  # rows at different step counts afterwards are updated group by group
+    row_opt.step(1)
+    ours.grad = torch.randn(3, 5)
+    row_opt.step((0, 1))
+    assert row_opt.steps[0].tolist() == [5, 6, 4]
+
+
+def _timesteps(calib, batch):
+    return set(calib.ts[batch.index].tolist())
+
+
 def test_plans_keep_one_timestep_per_batch(unet, calib):
     qd.quantize(unet, "W8A8", calib, "rtn", progress=False)
+    schedule = qd.handle(unet).schedule
     g = torch.Generator().manual_seed(0)
     common = {"samples_per_t": 4, "epochs": 3, "batch_size": 2, "generator": g}
     for order in ("shuffled", "sequential", "timestep_major"):
         plan = plan_batches(unet, calib, resample=False, order=order, **common)
         assert len(plan) == 3 * 4 * 2
         for batch in plan:
-            assert set(calib.ts[batch.index].tolist()) == {batch.t}
-    major = [b.t for b in plan_batches(unet, calib, resample=False, order="timestep_major", **common)]
-    assert major[:6] == [900.0] * 6
-    sequential = [b.t for b in plan_batches(unet, calib, resample=False, order="sequential", **common)]
-    assert sequential[:8:2] == [900.0, 600.0, 300.0, 50.0]
+            (t,) = _timesteps(calib, batch)
+            assert batch.rows == (schedule.index(t),)
+    first = lambda plan: [_timesteps(calib, b).pop() for b in plan]
+    assert first(plan_batches(unet, calib, resample=False, order="timestep_major", **common))[:6] == [900.0] * 6
+    assert first(plan_batches(unet, calib, resample=False, order="sequential", **common))[:8:2] == [900.0, 600.0, 300.0, 50.0]
     fixed = plan_batches(unet, calib, resample=False, order="shuffled", **common)
     fresh = plan_batches(unet, calib, resample=True, order="shuffled", **common)
-    rows = lambda plan, t: {tuple(b.index.tolist()) for b in plan if b.t == t}
+    rows = lambda plan, t: {tuple(b.index.tolist()) for b in plan if _timesteps(calib, b) == {t}}
     assert len(rows(fixed, 900.0)) == 2 and len(rows(fresh, 900.0)) > 2
+
+
+def test_mixed_plan_puts_every_timestep_in_each_batch(unet, calib):
+    qd.quantize(unet, "W8A8", calib, "rtn", progress=False)
+    g = torch.Generator().manual_seed(0)
+    plan = plan_batches(unet, calib, samples_per_t=4, epochs=3, batch_size=2, resample=False, order="mixed", generator=g)
+    assert len(plan) == 3 * 2 and [b.visit for b in plan] == [0, 0, 1, 1, 2, 2]
+    for batch in plan:
+        assert batch.rows == (0, 1, 2, 3) and len(batch.index) == 8
+        assert sorted(calib.ts[batch.index].tolist()) == sorted(2 * calib.timesteps)
+    assert torch.equal(plan[0].index, plan[2].index)  # the rows are drawn once without resample
+
+
+def test_a_mixed_timestep_forward_equals_per_timestep_forwards(unet, calib):
+    qd.quantize(unet, "W4A4", calib, "rtn", progress=False)
+    index = torch.cat([torch.nonzero(calib.ts == t).flatten()[:1] for t in calib.timesteps])
+    with torch.no_grad():
+        mixed = unet(**calib.model_kwargs(index)).sample
+        single = torch.cat([unet(**calib.model_kwargs(index[i : i + 1])).sample for i in range(len(index))])
+    torch.testing.assert_close(mixed, single, rtol=1e-4, atol=1e-5)

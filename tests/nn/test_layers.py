@@ -81,3 +81,16 @@ def test_fp_copy_is_the_teacher_when_weights_unquantized():
 def test_unsupported_layer_type():
     with pytest.raises(TypeError, match="only Linear, Conv1d and Conv2d"):
         wrap_layer(nn.ConvTranspose2d(2, 2, 2), None, None)
+
+
+def test_frozen_quantized_weight_gives_the_same_output_until_thawed():
+    q = _wrap(nn.Linear(3, 3))
+    x = torch.randn(2, 3)
+    ref = q(x)
+    q.freeze_quantized_weight()
+    assert torch.equal(q(x), ref) and "frozen_qweight" not in q.state_dict()
+    with torch.no_grad():
+        q.weight.add_(1.0)
+    assert torch.equal(q(x), ref)  # frozen: the weight change is not seen
+    q.thaw_quantized_weight()
+    assert not torch.equal(q(x), ref)

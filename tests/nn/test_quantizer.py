@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from questdiff.config import ActivationSpec, WeightSpec
 from questdiff.nn import ActQuantizer, WeightQuantizer
-from questdiff.timestep import TimestepSchedule, TimestepState
+from questdiff.timestep import TimestepError, TimestepSchedule, TimestepState
 
 
 def _state(rows=3):
@@ -38,6 +39,24 @@ def test_rows_select_different_scales():
     with state.at_index(1):
         fine = q(x)
     assert torch.equal(coarse, torch.tensor([0.0, 1.0])) and torch.allclose(fine, x)
+
+
+def test_mixed_batch_takes_each_samples_row_and_repeats_it_over_folded_heads():
+    state = _state()
+    q = ActQuantizer(3, ActivationSpec(bits=4), state, channels=4, channel_dim=-1)
+    for row in range(3):
+        q.set_row(row, torch.full((4,), 0.1 * (row + 1)), torch.zeros(4))
+    x = torch.randn(6, 5, 4, requires_grad=True)  # batch 3 x 2 heads folded sample-major
+    with state.at_timestep(torch.tensor([900.0, 700.0, 800.0])):
+        mixed = q(x)
+    rows = [0, 0, 2, 2, 1, 1]
+    for i, row in enumerate(rows):
+        with state.at_index(row):
+            assert torch.equal(mixed[i], q(x[i : i + 1])[0])
+    mixed.square().sum().backward()
+    assert all(q.scale.grad[r].abs().sum() > 0 for r in range(3))
+    with state.at_timestep(torch.tensor([900.0, 700.0, 800.0, 700.0])), pytest.raises(TimestepError, match="multiple"):
+        q(x)
 
 
 def test_disabled_quantizers_are_identity():

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..prepare import handle
+from ..prepare import handle, quant_layers
 from .data import CalibrationSet
 
 
@@ -71,6 +71,21 @@ def trainable_only(model: nn.Module, params: Iterable[torch.Tensor]) -> Iterator
     finally:
         for p, flag in previous:
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def frozen_quantized_weights(model: nn.Module, trained: Iterable[str]) -> Iterator[None]:
+    """Within the block every quantized layer except ``trained`` runs on a fake-quantized weight computed once
+    (their weights are frozen, so it cannot change): fewer kernels per finetuning step."""
+    keep = set(trained)
+    frozen = [layer for name, layer in quant_layers(model).items() if name not in keep]
+    for layer in frozen:
+        layer.freeze_quantized_weight()
+    try:
+        yield
+    finally:
+        for layer in frozen:
+            layer.thaw_quantized_weight()
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:

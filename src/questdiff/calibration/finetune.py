@@ -28,14 +28,14 @@ from tqdm.auto import tqdm
 
 from ..nn import ActQuantizer
 from ..prepare import act_quantizers, handle, quant_layers, weight_quantizers
-from .common import autocast, output_tensor, trainable_only
+from .common import autocast, frozen_quantized_weights, output_tensor, trainable_only
 from .data import CalibrationSet
 from .row_adam import RowAdam
 
 logger = logging.getLogger(__name__)
 
-Order = Literal["shuffled", "sequential", "timestep_major"]
-ORDERS = ("shuffled", "sequential", "timestep_major")
+Order = Literal["shuffled", "sequential", "timestep_major", "mixed"]
+ORDERS = ("shuffled", "sequential", "timestep_major", "mixed")
 
 
 @dataclass
@@ -66,11 +66,10 @@ class Objective:
 
 @dataclass(frozen=True)
 class Batch:
-    """Calibration rows ``index`` of one timestep ``t`` (quantizer row ``row``); ``visit`` numbers the
-    (epoch, timestep) visit the batch belongs to."""
+    """Calibration rows ``index`` covering the quantizer rows ``rows`` (one timestep's row, or every timestep's in
+    a ``"mixed"`` plan); ``visit`` numbers the (epoch, timestep) visit the batch belongs to (the epoch when mixed)."""
 
-    row: int
-    t: float
+    rows: tuple[int, ...]
     index: torch.Tensor
     visit: int
 
@@ -109,7 +108,9 @@ def plan_batches(
     Per timestep, ``samples_per_t`` rows are drawn (once, or afresh for every epoch with ``resample``) and cut into
     ``batch_size`` chunks. ``order``: ``"shuffled"`` visits the timesteps in a new random order every epoch
     (default); ``"sequential"`` visits them noisiest first every epoch (the code's CMA); ``"timestep_major"`` runs all
-    epochs of one timestep before the next (the code's TLA).
+    epochs of one timestep before the next (the code's TLA); ``"mixed"`` puts the k-th chunk of every timestep into
+    one batch (``batch_size`` rows per timestep per step: T times fewer, fuller steps; each scale row still gets
+    one update per chunk, the shared weights one per step instead of T).
     """
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}: use one of {ORDERS}")
@@ -129,6 +130,15 @@ def plan_batches(
         return list(pick.split(batch_size))
 
     fixed = {t: draw(t) for t in wanted} if not resample else {}
+    plan: list[Batch] = []
+    if order == "mixed":
+        for epoch in range(epochs):
+            chunks = {t: draw(t) if resample else fixed[t] for t in wanted}
+            for k in range(max(len(c) for c in chunks.values())):
+                present = [t for t in wanted if k < len(chunks[t])]
+                rows = tuple(sorted({schedule.index(t) for t in present}))
+                plan.append(Batch(rows, torch.cat([chunks[t][k] for t in present]), epoch))
+        return plan
     visits: list[tuple[int, float]] = []
     if order == "timestep_major":
         visits = [(e, t) for t in wanted for e in range(epochs)]
@@ -136,19 +146,19 @@ def plan_batches(
         for e in range(epochs):
             ts = [wanted[i] for i in torch.randperm(len(wanted), generator=generator)] if order == "shuffled" else wanted
             visits += [(e, t) for t in ts]
-    plan = []
     for visit, (_, t) in enumerate(visits):
         for chunk in (draw(t) if resample else fixed[t]):
-            plan.append(Batch(schedule.index(t), t, chunk, visit))
+            plan.append(Batch((schedule.index(t),), chunk, visit))
     return plan
 
 
 def evaluation_batches(model: nn.Module, calib: CalibrationSet, samples_per_t: int, batch_size: int, seed: int,
-                       timesteps: tuple[float, ...] | None = None) -> list[Batch]:
-    """A fixed set of ``samples_per_t`` rows per timestep (for before/after loss reports)."""
+                       timesteps: tuple[float, ...] | None = None, mixed: bool = False) -> list[Batch]:
+    """A fixed set of ``samples_per_t`` rows per timestep (for before/after loss reports); ``mixed`` batches
+    across timesteps (same rows, fewer forwards)."""
     g = torch.Generator().manual_seed(seed)
     return plan_batches(model, calib, samples_per_t=samples_per_t, epochs=1, batch_size=batch_size, resample=False,
-                        order="sequential", generator=g, timesteps=timesteps)
+                        order="mixed" if mixed else "sequential", generator=g, timesteps=timesteps)
 
 
 # -- teacher bookkeeping ---------------------------------------------------------------------------------------------
@@ -259,7 +269,8 @@ def evaluate(model: nn.Module, calib: CalibrationSet, objective: Objective, batc
              device: torch.device, use_autocast: bool = False) -> float:
     """Mean loss of ``objective`` over ``batches`` (weighted by batch size); changes nothing."""
     total, count = 0.0, 0
-    with contextlib.closing(_Forwards(model, calib, objective, device, use_autocast, cache=False)) as f:
+    with contextlib.closing(_Forwards(model, calib, objective, device, use_autocast, cache=False)) as f, \
+            frozen_quantized_weights(model, []):
         for batch in batches:
             total += float(f.loss(batch)) * len(batch.index)
             count += len(batch.index)
@@ -296,10 +307,11 @@ def finetune(
     last_visit = -1
     bar = tqdm(plan, desc=desc, unit="step", disable=not progress)
     with contextlib.closing(_Forwards(model, calib, objective, device, use_autocast, cache_teacher)) as f, \
-            trainable_only(model, weights + scales), torch.enable_grad():
+            trainable_only(model, weights + scales), frozen_quantized_weights(model, objective.weight_layers), \
+            torch.enable_grad():
         for step, batch in enumerate(bar):
             if scale_opt is not None and reset_act_state and batch.visit != last_visit:
-                scale_opt.reset(batch.row)
+                scale_opt.reset(batch.rows)
             last_visit = batch.visit
             loss = f.loss(batch)
             if weight_opt is not None:
@@ -310,8 +322,8 @@ def finetune(
             if weight_opt is not None:
                 weight_opt.step()
             if scale_opt is not None:
-                scale_opt.step(batch.row)
+                scale_opt.step(batch.rows)
             losses.append(loss.detach())
             if progress and step % 25 == 0:
-                bar.set_postfix(loss=f"{float(losses[-1]):.4g}", t=f"{batch.t:g}")
+                bar.set_postfix(loss=f"{float(losses[-1]):.4g}")
     return torch.stack(losses).tolist() if losses else []

@@ -1,14 +1,15 @@
-"""Adam on one row of per-timestep activation scales at a time.
+"""Adam on some rows of per-timestep activation scales at a time.
 
 An ``ActQuantizer.scale`` is one ``[T, C]`` Parameter; a forward uses one row, so only that row gets a gradient.
 ``torch.optim.Adam`` would still move every row that has momentum from earlier steps (zero gradient, non-zero
 ``m``), so rows trained at other timesteps would drift. ``RowAdam`` keeps Adam state per (parameter, row) and
-updates only the active row, which is what the official code's separate per-timestep Δ parameters with their own
-Adam amount to (spec §2.8).
+updates only the rows of the step's batch (one row, or every row when a batch mixes timesteps), which is what the
+official code's separate per-timestep Δ parameters with their own Adam amount to (spec §2.8).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from ..primitives import MIN_SCALE
 
 
 class RowAdam:
-    """Adam (torch's formula, no weight decay, no amsgrad) restricted to one row of each ``[T, ...]`` parameter.
+    """Adam (torch's formula, no weight decay, no amsgrad) restricted to some rows of each ``[T, ...]`` parameter.
 
     Args:
         params: parameters shaped ``[T, ...]``.
@@ -48,39 +49,51 @@ class RowAdam:
         for p in self.params:
             p.grad = None
 
-    def reset(self, row: int | None = None) -> None:
-        """Forget the moments of ``row`` (all rows if ``None``): a fresh Adam, as the code builds per (epoch, t)."""
+    def reset(self, rows: int | Sequence[int] | None = None) -> None:
+        """Forget the moments of ``rows`` (all rows if ``None``): a fresh Adam, as the code builds per (epoch, t)."""
+        index = slice(None) if rows is None else ([rows] if isinstance(rows, int) else list(rows))
         for m, v, s in zip(self.exp_avg, self.exp_avg_sq, self.steps):
-            if row is None:
-                m.zero_()
-                v.zero_()
-                s.zero_()
-            else:
-                m[row].zero_()
-                v[row].zero_()
-                s[row] = 0
+            m[index] = 0
+            v[index] = 0
+            s[index] = 0
 
     @torch.no_grad()
-    def step(self, row: int) -> None:
-        """Update row ``row`` of every parameter that has a gradient (one fused ``_foreach`` update for all)."""
-        beta1, beta2 = self.betas
+    def step(self, rows: int | Sequence[int]) -> None:
+        """Update ``rows`` of every parameter that has a gradient.
+
+        Rows are grouped by their step count (they differ only when earlier steps trained other row sets); each
+        group is one fused ``_foreach`` update over whole parameters (every row) or over per-row views."""
+        rows = [rows] if isinstance(rows, int) else sorted(set(rows))
         active = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if not active:
+        if not active or not rows:
             return
         for i in active:
-            self.steps[i][row] += 1
-        counts = [int(self.steps[i][row]) for i in active]
-        params = [self.params[i][row] for i in active]
-        grads = [self.params[i].grad[row] for i in active]  # type: ignore[index]
-        exp_avg = [self.exp_avg[i][row] for i in active]
-        exp_avg_sq = [self.exp_avg_sq[i][row] for i in active]
+            self.steps[i][rows] += 1
+        groups: dict[int, list[int]] = {}
+        for row in rows:  # every parameter of one optimizer sees the same rows, so parameter 0's counts stand for all
+            groups.setdefault(int(self.steps[active[0]][row]), []).append(row)
+        for count, group in groups.items():
+            self._update(active, group, count)
+
+    def _update(self, active: list[int], rows: list[int], count: int) -> None:
+        beta1, beta2 = self.betas
+
+        def views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            if len(rows) == tensors[0].shape[0]:
+                return tensors
+            return [t[r] for t in tensors for r in rows]
+
+        params = views([self.params[i] for i in active])
+        grads = views([self.params[i].grad for i in active])  # type: ignore[misc]
+        exp_avg = views([self.exp_avg[i] for i in active])
+        exp_avg_sq = views([self.exp_avg_sq[i] for i in active])
         torch._foreach_mul_(exp_avg, beta1)
         torch._foreach_add_(exp_avg, grads, alpha=1 - beta1)
         torch._foreach_mul_(exp_avg_sq, beta2)
         torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
         denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in counts])
+        torch._foreach_div_(denom, math.sqrt(1 - beta2**count))
         torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(params, exp_avg, denom, [-self.lr / (1 - beta1**t) for t in counts])
+        torch._foreach_addcdiv_(params, exp_avg, denom, -self.lr / (1 - beta1**count))
         if self.min_value is not None:
             torch._foreach_clamp_min_(params, self.min_value)

@@ -30,6 +30,7 @@ class QuantLayerMixin:
     split: int
     fp_weight: Optional[torch.Tensor]
     fp_bias: Optional[torch.Tensor]
+    frozen_qweight: Optional[torch.Tensor]
 
     def _attach(
         self,
@@ -49,6 +50,9 @@ class QuantLayerMixin:
         # FP teacher copies, registered by finetuning stages only (non-persistent: never saved).
         self.register_buffer("fp_weight", None, persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("fp_bias", None, persistent=False)  # type: ignore[attr-defined]
+        # Fake-quantized weight held constant while the layer's weight is frozen (finetuning of other layers):
+        # saves the per-step weight fake-quant kernels. Non-persistent, set only by ``freeze_quantized_weight``.
+        self.register_buffer("frozen_qweight", None, persistent=False)  # type: ignore[attr-defined]
 
     # -- state -------------------------------------------------------------------------------------------------
     def weight_quantizers(self) -> list[WeightQuantizer]:
@@ -73,6 +77,15 @@ class QuantLayerMixin:
         self.fp_weight = None
         self.fp_bias = None
 
+    @torch.no_grad()
+    def freeze_quantized_weight(self) -> None:
+        """Compute the fake-quantized weight once and use it until ``thaw_quantized_weight`` (the weight and its
+        quantizer must not change meanwhile)."""
+        self.frozen_qweight = self.quantized_weight().detach()
+
+    def thaw_quantized_weight(self) -> None:
+        self.frozen_qweight = None
+
     # -- forward -----------------------------------------------------------------------------------------------
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.split:
@@ -90,7 +103,8 @@ class QuantLayerMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(x)
         if self.weight_quantizer.enabled:
-            return self._run(x, self.quantized_weight(), self.bias)
+            weight = self.frozen_qweight if self.frozen_qweight is not None else self.quantized_weight()
+            return self._run(x, weight, self.bias)
         if self.fp_weight is not None:
             return self._run(x, self.fp_weight, self.fp_bias)
         return self._run(x, self.weight, self.bias)

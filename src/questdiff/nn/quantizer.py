@@ -3,7 +3,8 @@
 - ``WeightQuantizer``: per output channel / per tensor / per group scale and zero point (buffers).
 - ``ActQuantizer``: time-step-aware activation quantizer with ONE registered scale parameter of shape
   ``[T, *scale_shape]`` (T = calibrated timesteps); forward indexes the active row of the shared
-  ``TimestepState``, so gradients reach only that row and state_dict / .to() / optimizers need no special cases.
+  ``TimestepState`` (or one row per sample when a batch mixes timesteps), so gradients reach only the rows in use
+  and state_dict / .to() / optimizers need no special cases.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from ..config import ActivationSpec, WeightSpec
 from ..primitives import fake_quantize, qrange, to_groups
-from ..timestep import TimestepState
+from ..timestep import TimestepError, TimestepState
 
 
 def weight_scale_shape(weight_shape: torch.Size | tuple[int, ...], spec: WeightSpec) -> tuple[int, ...]:
@@ -142,13 +143,31 @@ class ActQuantizer(nn.Module):
         self.scale[index].copy_(scale.reshape(-1).to(self.scale.dtype))
         self.zero_point[index].copy_(zero_point.reshape(-1).to(self.zero_point.dtype))
 
+    def row_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` of the active row(s), broadcastable against ``x``.
+
+        A batch mixing timesteps (``state.rows`` set, ``[B]``) gets one row per sample: ``[B', ...]`` with the
+        batch's leading dim ``B' = k * B`` (attention folds heads into the batch sample-major, so each row repeats
+        ``k`` times)."""
+        rows = self._state.rows if self.num_rows > 1 else None
+        shape = self.broadcast_shape(x)
+        if rows is None:
+            i = self.row_index()
+            return self.scale[i].reshape(shape).to(x.dtype), self.zero_point[i].reshape(shape).to(x.dtype)
+        repeat, rest = divmod(x.shape[0], len(rows))
+        if rest or not repeat:
+            raise TimestepError(f"an input of batch {x.shape[0]} cannot take per-sample rows for {len(rows)} timesteps: "
+                                "its leading dim must be a multiple of the timestep argument's length")
+        rows = rows.to(self.scale.device)
+        if repeat > 1:
+            rows = rows.repeat_interleave(repeat)
+        shape[0] = x.shape[0]
+        return self.scale[rows].reshape(shape).to(x.dtype), self.zero_point[rows].reshape(shape).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        i = self.row_index()
-        shape = self.broadcast_shape(x)
-        scale = self.scale[i].reshape(shape).to(x.dtype)
-        zero_point = self.zero_point[i].reshape(shape).to(x.dtype)
+        scale, zero_point = self.row_params(x)
         return fake_quantize(x, scale, zero_point, self.qmin, self.qmax)
 
     def extra_repr(self) -> str:
