@@ -40,11 +40,12 @@ def test_cma_touches_only_critical_layers_and_non_time_embedding_scales(unet, ca
     assert not changed & te_scales
 
 
-def test_cma_lowers_its_loss(unet, calib):
+@pytest.mark.parametrize("order", ["shuffled", "mixed"])
+def test_cma_lowers_its_loss(unet, calib, order):
     _calibrated(unet, calib)
-    config = CMAConfig(epochs=3, samples_per_t=16, batch_size=8, weight_lr=1e-3, eval_samples_per_t=16)
+    config = CMAConfig(epochs=3, samples_per_t=16, batch_size=8, weight_lr=1e-3, eval_samples_per_t=16, order=order)
     result = run_cma(unet, calib, config, progress=False)
-    print(f"CMA loss (tiny UNet W4A4, 3 epochs): {result.loss_before:.4f} -> {result.loss_after:.4f}")
+    print(f"CMA loss (tiny UNet W4A4, 3 epochs, {order}): {result.loss_before:.4f} -> {result.loss_after:.4f}")
     assert result.loss_after < result.loss_before
 
 

@@ -82,6 +82,10 @@ def test_mixed_plan_puts_every_timestep_in_each_batch(unet, calib):
         assert batch.rows == (0, 1, 2, 3) and len(batch.index) == 8
         assert sorted(calib.ts[batch.index].tolist()) == sorted(2 * calib.timesteps)
     assert torch.equal(plan[0].index, plan[2].index)  # the rows are drawn once without resample
+    fresh = plan_batches(unet, calib, samples_per_t=2, epochs=4, batch_size=2, resample=True, order="mixed", generator=g)
+    assert len({tuple(b.index.tolist()) for b in fresh}) > 1
+    for batch in fresh:
+        assert sorted(calib.ts[batch.index].tolist()) == sorted(2 * calib.timesteps)
 
 
 def test_a_mixed_timestep_forward_equals_per_timestep_forwards(unet, calib):

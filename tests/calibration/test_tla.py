@@ -19,13 +19,15 @@ def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_tla_touches_only_time_embedding_layers_and_trained_rows(unet, calib):
+@pytest.mark.parametrize("order", ["shuffled", "mixed"])
+def test_tla_touches_only_time_embedding_layers_and_trained_rows(unet, calib, order):
     _calibrated(unet, calib)
     with quant_state(unet, weight=False, act=False):
         fp_before = outputs_per_timestep(unet, calib)
     before = _snapshot(unet)
     trained_t = (900.0, 300.0)
-    run_tla(unet, calib, TLAConfig(epochs=2, weight_lr=1e-3, act_lr=1e-3, timesteps=trained_t), progress=False)
+    config = TLAConfig(epochs=2, weight_lr=1e-3, act_lr=1e-3, timesteps=trained_t, order=order)
+    run_tla(unet, calib, config, progress=False)
     after = _snapshot(unet)
     tla_layers = [n for n, info in handle(unet).layers.items() if "time_proj" in info.roles]
     assert len(tla_layers) == 8
@@ -42,12 +44,15 @@ def test_tla_touches_only_time_embedding_layers_and_trained_rows(unet, calib):
         assert torch.equal(outputs_per_timestep(unet, calib), fp_before)
 
 
-def test_tla_lowers_its_loss(unet, calib):
+@pytest.mark.parametrize(("order", "epochs"), [("shuffled", 8), ("mixed", 32)])
+def test_tla_lowers_its_loss(unet, calib, order, epochs):
+    """Same step count: a shuffled epoch is one step per timestep (4), a mixed epoch one step of all timesteps."""
     _calibrated(unet, calib)
-    result = run_tla(unet, calib, TLAConfig(epochs=8, weight_lr=1e-3, act_lr=1e-3, batch_size=8), progress=False)
-    print(f"TLA loss (tiny UNet W4A4, 8 epochs): {result.loss_before:.5f} -> {result.loss_after:.5f}")
+    config = TLAConfig(epochs=epochs, weight_lr=1e-3, act_lr=1e-3, batch_size=8, order=order)
+    result = run_tla(unet, calib, config, progress=False)
+    print(f"TLA loss (tiny UNet W4A4, {epochs} epochs, {order}): {result.loss_before:.5f} -> {result.loss_after:.5f}")
     assert result.loss_after < result.loss_before
-    assert len(result.losses) == 8 * 4
+    assert len(result.losses) == 32
 
 
 def test_paper_roles_include_the_time_embedding_mlp_and_code_loss_weights(unet, calib):

@@ -72,7 +72,8 @@ class CMAConfig:
         epochs: sweeps over the timesteps; samples_per_t: fresh rows per (epoch, timestep); batch_size: rows per step.
         local_weight / global_weight: lambda_CMA and lambda_G of Eq. 7 (``loss="paper"``).
         loss: ``"paper"`` or ``"code"``; global_loss: include the global output term.
-        order: ``"shuffled"`` (default) or ``"sequential"`` (code: noisiest first every epoch).
+        order: ``"shuffled"`` (default), ``"sequential"`` (code: noisiest first every epoch) or ``"mixed"`` (every
+            timestep in each batch, ``batch_size`` rows per timestep).
         reset_act_state: fresh scale-optimizer state per (epoch, timestep) visit (code: yes).
         timesteps: train only these calibrated timesteps (default: all).
         eval_samples_per_t: rows per timestep of the before/after loss report (0: no report).
@@ -192,8 +193,8 @@ def run_cma(
     objective = cma_objective(model, layers, family, config)
     plan = plan_batches(model, calib, samples_per_t=config.samples_per_t, epochs=config.epochs, batch_size=config.batch_size,
                         resample=True, order=config.order, generator=generator(seed, 41), timesteps=config.timesteps)
-    rows = (evaluation_batches(model, calib, config.eval_samples_per_t, max(config.batch_size, 8), seed + 43, config.timesteps)
-            if config.eval_samples_per_t else [])
+    rows = (evaluation_batches(model, calib, config.eval_samples_per_t, max(config.batch_size, 8), seed + 43, config.timesteps,
+                               mixed=config.order == "mixed") if config.eval_samples_per_t else [])
     result = FinetuneResult()
     if rows:
         result.loss_before = evaluate(model, calib, objective, rows, device=device, use_autocast=config.autocast)

@@ -1,8 +1,8 @@
 """Teacher-student finetuning shared by TLA and CMA (spec §2.8, §3.3): one engine, two objectives.
 
 The FP teacher is the same prepared model with quantization off (layers whose weights train keep an FP copy, so
-the teacher always runs the original weights). Each step takes a batch of calibration rows of ONE timestep (a
-forward uses one activation-scale row), runs the teacher under ``no_grad`` (or reads its cached outputs) and the
+the teacher always runs the original weights). Each step takes a batch of calibration rows (of one timestep, or of
+several with ``order="mixed"``: each sample then reads its own timestep's activation-scale row), runs the teacher under ``no_grad`` (or reads its cached outputs) and the
 fully quantized student, and minimises
 
     loss = local_weight * sum_k MSE(student_k, teacher_k) + global_weight * MSE(student_out, teacher_out)
@@ -10,7 +10,7 @@ fully quantized student, and minimises
 over the outputs of the hooked layers ``k`` and the denoiser output. Weights and biases of the chosen layers get
 straight-through gradients through their frozen weight quantizers (Adam); the active row of the chosen activation
 scales is trained with ``RowAdam``. Batches come from a ``plan``: timesteps shuffled per epoch by default (the
-code's sequential sweeps are available as orders). Nothing is written to disk.
+code's sequential sweeps and the all-timesteps-per-batch ``"mixed"`` order are available). Nothing is written to disk.
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def plan_batches(
     generator: torch.Generator,
     timesteps: tuple[float, ...] | None = None,
 ) -> list[Batch]:
-    """Batches of one timestep each.
+    """The training batches of one stage: rows of one timestep each, or of every timestep with ``"mixed"``.
 
     Per timestep, ``samples_per_t`` rows are drawn (once, or afresh for every epoch with ``resample``) and cut into
     ``batch_size`` chunks. ``order``: ``"shuffled"`` visits the timesteps in a new random order every epoch
@@ -122,10 +122,10 @@ def plan_batches(
         if missing:
             raise ValueError(f"timesteps {sorted(missing)} are not calibrated (calibrated: {calib.timesteps})")
         wanted = [t for t in wanted if t in chosen]
-    rows = {t: torch.nonzero(calib.ts == t).flatten() for t in wanted}
+    pools = {t: torch.nonzero(calib.ts == t).flatten() for t in wanted}
 
     def draw(t: float) -> list[torch.Tensor]:
-        pool = rows[t]
+        pool = pools[t]
         pick = pool[torch.randperm(len(pool), generator=generator)[:samples_per_t]]
         return list(pick.split(batch_size))
 
@@ -136,8 +136,8 @@ def plan_batches(
             chunks = {t: draw(t) if resample else fixed[t] for t in wanted}
             for k in range(max(len(c) for c in chunks.values())):
                 present = [t for t in wanted if k < len(chunks[t])]
-                rows = tuple(sorted({schedule.index(t) for t in present}))
-                plan.append(Batch(rows, torch.cat([chunks[t][k] for t in present]), epoch))
+                batch_rows = tuple(sorted({schedule.index(t) for t in present}))
+                plan.append(Batch(batch_rows, torch.cat([chunks[t][k] for t in present]), epoch))
         return plan
     visits: list[tuple[int, float]] = []
     if order == "timestep_major":

@@ -22,6 +22,9 @@ Defaults and the paper-vs-code choice each one takes:
   ``sum_k MSE_k + N_hooked * MSE_out``. ``global_loss=False`` drops the global term (Table 7 ablation).
 - ``order="shuffled"``: timesteps in a fresh random order every epoch; the code runs all epochs of one timestep
   before the next (``"timestep_major"``), which biases the shared weights towards the last timesteps (spec §2.8).
+  ``"mixed"`` puts every timestep in each batch (``batch_size`` rows per timestep per step, one step per chunk): a
+  GPU runs a batch of T*batch_size rows in about the time of one small batch, so the same epochs take ~T x fewer
+  forwards.
 """
 from __future__ import annotations
 
@@ -59,11 +62,11 @@ class TLAConfig:
         roles: time-embedding roles whose layers train (subset of ``("time_embed", "time_proj")``).
         weight_lr / act_lr: Adam learning rates of weights+biases and of the activation-scale rows.
         epochs: passes over each timestep's rows; samples_per_t: rows per timestep (drawn once).
-        batch_size: rows per step (all of one timestep).
+        batch_size: rows per step (all of one timestep), or per timestep per step with ``order="mixed"``.
         local_weight / global_weight: lambda_TLA and lambda_G of Eq. 7 (``loss="paper"``).
         loss: ``"paper"`` or ``"code"`` (``N_hooked`` x global, local weight 1).
         global_loss: include the global output term.
-        order: ``"shuffled"`` (default), ``"sequential"`` or ``"timestep_major"`` (code).
+        order: ``"shuffled"`` (default), ``"sequential"``, ``"timestep_major"`` (code) or ``"mixed"``.
         timesteps: train only these calibrated timesteps (default: all).
         autocast: bf16 autocast on CUDA (off by default: bf16 rounding before an 8-bit quantizer changes results).
         cache_teacher: keep the teacher's outputs of the fixed rows in memory instead of recomputing them.
@@ -130,7 +133,8 @@ def run_tla(
     plan = plan_batches(model, calib, samples_per_t=config.samples_per_t, epochs=config.epochs, batch_size=config.batch_size,
                         resample=False, order=config.order, generator=generator(seed, 21), timesteps=config.timesteps)
     rows = plan_batches(model, calib, samples_per_t=config.samples_per_t, epochs=1, batch_size=config.batch_size,
-                        resample=False, order="sequential", generator=generator(seed, 21), timesteps=config.timesteps)
+                        resample=False, order="mixed" if config.order == "mixed" else "sequential",
+                        generator=generator(seed, 21), timesteps=config.timesteps)
     result = FinetuneResult()
     result.loss_before = evaluate(model, calib, objective, rows, device=device, use_autocast=config.autocast)
     result.losses = finetune(model, calib, objective, plan, weight_lr=config.weight_lr, act_lr=config.act_lr, device=device,
