@@ -7,8 +7,8 @@ layer) is measured on the calibration rows of that timestep, once after Q-Diffus
 (``qdiffusion``: BRECQ + per-timestep init) and once after QuEST's TLA + CMA on top of it. Writes a json and a PNG
 plot.
 
-    python benchmarks/activation_ranges.py --device cuda
-    python benchmarks/activation_ranges.py --quick        # CPU, tiny budget
+    python benchmarks/activation_ranges.py --device cuda --order mixed   # paper-default TLA/CMA epochs
+    python benchmarks/activation_ranges.py --quick                        # CPU, tiny budget
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import questdiff as qd  # noqa: E402
 from questdiff import pipelines  # noqa: E402
 from questdiff.calibration import BrecqConfig, CMAConfig, TLAConfig  # noqa: E402
+from questdiff.calibration.finetune import ORDERS  # noqa: E402
 from questdiff.prepare import quant_layers, quant_state  # noqa: E402
 
 
@@ -55,23 +56,31 @@ def main() -> int:
     p.add_argument("--zoo", default="fmnist-ldm-cond")
     p.add_argument("--preset", default="W4A4")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny budget: TLA 5 epochs x batch 8, CMA 1 epoch x batch 16")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration trajectories (default 256; quick 16)")
+    p.add_argument("--recon-iters", type=int, default=None, help="BRECQ iterations per unit (default 500; quick 50)")
+    p.add_argument("--order", default=None, choices=ORDERS, help="TLA/CMA batch order (default: the configs')")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     quick = args.quick
     pipe = qd.zoo.load(args.zoo, device=args.device)
-    calib = qd.collect_calibration(pipe, num_samples=16 if quick else 64, calib_steps=10 if quick else 20, progress=False)
+    calib = qd.collect_calibration(pipe, num_samples=args.calib_samples or (16 if quick else 256),
+                                   calib_steps=10 if quick else 20, progress=False)
     fp_unet = pipelines.denoiser_of(pipe)
-    brecq = BrecqConfig(iters=50 if quick else 2000)
+    brecq = BrecqConfig(iters=args.recon_iters or (50 if quick else 500))
+    order = {"order": args.order} if args.order else {}
+    tla = TLAConfig(epochs=5, batch_size=8, **order) if quick else TLAConfig(**order)
+    cma = CMAConfig(epochs=1, batch_size=16, **order) if quick else CMAConfig(**order)
     base = qd.quantize(copy.deepcopy(fp_unet), args.preset, calib, "qdiffusion", device=args.device, brecq=brecq, progress=False)
     quest = qd.quantize(copy.deepcopy(fp_unet), args.preset, calib, "quest", device=args.device, brecq=brecq,
-                        tla=TLAConfig(epochs=5 if quick else 50, batch_size=8),
-                        cma=CMAConfig(epochs=1 if quick else 5, batch_size=16), progress=False)
+                        tla=tla, cma=cma, progress=False)
     before, after = ranges_per_timestep(base, calib, args.device), ranges_per_timestep(quest, calib, args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"activation_ranges-{args.zoo}-{args.preset}" + ("-quick" if quick else "")
-    (out / f"{stem}.json").write_text(json.dumps({"before": before, "after": after, "quick": quick}, indent=2))
+    settings = {"quick": quick, "brecq": brecq.iters, "tla": [tla.epochs, tla.batch_size, tla.order],
+                "cma": [cma.epochs, cma.batch_size, cma.order], "calib_samples": len(calib) // len(calib.timesteps)}
+    (out / f"{stem}.json").write_text(json.dumps({"before": before, "after": after, "settings": settings}, indent=2))
     ts = list(before)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for label, data, color in (("after BRECQ (Q-Diffusion-style)", before, "tab:red"), ("after QuEST TLA + CMA", after, "tab:blue")):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import questdiff as qd
 from questdiff import pipelines, zoo
 from questdiff.calibration import BrecqConfig, CMAConfig, TLAConfig
+from questdiff.calibration.finetune import ORDERS
 from questdiff.config import preset
 from questdiff.io_utils import atomic_write_text
 from questdiff.loading import load_pipeline
@@ -76,7 +77,7 @@ def _stage_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
         options["brecq"] = BrecqConfig(iters=args.recon_iters)
     for stage, cls, epochs, batch in (("tla", TLAConfig, args.tla_epochs, args.tla_batch),
                                       ("cma", CMAConfig, args.cma_epochs, args.cma_batch)):
-        fields = {k: v for k, v in (("epochs", epochs), ("batch_size", batch)) if v is not None}
+        fields = {k: v for k, v in (("epochs", epochs), ("batch_size", batch), ("order", args.order)) if v is not None}
         if stage in accepted and (fields or args.autocast):
             options[stage] = cls(autocast=args.autocast, **fields)
     return options
@@ -174,7 +175,7 @@ def quantize_variant(fp_unet: torch.nn.Module, calib: qd.CalibrationSet, preset_
             logger.info("%s %s: running the shared stages", preset_name, key)
             qd.quantize(copy.deepcopy(fp_unet), config, calib, "qdiffusion", device=args.device, batch_size=args.batch_size,
                         work_dir=base, seed=args.seed, progress=not args.quiet, **_stage_options(args, "qdiffusion"))
-        target = work / preset_name / key / variant_name
+        target = work / preset_name / key / (variant_name + (f"-{args.order}" if args.order else ""))
         _copy_shared_stages(base, target)
     else:
         target = base if variant.method == "qdiffusion" else work / preset_name / key / variant_name
@@ -257,6 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cma-epochs", type=int, default=None, help="CMA epochs (default 20; quick 1)")
     p.add_argument("--tla-batch", type=int, default=None, help="TLA rows per step (default 2, the code's micro-batch)")
     p.add_argument("--cma-batch", type=int, default=None, help="CMA rows per step (default 4, the code's micro-batch)")
+    p.add_argument("--order", default=None, choices=ORDERS,
+                   help="TLA/CMA batch order (default: the configs' 'shuffled'; 'mixed' batches all timesteps together)")
     p.add_argument("--feature-net", default=None, help="zoo feature network for --model folders (e.g. mnist-features)")
     p.add_argument("--data", default=None, help="dataset folder for the test images (default: questdiff.zoo.data lookup)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print("quest_tables: no zoo model is shipped yet; pass --model PIPELINE_FOLDER (or --zoo NAME)", file=sys.stderr)
         return 2
     settings = {k: getattr(args, k) for k in ("presets", "num_samples", "calib_samples", "calib_steps", "steps",
-                                              "recon_iters", "tla_epochs", "cma_epochs", "tla_batch", "cma_batch", "seed", "device",
+                                              "recon_iters", "tla_epochs", "cma_epochs", "tla_batch", "cma_batch", "order", "seed", "device",
                                               "autocast")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,18 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+@torch.no_grad()
+def weights_digest(model: nn.Module) -> str:
+    """Hash of the base model's parameter values (sum and sum of squares of each; quantizer state excluded): unlike
+    ``fingerprint``, tells apart two trainings of one architecture."""
+    named = [(n, p) for n, p in model.named_parameters() if "_quantizer." not in n]
+    h = hashlib.sha256("|".join(n for n, _ in named).encode())
+    if named:
+        stats = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for _, p in named])
+        h.update(" ".join(f"{v:.9g}" for v in stats.flatten().tolist()).encode())  # rounded: CPU and GPU sums agree
+    return h.hexdigest()[:16]
+
+
 def _act_spec(config: QuantConfig, info: LayerInfo) -> ActivationSpec:
     if config.first_last_act_bits is not None and info.roles & {"first", "last"}:
         return ActivationSpec(

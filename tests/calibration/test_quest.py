@@ -85,6 +85,20 @@ def test_resumed_run_equals_uninterrupted_run_bit_exactly(calib, quest_model, tm
     assert torch.equal(outputs_per_timestep(resumed, calib), outputs_per_timestep(quest_model, calib))
 
 
+def test_resume_refuses_a_work_dir_made_with_other_settings(calib, tmp_path):
+    tla_only = {"brecq": TINY["brecq"], "tla": TINY["tla"]}
+
+    def run(seed=0, **options):
+        return qd.quantize(tiny_unet2d(seed), "W4A4", calib, "quest-tla", progress=False, work_dir=tmp_path, **options)
+
+    run(**tla_only)
+    with pytest.raises(ValueError, match=r"03-tla.*stages\.tla\.epochs: saved 2, now 3"):
+        run(**{**tla_only, "tla": TLAConfig(epochs=3, weight_lr=1e-3)})
+    with pytest.raises(ValueError, match="base_weights"):  # same architecture, other weights
+        run(seed=1, **tla_only)
+    assert all(r.get("resumed") for r in handle(run(**tla_only)).extra["report"])
+
+
 def test_save_load_round_trip_is_bit_exact(calib, quest_model, tmp_path):
     qd.save(quest_model, tmp_path / "q")
     loaded = qd.load(tmp_path / "q", base=tiny_unet2d())

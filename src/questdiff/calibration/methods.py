@@ -2,8 +2,10 @@
 
 A method is a list of ``Stage(name, run)``; ``run(model, calib, ctx)`` fills parameters of a prepared model.
 With a ``work_dir`` every finished stage's state is saved (``work_dir/stages/<nn>-<name>.safetensors``) and a
-restarted run loads it instead of recomputing, so a killed calibration resumes where it stopped. Each stage
-logs its wall time and peak memory. New methods (QuEST) register more stages with ``register_method``.
+restarted run loads it instead of recomputing, so a killed calibration resumes where it stopped. Each saved stage
+carries a signature (base weights, calibration set, quantization config, seed, and the settings of it and every
+stage before it): resuming from a folder made with other settings is refused instead of silently mixing runs. Each
+stage logs its wall time and peak memory. New methods (QuEST) register more stages with ``register_method``.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from torch import nn
 
 from ..checkpoint import load_state, metadata, save_state
 from ..io_utils import atomic_write_text, ensure_writable_dir
-from ..prepare import handle
+from ..prepare import handle, weights_digest
 from .activations import init_activations
 from .data import CalibrationSet
 from .weights import init_weights
@@ -45,6 +47,8 @@ class Stage:
     run: Callable[[nn.Module, CalibrationSet, StageContext], None]
     # called before loading a checkpoint written after this stage (structure changes such as AdaRound)
     rebuild: Callable[[nn.Module], None] | None = None
+    # the JSON-able settings its result depends on beyond the run's (e.g. its resolved config), for resume checks
+    settings: Callable[[nn.Module, StageContext], dict[str, Any]] | None = None
 
 
 _METHODS: dict[str, list[Stage]] = {}
@@ -80,6 +84,37 @@ def _peak_memory(device: torch.device) -> float | None:
     return None
 
 
+def _run_signature(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> dict[str, Any]:
+    h = handle(model)
+    return {"base_weights": weights_digest(model), "calibration": calib.digest(), "quant_config": h.config.to_dict(),
+            "schedule": h.schedule.to_dict(), "seed": ctx.seed}
+
+
+def _differences(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        return [d for k in sorted(set(saved) | set(wanted), key=str)
+                for d in _differences(saved.get(k), wanted.get(k), f"{prefix}{k}.")]
+    if isinstance(saved, list) and isinstance(wanted, list) and len(saved) == len(wanted):
+        return [d for i, (a, b) in enumerate(zip(saved, wanted)) for d in _differences(a, b, f"{prefix}{i}.")]
+    return [] if saved == wanted else [f"{prefix.rstrip('.')}: saved {saved!r}, now {wanted!r}"]
+
+
+def _resumable(path: Path, signature: dict[str, Any]) -> bool:
+    """Whether the finished stage at ``path`` can be loaded; raises if it was made with other settings."""
+    info = path.with_suffix(".json")
+    if not info.is_file():  # killed between the two writes: the stage did not finish
+        logger.warning("stage file %s has no %s beside it: running the stage again", path, info.name)
+        return False
+    saved = json.loads(info.read_text()).get("signature")
+    differences = _differences(saved, json.loads(json.dumps(signature, default=str)))
+    if differences:
+        raise ValueError(
+            f"{path} was made with other settings than this run ({'; '.join(differences[:4])}); use another work "
+            f"directory, or delete {path.parent} to start over"
+        )
+    return True
+
+
 def run_stages(
     model: nn.Module, calib: CalibrationSet, method: str, ctx: StageContext, work_dir: str | Path | None = None
 ) -> None:
@@ -87,9 +122,12 @@ def run_stages(
     h = handle(model)
     h.method = method
     stage_dir = ensure_writable_dir(Path(work_dir) / "stages") if work_dir is not None else None
+    signature: dict[str, Any] = {"run": _run_signature(model, calib, ctx) if stage_dir else {}, "stages": {}}
     for number, stage in enumerate(method_stages(method)):
         path = stage_dir / f"{number:02d}-{stage.name}.safetensors" if stage_dir else None
-        if path is not None and path.is_file():
+        settings = stage.settings(model, ctx) if stage.settings is not None else {}
+        signature["stages"][stage.name] = settings
+        if path is not None and path.is_file() and _resumable(path, signature):
             if stage.rebuild is not None:
                 stage.rebuild(model)
             load_state(model, path)
@@ -109,7 +147,8 @@ def run_stages(
                     f", peak {entry['peak_memory_mib']:.0f} MiB" if entry["peak_memory_mib"] is not None else "")
         if path is not None:
             save_state(model, path)
-            atomic_write_text(path.with_suffix(".json"), json.dumps({**metadata(model), "report": entry}, indent=2))
+            atomic_write_text(path.with_suffix(".json"),
+                              json.dumps({**metadata(model), "report": entry, "signature": signature}, indent=2, default=str))
 
 
 def _weights_stage(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> None:

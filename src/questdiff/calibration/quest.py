@@ -140,9 +140,15 @@ def _rebuild_tla(model: nn.Module) -> None:
         keep_teacher_copies(model, layers_with_roles(model, TIME_EMBEDDING_ROLES))
 
 
-BRECQ = Stage("brecq", _brecq_stage, rebuild_adaround)
-TLA = Stage("tla", _tla_stage, _rebuild_tla)
-CMA = Stage("cma", _cma_stage)
+def _settings_of(stage: str) -> Any:
+    def settings(model: nn.Module, ctx: StageContext) -> dict[str, Any]:
+        return dataclasses.asdict(getattr(resolve_options(ctx.options, handle(model).method), stage))
+    return settings
+
+
+BRECQ = Stage("brecq", _brecq_stage, rebuild_adaround, _settings_of("brecq"))
+TLA = Stage("tla", _tla_stage, _rebuild_tla, _settings_of("tla"))
+CMA = Stage("cma", _cma_stage, settings=_settings_of("cma"))
 
 register_method("qdiffusion", [WEIGHT_INIT, BRECQ, ACT_INIT])
 register_method("quest", [WEIGHT_INIT, BRECQ, ACT_INIT, TLA, CMA])
