@@ -47,6 +47,7 @@ from questdiff.calibration.finetune import Objective, finetune, plan_batches
 from questdiff.calibration.tla import tla_objective
 from questdiff.calibration.weights import init_weights
 from questdiff.config import preset
+from questdiff.io_utils import atomic_write_text
 from questdiff.prepare import prepare
 from questdiff.timestep import TimestepSchedule
 
@@ -149,8 +150,14 @@ def time_steps(model: nn.Module, calib: CalibrationSet, objective: Objective, ba
             "samples_per_second": effective * steps / seconds, "peak_memory_mib": peak}
 
 
-def measure(arch: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Measure one architecture and project the paper's workload to hours."""
+def measure(arch: str, args: argparse.Namespace, on_stage: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
+    """Measure one architecture and project the paper's workload to hours; ``on_stage(report)`` after each stage
+    (so a run cut short keeps what it measured)."""
+
+    def done(name: str) -> None:
+        logger.info("%s %s: %s", arch, name, {k: v for k, v in report["stages"][name].items() if not isinstance(v, dict)})
+        on_stage(report)
+
     build, preset_name = ARCHITECTURES[arch]
     device = torch.device(args.device)
     meter = Meter(device)
@@ -164,6 +171,7 @@ def measure(arch: str, args: argparse.Namespace) -> dict[str, Any]:
                               "device": str(device), "autocast": args.autocast, "measured_rows": len(calib), "stages": {}}
     _, seconds, peak = meter(lambda: init_weights(model))
     report["stages"]["weight_init"] = {"seconds": seconds, "peak_memory_mib": peak, "projected_hours": seconds / 3600}
+    done("weight_init")
 
     brecq = BrecqConfig(iters=args.recon_iters, batch_size=paper.brecq_batch)
     results, seconds, peak = meter(lambda: reconstruct(model, calib, brecq, device=device, batch_size=args.capture_batch,
@@ -177,11 +185,13 @@ def measure(arch: str, args: argparse.Namespace) -> dict[str, Any]:
         "projected_hours": projected / 3600,
         "projection": f"{paper.calib_rows} rows captured + {paper.brecq_iters} iterations x batch {paper.brecq_batch} per unit",
     }
+    done("brecq")
 
     _, seconds, peak = meter(lambda: init_activations(model, calib, device=device, progress=not args.quiet))
     per_row = seconds / len(calib)
     report["stages"]["act_init"] = {"seconds": seconds, "peak_memory_mib": peak,
                                     "projected_hours": per_row * paper.timesteps * paper.act_init_rows_per_t / 3600}
+    done("act_init")
 
     tla = tla_objective(model, TLAConfig())
     family, layers = critical_layers(model, calib, CMAConfig(), device=device)
@@ -199,6 +209,7 @@ def measure(arch: str, args: argparse.Namespace) -> dict[str, Any]:
             "projected_hours_large_batch": passes / big["samples_per_second"] / 3600,
             "projection": f"{steps} steps x batch {batch} ({passes} sample passes)",
         }
+        done(name)
     stages = report["stages"]
     report["projected_total_hours"] = sum(s["projected_hours"] for s in stages.values())
     report["projected_total_hours_large_batch"] = report["projected_total_hours"] - sum(
@@ -219,8 +230,9 @@ def markdown(reports: list[dict[str, Any]]) -> str:
             large = s.get("projected_hours_large_batch", s["projected_hours"])
             lines.append(f"| {r['architecture']} | {r['parameters_m']} | {r['device']} | {name} | {measured:.3g} | "
                          f"{'-' if peak is None else f'{peak:.0f}'} | {s['projected_hours']:.3g} | {large:.3g} |")
-        lines.append(f"| {r['architecture']} | | | **total** | | | {r['projected_total_hours']:.3g} | "
-                     f"{r['projected_total_hours_large_batch']:.3g} |")
+        if "projected_total_hours" in r:  # absent while the architecture is being measured
+            lines.append(f"| {r['architecture']} | | | **total** | | | {r['projected_total_hours']:.3g} | "
+                         f"{r['projected_total_hours_large_batch']:.3g} |")
     lines += ["", "TLA/CMA 'measured s' is seconds per step at the code's batch (2 / 4).", ""]
     return "\n".join(lines)
 
@@ -250,15 +262,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    reports = []
+    out = Path(args.out)
+    stem = "quest_cost-quick" if args.quick else "quest_cost"
+    reports: list[dict[str, Any]] = []
+
+    def write(every: list[dict[str, Any]]) -> None:
+        atomic_write_text(out / f"{stem}.json", json.dumps(every, indent=2))
+        atomic_write_text(out / f"{stem}.md", markdown(every))
+
     for arch in args.arch:
         logger.info("measuring %s", arch)
-        reports.append(measure(arch, args))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "quest_cost-quick" if args.quick else "quest_cost"
-    (out / f"{stem}.json").write_text(json.dumps(reports, indent=2))
-    (out / f"{stem}.md").write_text(markdown(reports))
+        reports.append(measure(arch, args, lambda partial: write(reports + [partial])))
+        write(reports)
     print(markdown(reports))
     return 0
 

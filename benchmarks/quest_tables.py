@@ -12,7 +12,8 @@ and a re-run resumes everything that finished.
     python benchmarks/quest_tables.py --zoo fmnist-ldm --presets W4A8 --methods FP qdiffusion quest
     python benchmarks/quest_tables.py --quick --model /path/to/pipeline_folder       # CPU smoke run
 
-Writes ``quest_tables[-quick].json`` and ``.md`` to ``--out`` (default ``benchmarks/results``).
+Writes ``quest_tables[-quick].json`` and ``.md`` to ``--out`` (default ``benchmarks/results``) and a grid of the first
+samples of every row to ``OUT/grids/<model>-<preset>-<method>.png``.
 """
 from __future__ import annotations
 
@@ -35,12 +36,14 @@ from questdiff import pipelines, zoo
 from questdiff.calibration import BrecqConfig, CMAConfig, TLAConfig
 from questdiff.calibration.finetune import ORDERS
 from questdiff.config import preset
+from questdiff.eval.report import save_grid
 from questdiff.io_utils import atomic_write_text
 from questdiff.loading import load_pipeline
 
 logger = logging.getLogger("quest_tables")
 
 SHARED_STAGES = 3  # weight_init, brecq, act_init: identical for qdiffusion and every quest variant
+GRID_IMAGES = 40  # first samples of every row, same seeds (zoo conditional models: one class per column)
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,9 @@ def run_model(name: str | None, folder: str | None, args: argparse.Namespace,
                 pipelines.set_denoiser(pipe, unet)
                 images = sample(pipe, args.num_samples, args.seed, args, f"{preset_name} {variant_name}")
                 pipelines.set_denoiser(pipe, fp_unet)
-            row = {"model": label, "preset": "FP" if variant.method is None else preset_name, "method": variant_name,
+            row_preset = "FP" if variant.method is None else preset_name
+            save_grid(images[:GRID_IMAGES], Path(args.out) / "grids" / f"{label}-{row_preset}-{variant_name}.png", nrow=10)
+            row = {"model": label, "preset": row_preset, "method": variant_name,
                    "metrics": quality(images, ref, args, variant.method is None), "stages": report,
                    "calibration": losses, "seconds": round(time.perf_counter() - start, 2)}
             logger.info("%s %s %s: %s", label, row["preset"], variant_name, row["metrics"])

@@ -100,3 +100,23 @@ def test_round_half_even_equals_torch_round():
     x = torch.cat([torch.randn(100_000) * 300, torch.arange(-50, 50) + 0.5, edge])
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         assert torch.equal(P.round_half_even(x.to(dtype)), torch.round(x.to(dtype)))
+
+
+@pytest.mark.parametrize("shape,axis", [((1000,), None), ((7, 300), 0), ((4, 5, 6), (0, 1)), ((1,), None)])
+def test_quantile_equals_kthvalue_order_statistic(shape, axis):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for q in (0.0, 0.001, 0.3, 0.5, 0.999, 0.99999, 1.0):
+        got = P._quantile(x, q, axis)
+        rows = x.permute(*P._kept_dims(x, axis), *P._reduce_dims(x, axis)).reshape(got.numel(), -1)
+        k = min(max(round(q * (rows.shape[1] - 1)), 0), rows.shape[1] - 1)
+        assert torch.equal(got.flatten(), rows.kthvalue(k + 1, dim=1).values), q
+
+
+def test_quantile_of_rows_above_the_kernel_limit_is_reduced_in_exact_chunks(monkeypatch):
+    monkeypatch.setattr(P, "TOPK_CHUNK", 64)  # stands in for CUDA's 2**31 - 1 elements per row
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    for q in (0.001, 0.99, 0.9999):
+        k = round(q * 999)
+        assert torch.equal(P._quantile(x, q, None).flatten(), x.kthvalue(k + 1).values.flatten())
+    with pytest.raises(ValueError, match="per channel"):
+        P._quantile(x, 0.5, None)

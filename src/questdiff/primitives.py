@@ -165,16 +165,33 @@ def search_lp_shrink(
     return best_scale, best_zp
 
 
+TOPK_CHUNK = 2**30  # CUDA's top-k and k-th value kernels take at most 2**31 - 1 elements per row
+
+
+def _tail_value(flat: torch.Tensor, m: int, largest: bool) -> torch.Tensor:
+    """The ``m``-th largest (or smallest) value of each row of ``flat`` ``[R, N]`` -> ``[R]``; exact: the top ``m``
+    of every chunk hold the top ``m`` of the row, so rows above the kernel limit are reduced chunk by chunk."""
+    if flat.shape[1] > TOPK_CHUNK and 2 * m > TOPK_CHUNK:
+        raise ValueError(f"the rank-{m} value of {flat.shape[1]} elements per row is beyond the top-k kernels; "
+                         "reduce over fewer elements (per channel) or use a tail percentile")
+    while flat.shape[1] > TOPK_CHUNK:
+        flat = torch.cat([c.topk(min(m, c.shape[1]), dim=1, largest=largest).values
+                          for c in flat.split(TOPK_CHUNK, dim=1)], dim=1)
+    return flat.topk(m, dim=1, largest=largest).values[:, -1]
+
+
 def _quantile(x: torch.Tensor, q: float, axis: Axis) -> torch.Tensor:
-    """Quantile over all elements (``axis=None``) or per ``axis``, keeping dims; exact (sort based) so it also
-    works above ``torch.quantile``'s 16M-element limit."""
+    """Quantile over all elements (``axis=None``) or per ``axis``, keeping dims; exact (order statistics, no
+    interpolation) at any size. Tail quantiles (the clipping percentiles) take a top-k from the nearer end, which
+    the GPU parallelises over one long row, unlike ``kthvalue`` (one thread block per row)."""
     kept = _kept_dims(x, axis)
     shape = [x.shape[d] if d in kept else 1 for d in range(x.ndim)]
-    flat = x.permute(*kept, *_reduce_dims(x, axis)).reshape(math.prod(shape), -1)
+    flat = x.permute(*kept, *_reduce_dims(x, axis)).reshape(math.prod(shape), -1).float()
     n = flat.shape[1]
-    k = min(max(int(round(q * (n - 1))), 0), n - 1)
-    value = flat.float().kthvalue(k + 1, dim=1).values.to(x.dtype)
-    return value.reshape(shape)
+    k = min(max(int(round(q * (n - 1))), 0), n - 1)  # 0-based rank of the quantile in ascending order
+    largest = n - k <= k + 1
+    value = _tail_value(flat, n - k if largest else k + 1, largest)
+    return value.to(x.dtype).reshape(shape)
 
 
 def search_percentile(

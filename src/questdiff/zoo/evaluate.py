@@ -6,18 +6,16 @@ These are the numbers written into each model's ``metrics.json``; the full metri
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
-from PIL import Image
 from torch import nn
 
 from ..eval.accuracy import class_accuracy
 from ..eval.features import FeatureSet, extract_features
 from ..eval.generative import frechet_distance
+from ..eval.report import save_grid
 from .card import write_card, write_json
 from .data import load_split, to_model_range, to_unit_range
 from .loading import load_feature_net_from, load_pipeline
@@ -114,22 +112,6 @@ def feature_net_accuracy(net: nn.Module, dataset: str, data_dir: str | None = No
     images, labels = load_split(dataset, "test", data_dir)
     logits = _features(net, to_unit_range(images), dataset).logits
     return float((logits.argmax(1) == labels).float().mean())
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
-    """Writes images ``[N, 1, H, W]`` in [0, 1] as one grey PNG grid (``nrow`` images per row)."""
-    n, _, h, w = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    grid = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.uint8) * 255
-    pixels = (images[:, 0].float().clamp(0, 1) * 255).round().byte().cpu().numpy()
-    for i, img in enumerate(pixels):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
-    return path
 
 
 def evaluate_folder(
