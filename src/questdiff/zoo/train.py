@@ -44,7 +44,7 @@ DEFAULTS: dict[str, TrainConfig] = {
     VAE_TARGET: TrainConfig(steps=10000, batch_size=512, lr=1e-3, ema_decay=0.999),
     "fmnist-ldm": TrainConfig(steps=30000, batch_size=1024, lr=5e-4, ema_decay=0.999),
     "fmnist-ldm-cond": TrainConfig(steps=30000, batch_size=1024, lr=5e-4, ema_decay=0.999),
-    "mnist-ddpm": TrainConfig(steps=30000, batch_size=256, lr=4e-4, ema_decay=0.999),
+    "mnist-ddpm": TrainConfig(steps=30000, batch_size=1024, lr=4e-4, ema_decay=0.999),
     "fmnist-features": TrainConfig(steps=8000, batch_size=256, lr=2e-3, weight_decay=0.05, ema_decay=None),
     "mnist-features": TrainConfig(steps=4000, batch_size=256, lr=2e-3, weight_decay=0.05, ema_decay=None),
 }
