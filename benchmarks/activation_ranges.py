@@ -27,13 +27,15 @@ import questdiff as qd  # noqa: E402
 from questdiff import pipelines  # noqa: E402
 from questdiff.calibration import BrecqConfig, CMAConfig, TLAConfig  # noqa: E402
 from questdiff.calibration.finetune import ORDERS  # noqa: E402
+from questdiff.calibration.methods import share_stages  # noqa: E402
 from questdiff.prepare import quant_layers, quant_state  # noqa: E402
 
 
 @torch.no_grad()
-def ranges_per_timestep(unet: torch.nn.Module, calib: qd.CalibrationSet, device: str) -> dict[float, tuple[float, float, float]]:
-    """(min, max, std) over the inputs of every quantized layer, per calibrated timestep; quantization off so the
-    numbers show the real-valued distributions the quantizers must cover."""
+def ranges_per_timestep(unet: torch.nn.Module, calib: qd.CalibrationSet, device: str,
+                        rows_per_t: int = 64) -> dict[float, tuple[float, float, float]]:
+    """(min, max, std) over the inputs of every quantized layer, per calibrated timestep (its first ``rows_per_t``
+    calibration rows); quantization off so the numbers show the real-valued distributions the quantizers cover."""
     stats: dict[float, list[torch.Tensor]] = {}
     current: list[torch.Tensor] = []
     hooks = [layer.register_forward_pre_hook(lambda m, a: current.append(a[0].detach().flatten().float().cpu()))
@@ -41,7 +43,7 @@ def ranges_per_timestep(unet: torch.nn.Module, calib: qd.CalibrationSet, device:
     try:
         with quant_state(unet, weight=True, act=False):
             for t in calib.timesteps:
-                rows = torch.nonzero(calib.ts == t).flatten()
+                rows = torch.nonzero(calib.ts == t).flatten()[:rows_per_t]
                 current.clear()
                 unet(**calib.model_kwargs(rows, device))
                 stats[t] = [torch.cat(current)]
@@ -61,6 +63,7 @@ def main() -> int:
     p.add_argument("--recon-iters", type=int, default=None, help="BRECQ iterations per unit (default 500; quick 50)")
     p.add_argument("--order", default=None, choices=ORDERS, help="TLA/CMA batch order (default: the configs')")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--work", default=None, help="stage checkpoints, resumed by a re-run (default: OUT/activation_ranges_work-...)")
     args = p.parse_args()
     quick = args.quick
     pipe = qd.zoo.load(args.zoo, device=args.device)
@@ -71,9 +74,12 @@ def main() -> int:
     order = {"order": args.order} if args.order else {}
     tla = TLAConfig(epochs=5, batch_size=8, **order) if quick else TLAConfig(**order)
     cma = CMAConfig(epochs=1, batch_size=16, **order) if quick else CMAConfig(**order)
-    base = qd.quantize(copy.deepcopy(fp_unet), args.preset, calib, "qdiffusion", device=args.device, brecq=brecq, progress=False)
+    work = Path(args.work or Path(args.out) / f"activation_ranges_work-{args.zoo}-{args.preset}")
+    base = qd.quantize(copy.deepcopy(fp_unet), args.preset, calib, "qdiffusion", device=args.device, brecq=brecq,
+                       work_dir=work / "qdiffusion")
+    share_stages(work / "qdiffusion", work / "quest", "qdiffusion", "act_init")  # QuEST continues from the same BRECQ
     quest = qd.quantize(copy.deepcopy(fp_unet), args.preset, calib, "quest", device=args.device, brecq=brecq,
-                        tla=tla, cma=cma, progress=False)
+                        tla=tla, cma=cma, work_dir=work / "quest")
     before, after = ranges_per_timestep(base, calib, args.device), ranges_per_timestep(quest, calib, args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import logging
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import questdiff as qd
 from questdiff import pipelines, zoo
 from questdiff.calibration import BrecqConfig, CMAConfig, TLAConfig
 from questdiff.calibration.finetune import ORDERS
+from questdiff.calibration.methods import share_stages
 from questdiff.config import preset
 from questdiff.eval.report import save_grid
 from questdiff.io_utils import atomic_write_text
@@ -42,7 +42,7 @@ from questdiff.loading import load_pipeline
 
 logger = logging.getLogger("quest_tables")
 
-SHARED_STAGES = 3  # weight_init, brecq, act_init: identical for qdiffusion and every quest variant
+SHARED_UPTO = "act_init"  # weight_init, brecq, act_init: identical for qdiffusion and every quest variant
 GRID_IMAGES = 40  # first samples of every row, same seeds (zoo conditional models: one class per column)
 
 
@@ -158,14 +158,6 @@ def reference_for(name: str | None, pipe: Any, args: argparse.Namespace) -> Refe
 
 
 # -- quantization ------------------------------------------------------------------------------------------------------
-def _copy_shared_stages(base: Path, target: Path) -> None:
-    stages = target / "stages"
-    stages.mkdir(parents=True, exist_ok=True)
-    for path in sorted((base / "stages").glob("*")):
-        if int(path.name[:2]) < SHARED_STAGES and not (stages / path.name).exists():
-            shutil.copy2(path, stages / path.name)
-
-
 def quantize_variant(fp_unet: torch.nn.Module, calib: qd.CalibrationSet, preset_name: str, variant_name: str,
                      variant: Variant, work: Path, args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict[str, Any]], dict[str, Any]]:
     """Quantize a copy of ``fp_unet``; variants sharing the first stages resume them from the base run."""
@@ -174,12 +166,12 @@ def quantize_variant(fp_unet: torch.nn.Module, calib: qd.CalibrationSet, preset_
     base = work / preset_name / key / "base"
     assert variant.method is not None
     if variant.shares_base and variant.method != "qdiffusion":
-        if not (base / "stages" / f"{SHARED_STAGES - 1:02d}-act_init.safetensors").is_file():
+        target = work / preset_name / key / (variant_name + (f"-{args.order}" if args.order else ""))
+        if not share_stages(base, target, "qdiffusion", SHARED_UPTO):
             logger.info("%s %s: running the shared stages", preset_name, key)
             qd.quantize(copy.deepcopy(fp_unet), config, calib, "qdiffusion", device=args.device, batch_size=args.batch_size,
                         work_dir=base, seed=args.seed, progress=not args.quiet, **_stage_options(args, "qdiffusion"))
-        target = work / preset_name / key / (variant_name + (f"-{args.order}" if args.order else ""))
-        _copy_shared_stages(base, target)
+            share_stages(base, target, "qdiffusion", SHARED_UPTO)
     else:
         target = base if variant.method == "qdiffusion" else work / preset_name / key / variant_name
     options = {**_stage_options(args, variant.method), **variant.options}

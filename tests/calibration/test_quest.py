@@ -12,7 +12,7 @@ from quest_helpers import outputs_per_timestep
 
 import questdiff as qd
 from questdiff.calibration import BrecqConfig, CMAConfig, TLAConfig, quest
-from questdiff.calibration.methods import method_stages
+from questdiff.calibration.methods import method_stages, share_stages
 from questdiff.calibration.quest import resolve_options
 from questdiff.nn.adaround import AdaRoundQuantizer
 from questdiff.prepare import handle, quant_layers, weight_quantizers
@@ -97,6 +97,17 @@ def test_resume_refuses_a_work_dir_made_with_other_settings(calib, tmp_path):
     with pytest.raises(ValueError, match="base_weights"):  # same architecture, other weights
         run(seed=1, **tla_only)
     assert all(r.get("resumed") for r in handle(run(**tla_only)).extra["report"])
+
+
+def test_quest_resumes_the_stages_shared_from_a_qdiffusion_run(calib, quest_model, tmp_path):
+    assert not share_stages(tmp_path / "base", tmp_path / "quest", "qdiffusion", "act_init")  # nothing finished yet
+    qd.quantize(tiny_unet2d(), "W4A4", calib, "qdiffusion", progress=False, work_dir=tmp_path / "base", brecq=TINY["brecq"])
+    assert share_stages(tmp_path / "base", tmp_path / "quest", "qdiffusion", "act_init")
+    shared = _quest(tiny_unet2d(), calib, work_dir=tmp_path / "quest")
+    assert [r.get("resumed", False) for r in handle(shared).extra["report"]] == [True, True, True, False, False]
+    _assert_same(_state(shared), _state(quest_model))
+    with pytest.raises(ValueError, match="no stage 'tla'"):
+        share_stages(tmp_path / "base", tmp_path / "other", "qdiffusion", "tla")
 
 
 def test_save_load_round_trip_is_bit_exact(calib, quest_model, tmp_path):

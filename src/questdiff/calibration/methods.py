@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,25 @@ def run_stages(
             save_state(model, path)
             atomic_write_text(path.with_suffix(".json"),
                               json.dumps({**metadata(model), "report": entry, "signature": signature}, indent=2, default=str))
+
+
+def share_stages(source_dir: str | Path, target_dir: str | Path, method: str, upto: str) -> bool:
+    """Copy the finished stages of ``method`` up to and including ``upto`` from one work dir into another, so a
+    second method with the same first stages (qdiffusion and every quest variant share weight_init, brecq and
+    act_init) resumes them instead of recomputing; their signatures still guard against other settings.
+    Returns False (copying nothing) when ``source_dir`` has not finished ``upto`` yet."""
+    names = [stage.name for stage in method_stages(method)]
+    if upto not in names:
+        raise ValueError(f"method {method!r} has no stage {upto!r}: its stages are {names}")
+    source, target = Path(source_dir) / "stages", ensure_writable_dir(Path(target_dir) / "stages")
+    wanted = [f"{i:02d}-{name}{suffix}" for i, name in enumerate(names[: names.index(upto) + 1])
+              for suffix in (".safetensors", ".json")]
+    if not all((source / name).is_file() for name in wanted):
+        return False
+    for name in wanted:
+        if not (target / name).exists():
+            shutil.copy2(source / name, target / name)
+    return True
 
 
 def _weights_stage(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> None:
