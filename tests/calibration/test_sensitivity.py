@@ -40,3 +40,9 @@ def test_unmodified_model_ranks_differently(unet, calib):
     ranking = layer_sensitivity(unet, calib, bits=4, per_channel=False, samples_per_t=2, progress=False,
                                 others="quantized", timesteps=(900.0,))
     assert ranking[0].name != "conv_out" or ranking[0].mse < 3 * ranking[1].mse
+
+
+def test_layers_kept_wider_than_the_model_bits_are_not_probed(unet, calib):
+    qd.quantize(unet, "W4A4", calib, "rtn", progress=False)  # first/last layers keep 8-bit inputs
+    names = {s.name for s in layer_sensitivity(unet, calib, bits=4, samples_per_t=1, timesteps=(900.0,), progress=False)}
+    assert "conv_out" not in names and "conv_in" not in names and len(names) == 49

@@ -5,7 +5,8 @@ of the batch it sees, per input channel or per tensor), all other activations st
 ``others="quantized"``, use the model's calibrated quantizers) and weights stay FP. The score is the MSE of the
 denoiser output against the FP model over calibration rows of every timestep (one timestep per batch). The
 ranking, highest MSE first, replaces the official code's hard-coded layer lists when
-``CMAConfig(critical="sensitivity")``.
+``CMAConfig(critical="sensitivity")``. Layers the config keeps wider than the model's activation bits (the 8-bit
+first/last layers of W4A4) are not probed: their low-bit fragility is not what the model suffers.
 """
 from __future__ import annotations
 
@@ -78,8 +79,12 @@ def low_bit_inputs(model: nn.Module, names: list[str], bits: int, per_channel: b
 
 
 def _groups(model: nn.Module, group_by: Literal["layer", "role"], exclude_roles: tuple[str, ...]) -> dict[str, list[str]]:
-    infos = handle(model).layers
-    usable = {n: info for n, info in infos.items() if not info.has_role(exclude_roles)}
+    """Layer or role groups to probe: not in ``exclude_roles``, and not kept wider than the model's activation bits
+    by its config (the first/last layers of W4A4 keep 8-bit inputs: their 4-bit fragility is not what it suffers)."""
+    h = handle(model)
+    layers, bits = quant_layers(model), h.config.activation.bits
+    usable = {n: info for n, info in h.layers.items() if not info.has_role(exclude_roles)
+              and all(q.bits <= bits for q in layers[n].act_quantizers())}
     if group_by == "layer":
         return {n: [n] for n in usable}
     if group_by == "role":
