@@ -16,6 +16,7 @@ from torch import nn
 
 from .adapters import LayerInfo, ModelAdapter, get_adapter
 from .config import ActivationSpec, QuantConfig
+from .digest import stats_digest
 from .nn import ActQuantizer, QuantAttnProcessor, QuantLayerMixin, WeightQuantizer, wrap_layer
 from .timestep import TimestepSchedule, TimestepState, install_timestep_hook
 
@@ -65,16 +66,11 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-@torch.no_grad()
 def weights_digest(model: nn.Module) -> str:
     """Hash of the base model's parameter values (sum and sum of squares of each; quantizer state excluded): unlike
     ``fingerprint``, tells apart two trainings of one architecture."""
     named = [(n, p) for n, p in model.named_parameters() if "_quantizer." not in n]
-    h = hashlib.sha256("|".join(n for n, _ in named).encode())
-    if named:
-        stats = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for _, p in named])
-        h.update(" ".join(f"{v:.9g}" for v in stats.flatten().tolist()).encode())  # rounded: CPU and GPU sums agree
-    return h.hexdigest()[:16]
+    return stats_digest("|".join(n for n, _ in named), [p for _, p in named])
 
 
 def _act_spec(config: QuantConfig, info: LayerInfo) -> ActivationSpec:

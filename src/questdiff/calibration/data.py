@@ -9,7 +9,6 @@ safetensors.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..digest import stats_digest
 from ..io_utils import atomic_path
 
 CALIBRATION_VERSION = 1
@@ -100,11 +100,9 @@ class CalibrationSet:
 
     def digest(self) -> str:
         """A short hash of the rows' contents (shapes, sums, sums of squares) and settings, to tell sets apart."""
-        stats = [torch.stack([v.double().sum(), v.double().square().sum()]) for v in (*self.inputs.values(), self.steps)]
         described = {k: list(v.shape) for k, v in self.inputs.items()}
-        h = hashlib.sha256(json.dumps([described, self.sample_key, self.timestep_key, self.timestep_is_int], sort_keys=True).encode())
-        h.update(" ".join(f"{v:.9g}" for v in torch.stack(stats).flatten().tolist()).encode())
-        return h.hexdigest()[:16]
+        header = json.dumps([described, self.sample_key, self.timestep_key, self.timestep_is_int], sort_keys=True)
+        return stats_digest(header, [*self.inputs.values(), self.steps])
 
     def at_timestep(self, t: float) -> "CalibrationSet":
         return self.subset(torch.nonzero(self.ts == t).flatten())
