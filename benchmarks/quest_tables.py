@@ -165,12 +165,15 @@ def quantize_variant(fp_unet: torch.nn.Module, calib: qd.CalibrationSet, preset_
     key = "shared-scales" if variant.config.get("timestep_aware") is False else "per-t"
     base = work / preset_name / key / "base"
     assert variant.method is not None
+    shared_run: dict[str, dict[str, Any]] = {}
     if variant.shares_base and variant.method != "qdiffusion":
         target = work / preset_name / key / (variant_name + (f"-{args.order}" if args.order else ""))
         if not share_stages(base, target, "qdiffusion", SHARED_UPTO):
             logger.info("%s %s: running the shared stages", preset_name, key)
-            qd.quantize(copy.deepcopy(fp_unet), config, calib, "qdiffusion", device=args.device, batch_size=args.batch_size,
-                        work_dir=base, seed=args.seed, progress=not args.quiet, **_stage_options(args, "qdiffusion"))
+            base_unet = qd.quantize(copy.deepcopy(fp_unet), config, calib, "qdiffusion", device=args.device,
+                                    batch_size=args.batch_size, work_dir=base, seed=args.seed, progress=not args.quiet,
+                                    **_stage_options(args, "qdiffusion"))
+            shared_run = {s["stage"]: s for s in qd.handle(base_unet).extra.get("report", []) if not s.get("resumed")}
             share_stages(base, target, "qdiffusion", SHARED_UPTO)
     else:
         target = base if variant.method == "qdiffusion" else work / preset_name / key / variant_name
@@ -178,7 +181,9 @@ def quantize_variant(fp_unet: torch.nn.Module, calib: qd.CalibrationSet, preset_
     unet = qd.quantize(copy.deepcopy(fp_unet), config, calib, variant.method, device=args.device, batch_size=args.batch_size,
                        work_dir=target, seed=args.seed, progress=not args.quiet, **options)
     h = qd.handle(unet)
-    return unet, h.extra.get("report", []), h.extra.get("calibration", {})
+    # shared stages run for this variant's sake count in its cost (the base run measured them), not as "resumed"
+    report = [shared_run.get(s["stage"], s) if s.get("resumed") else s for s in h.extra.get("report", [])]
+    return unet, report, h.extra.get("calibration", {})
 
 
 def run_model(name: str | None, folder: str | None, args: argparse.Namespace,

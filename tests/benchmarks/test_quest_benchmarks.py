@@ -39,5 +39,6 @@ def test_quest_tables_quick(tmp_path):
     assert methods == ["FP", "rtn", "quest", "quest-no-global"]
     quest_row = result["rows"][2]
     assert quest_row["metrics"]["PSNR (dB)"] > 0 and [s["stage"] for s in quest_row["stages"]][-1] == "cma"
+    assert all("seconds" in s for s in quest_row["stages"])  # it ran the shared stages: their cost is its cost
     no_global = result["rows"][3]["stages"]
     assert [s.get("resumed", False) for s in no_global] == [True, True, True, False, False]  # shared stages reused
