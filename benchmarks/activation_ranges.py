@@ -85,7 +85,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"activation_ranges-{args.zoo}-{args.preset}" + ("-quick" if quick else "")
     settings = {"quick": quick, "brecq": brecq.iters, "tla": [tla.epochs, tla.batch_size, tla.order],
-                "cma": [cma.epochs, cma.batch_size, cma.order], "calib_samples": len(calib) // len(calib.timesteps)}
+                "cma": [cma.epochs, cma.batch_size, cma.order], "rows_per_timestep": len(calib) // len(calib.timesteps)}
     (out / f"{stem}.json").write_text(json.dumps({"before": before, "after": after, "settings": settings}, indent=2))
     ts = list(before)
     fig, ax = plt.subplots(figsize=(7, 3.5))

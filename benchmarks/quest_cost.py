@@ -142,10 +142,17 @@ def time_steps(model: nn.Module, calib: CalibrationSet, objective: Objective, ba
                         resample=True, order="shuffled", generator=generator(0, 7))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     kwargs = {"weight_lr": 1e-5, "act_lr": 1e-4, "device": device, "use_autocast": use_autocast, "progress": False}
-    finetune(model, calib, objective, plan[:1], **kwargs)  # warm-up
-    _, seconds, peak = meter(lambda: finetune(model, calib, objective, plan[1 : steps + 1], **kwargs))
-    model.load_state_dict(state)
     effective = min(batch_size, rows)
+    try:
+        finetune(model, calib, objective, plan[:1], **kwargs)  # warm-up
+        _, seconds, peak = meter(lambda: finetune(model, calib, objective, plan[1 : steps + 1], **kwargs))
+    except torch.OutOfMemoryError as err:  # a finding, not a crash: the other stages' numbers stand
+        logger.warning("batch %d does not fit: %s", effective, str(err).split(".")[0])
+        return {"batch": effective, "error": "out of memory"}
+    finally:
+        model.load_state_dict(state)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return {"batch": effective, "steps": steps, "seconds_per_step": seconds / steps,
             "samples_per_second": effective * steps / seconds, "peak_memory_mib": peak}
 
@@ -205,35 +212,51 @@ def measure(arch: str, args: argparse.Namespace, on_stage: Callable[[dict[str, A
         report["stages"][name] = {
             "trained_layers": len(objective.weight_layers), "trained_scales": len(objective.act_quantizers),
             "code_batch": code, "large_batch": big,
-            "projected_hours": steps * code["seconds_per_step"] / 3600,
-            "projected_hours_large_batch": passes / big["samples_per_second"] / 3600,
+            "projected_hours": _hours(steps, code.get("seconds_per_step")),
+            "projected_hours_large_batch": _hours(passes, 1 / big["samples_per_second"] if "error" not in big else None),
             "projection": f"{steps} steps x batch {batch} ({passes} sample passes)",
         }
         done(name)
     stages = report["stages"]
-    report["projected_total_hours"] = sum(s["projected_hours"] for s in stages.values())
-    report["projected_total_hours_large_batch"] = report["projected_total_hours"] - sum(
-        stages[s]["projected_hours"] - stages[s]["projected_hours_large_batch"] for s in ("tla", "cma"))
+    report["projected_total_hours"] = _total(s["projected_hours"] for s in stages.values())
+    report["projected_total_hours_large_batch"] = _total(
+        s.get("projected_hours_large_batch", s["projected_hours"]) for s in stages.values())
     if args.quick:
         report["note"] = "quick mode: tiny architectures on synthetic data; the projection is only a smoke test"
     return report
 
 
+def _hours(count: int, seconds_each: float | None) -> float | None:
+    return None if seconds_each is None else count * seconds_each / 3600
+
+
+def _total(hours: Any) -> float | None:
+    """Sum of stage hours; None when a stage could not be measured (out of memory)."""
+    hours = list(hours)
+    return None if any(h is None for h in hours) else sum(hours)
+
+
+def _fmt(value: float | None) -> str:
+    return "OOM" if value is None else f"{value:.3g}"
+
+
 def markdown(reports: list[dict[str, Any]]) -> str:
     lines = ["# QuEST calibration cost (projected to the paper's iteration counts)", "",
-             "| model | params (M) | device | stage | measured s | peak MiB | projected h | projected h (large batch) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | params (M) | device | stage | measured s | peak MiB | projected h | projected h (large batch) | peak MiB (large batch) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         for name, s in r["stages"].items():
-            measured = s.get("seconds", s.get("code_batch", {}).get("seconds_per_step", float("nan")))
+            measured = s.get("seconds", s.get("code_batch", {}).get("seconds_per_step"))
             peak = s.get("peak_memory_mib") or s.get("code_batch", {}).get("peak_memory_mib")
             large = s.get("projected_hours_large_batch", s["projected_hours"])
-            lines.append(f"| {r['architecture']} | {r['parameters_m']} | {r['device']} | {name} | {measured:.3g} | "
-                         f"{'-' if peak is None else f'{peak:.0f}'} | {s['projected_hours']:.3g} | {large:.3g} |")
+            large_peak = s.get("large_batch", {}).get("peak_memory_mib")
+            lines.append(f"| {r['architecture']} | {r['parameters_m']} | {r['device']} | {name} | {_fmt(measured)} | "
+                         f"{'-' if peak is None else f'{peak:.0f}'} | {_fmt(s['projected_hours'])} | {_fmt(large)} | "
+                         f"{'-' if large_peak is None else f'{large_peak:.0f}'} |")
         if "projected_total_hours" in r:  # absent while the architecture is being measured
-            lines.append(f"| {r['architecture']} | | | **total** | | | {r['projected_total_hours']:.3g} | "
-                         f"{r['projected_total_hours_large_batch']:.3g} |")
-    lines += ["", "TLA/CMA 'measured s' is seconds per step at the code's batch (2 / 4).", ""]
+            lines.append(f"| {r['architecture']} | | | **total** | | | {_fmt(r['projected_total_hours'])} | "
+                         f"{_fmt(r['projected_total_hours_large_batch'])} | |")
+    lines += ["", "TLA/CMA 'measured s' and 'peak MiB' are per step at the code's batch (2 / 4); OOM: did not fit.", ""]
     return "\n".join(lines)
 
 

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from builders import ddim_pipeline
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -27,6 +29,27 @@ def test_quest_cost_quick(tmp_path):
         assert set(report["stages"]) == {"weight_init", "brecq", "act_init", "tla", "cma"}
         assert report["projected_total_hours"] > 0
     assert "**total**" in (tmp_path / "quest_cost-quick.md").read_text()
+
+
+def test_quest_cost_records_a_batch_that_does_not_fit(tmp_path, monkeypatch):
+    script = _script("quest_cost")
+    real = script.finetune
+
+    def finetune(model, calib, objective, plan, **kwargs):
+        if len(plan[0].index) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real(model, calib, objective, plan, **kwargs)
+
+    monkeypatch.setattr(script, "finetune", finetune)
+    argv = ["--quick", "--quiet", "--arch", "ldm4", "--rows-per-t", "4", "--large-batch", "4", "--out", str(tmp_path)]
+    assert script.main(argv) == 0
+    report = json.loads((tmp_path / "quest_cost-quick.json").read_text())[0]
+    tla, cma = report["stages"]["tla"], report["stages"]["cma"]
+    assert tla["large_batch"] == {"batch": 4, "error": "out of memory"} and tla["projected_hours"] > 0  # batch 2 fits
+    assert cma["code_batch"] == {"batch": 4, "error": "out of memory"} and cma["projected_hours"] is None
+    assert report["stages"]["brecq"]["projected_hours"] > 0  # the stages before stand
+    assert report["projected_total_hours"] is None and report["projected_total_hours_large_batch"] is None
+    assert "| OOM |" in (tmp_path / "quest_cost-quick.md").read_text()
 
 
 def test_quest_tables_quick(tmp_path):

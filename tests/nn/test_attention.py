@@ -1,11 +1,13 @@
 import torch
 
 import questdiff as qd
+from questdiff.calibration.weights import init_weights
 from questdiff.nn import QuantAttnProcessor
 from questdiff.prepare import prepare, set_quant_state
 from questdiff.timestep import TimestepSchedule
 
 from builders import tiny_cond_unet
+from questdiff.nn.attention import _attend as _ATTEND
 
 
 def _prepared(preset="W8A8"):
@@ -46,3 +48,40 @@ def test_quantized_attention_matches_fp_math_with_fine_scales():
         h.remove()
     assert len(calls) == len(hooks)  # every operand went through its quantizer once
     assert torch.allclose(out, ref, atol=1e-3)
+
+
+def _grads_after_state_moved_on(unet, monkeypatch, min_elements):
+    """Loss gradients when the quantizers are switched off between forward and backward (as finetuning does)."""
+    from questdiff.nn import attention
+
+    calls = []
+    monkeypatch.setattr(attention, "RECOMPUTE_MIN_ELEMENTS", min_elements)
+    monkeypatch.setattr(attention, "_attend", lambda *a: calls.append(1) or _ATTEND(*a))
+    unet.zero_grad(set_to_none=True)
+    x, c, t = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 32), torch.tensor([900, 100])  # one scale row per sample
+    set_quant_state(unet, True, True)
+    loss = unet(x, t, c).sample.square().mean()
+    set_quant_state(unet, False, False)
+    loss.backward()
+    scales = {n: p.grad.clone() for n, p in unet.named_parameters() if "processor" in n and p.grad is not None}
+    return loss.detach(), scales, len(calls)
+
+
+def test_large_attention_is_recomputed_in_backward_with_the_same_gradients(monkeypatch):
+    unet = _prepared("W4A4")
+    init_weights(unet)
+    with torch.no_grad():  # in-range scales, so the gradients are not all zero
+        for p in unet.attn_processors.values():
+            for q in p.act_quantizers():
+                q.scale.fill_(1 / 255 if q.always_zero else 0.3)
+                q.zero_point.fill_(0 if q.always_zero or q.symmetric else 8)
+    torch.manual_seed(0)
+    stored = _grads_after_state_moved_on(unet, monkeypatch, min_elements=2**40)
+    torch.manual_seed(0)
+    recomputed = _grads_after_state_moved_on(unet, monkeypatch, min_elements=1)
+    layers = len(unet.attn_processors)
+    assert stored[2] == layers and recomputed[2] == 2 * layers  # recompute: once more per layer, in backward
+    assert torch.equal(stored[0], recomputed[0])
+    assert stored[1].keys() == recomputed[1].keys() and any(g.abs().sum() > 0 for g in stored[1].values())
+    for name, grad in stored[1].items():
+        torch.testing.assert_close(recomputed[1][name], grad, rtol=1e-5, atol=1e-8, msg=name)

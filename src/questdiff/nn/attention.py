@@ -8,15 +8,24 @@ tensor: its "channel" would be the key-token axis, whose length depends on the r
 
 The q/k/v/out projections are ordinary ``QuantLinear`` layers wrapped separately. With quantization disabled
 the processor delegates to the processor it replaced, so outputs are bit-identical to the FP model.
+
+The probabilities are materialised (the quantizer needs them), ``[B*heads, q_tokens, k_tokens]``: at SD-1.5's
+4096-token level that is 0.5 GiB per sample in fp32, and autograd would keep several such tensors per layer. When
+gradients are on and the tensor is large, the scores -> softmax -> quantize -> ``P v`` core is recomputed in
+backward instead (activation checkpointing); the result and gradients are the same.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .quantizer import ActQuantizer
+
+# Probability tensors with at least this many elements (64 MiB in fp32) are recomputed in backward, not stored.
+RECOMPUTE_MIN_ELEMENTS = 2**24
 
 
 class QuantAttnProcessor(nn.Module):
@@ -106,8 +115,15 @@ class QuantAttnProcessor(nn.Module):
         if getattr(attn, "norm_k", None) is not None:
             key = attn.norm_k(key)
 
-        probs = attn.get_attention_scores(self.q_quantizer(query), self.k_quantizer(key), attention_mask)
-        hidden_states = torch.bmm(self.probs_quantizer(probs), self.v_quantizer(value))
+        quantizers: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = tuple(self.act_quantizers())
+        elements = query.shape[0] * query.shape[1] * key.shape[1]
+        if torch.is_grad_enabled() and elements >= RECOMPUTE_MIN_ELEMENTS:
+            # the recompute runs after this forward's timestep rows and enabled flags are gone: freeze them now
+            probs_like = query.new_empty(()).expand(query.shape[0], query.shape[1], key.shape[1])
+            quantizers = tuple(q.frozen(x) for q, x in zip(self.act_quantizers(), (query, key, value, probs_like)))
+            hidden_states = checkpoint(_attend, attn, query, key, value, attention_mask, quantizers, use_reentrant=False)
+        else:
+            hidden_states = _attend(attn, query, key, value, attention_mask, quantizers)
         hidden_states = attn.batch_to_head_dim(hidden_states)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -116,3 +132,12 @@ class QuantAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _attend(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+            quantizers: tuple[Callable[[torch.Tensor], torch.Tensor], ...]) -> torch.Tensor:
+    """``quant(softmax(quant(q) quant(k)^T * scale)) quant(v)`` for ``[B*heads, tokens, head_dim]`` operands;
+    ``quantizers`` apply to q, k, v and the probabilities, in that order."""
+    q_quant, k_quant, v_quant, probs_quant = quantizers
+    probs = attn.get_attention_scores(q_quant(query), k_quant(key), attention_mask)
+    return torch.bmm(probs_quant(probs), v_quant(value))

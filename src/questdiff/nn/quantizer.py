@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -165,11 +167,23 @@ class ActQuantizer(nn.Module):
         return self.scale[rows].reshape(shape).to(x.dtype), self.zero_point[rows].reshape(shape).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.frozen(x)(x)
+
+    def frozen(self, like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This quantizer as a pure function for inputs shaped like ``like`` (only its shape and dtype are read), with
+        the enabled flag and the active scale rows resolved now: safe to re-run later, e.g. when activation
+        checkpointing recomputes it in backward after the timestep state and enabled flags have moved on. Gradients
+        still reach ``scale`` through the returned function. Forward hooks of the module do not fire for it."""
         if not self.enabled:
-            return x
-        scale, zero_point = self.row_params(x)
-        return fake_quantize(x, scale, zero_point, self.qmin, self.qmax)
+            return _identity
+        scale, zero_point = self.row_params(like)
+        qmin, qmax = self.qmin, self.qmax
+        return lambda x: fake_quantize(x, scale, zero_point, qmin, qmax)
 
     def extra_repr(self) -> str:
         kind = "channel" if self.per_channel else "tensor"
         return f"bits={self.bits}, symmetric={self.symmetric}, rows={self.num_rows}, per={kind}"
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
