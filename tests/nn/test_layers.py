@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from questdiff.config import ActivationSpec, WeightSpec
-from questdiff.nn import ActQuantizer, QuantConv2d, QuantLinear, WeightQuantizer, wrap_layer
+from questdiff.nn import ActQuantizer, QuantConv2d, WeightQuantizer, wrap_layer
 from questdiff.timestep import TimestepSchedule, TimestepState
 
 STATE = TimestepState(TimestepSchedule((500.0,)))
