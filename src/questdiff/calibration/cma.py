@@ -193,8 +193,9 @@ def run_cma(
     objective = cma_objective(model, layers, family, config)
     plan = plan_batches(model, calib, samples_per_t=config.samples_per_t, epochs=config.epochs, batch_size=config.batch_size,
                         resample=True, order=config.order, generator=generator(seed, 41), timesteps=config.timesteps)
-    rows = (evaluation_batches(model, calib, config.eval_samples_per_t, max(config.batch_size, 8), seed + 43, config.timesteps,
-                               mixed=config.order == "mixed") if config.eval_samples_per_t else [])
+    rows = (evaluation_batches(model, calib, config.eval_samples_per_t, max(config.batch_size, 8),
+                               torch.Generator().manual_seed(seed + 43), config.timesteps, mixed=config.order == "mixed")
+            if config.eval_samples_per_t else [])
     result = FinetuneResult()
     if rows:
         result.loss_before = evaluate(model, calib, objective, rows, device=device, use_autocast=config.autocast)

@@ -152,13 +152,14 @@ def plan_batches(
     return plan
 
 
-def evaluation_batches(model: nn.Module, calib: CalibrationSet, samples_per_t: int, batch_size: int, seed: int,
-                       timesteps: tuple[float, ...] | None = None, mixed: bool = False) -> list[Batch]:
+def evaluation_batches(model: nn.Module, calib: CalibrationSet, samples_per_t: int, batch_size: int,
+                       generator: torch.Generator, timesteps: tuple[float, ...] | None = None,
+                       mixed: bool = False) -> list[Batch]:
     """A fixed set of ``samples_per_t`` rows per timestep (for before/after loss reports); ``mixed`` batches
-    across timesteps (same rows, fewer forwards)."""
-    g = torch.Generator().manual_seed(seed)
+    across timesteps (same rows, fewer forwards). A generator seeded like a training plan's (same ``samples_per_t``,
+    no resampling) gives that plan's first-epoch rows."""
     return plan_batches(model, calib, samples_per_t=samples_per_t, epochs=1, batch_size=batch_size, resample=False,
-                        order="mixed" if mixed else "sequential", generator=g, timesteps=timesteps)
+                        order="mixed" if mixed else "sequential", generator=generator, timesteps=timesteps)
 
 
 # -- teacher bookkeeping ---------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from .finetune import (
     Objective,
     Order,
     evaluate,
+    evaluation_batches,
     finetune,
     plan_batches,
 )
@@ -132,9 +133,8 @@ def run_tla(
     objective = tla_objective(model, config)
     plan = plan_batches(model, calib, samples_per_t=config.samples_per_t, epochs=config.epochs, batch_size=config.batch_size,
                         resample=False, order=config.order, generator=generator(seed, 21), timesteps=config.timesteps)
-    rows = plan_batches(model, calib, samples_per_t=config.samples_per_t, epochs=1, batch_size=config.batch_size,
-                        resample=False, order="mixed" if config.order == "mixed" else "sequential",
-                        generator=generator(seed, 21), timesteps=config.timesteps)
+    rows = evaluation_batches(model, calib, config.samples_per_t, config.batch_size, generator(seed, 21), config.timesteps,
+                              mixed=config.order == "mixed")  # the plan's own rows
     result = FinetuneResult()
     result.loss_before = evaluate(model, calib, objective, rows, device=device, use_autocast=config.autocast)
     result.losses = finetune(model, calib, objective, plan, weight_lr=config.weight_lr, act_lr=config.act_lr, device=device,
