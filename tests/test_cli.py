@@ -49,3 +49,18 @@ def test_bad_arguments_give_one_line_errors(pipeline_folder, tmp_path):
     assert result.returncode == 2 and "not writable" in result.stderr
     result = _run("quantize", "--model", str(pipeline_folder), "--preset", "W1A8", "--steps", "4", "--calib-samples", "2", "--out", str(tmp_path / "o2"), check=False)
     assert result.returncode == 2 and "unsupported" in result.stderr
+
+
+def test_order_flag_reaches_both_finetuning_stages():
+    from questdiff.calibration.quest import resolve_options
+    from questdiff.cli import _method_options, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["quantize", "--method", "quest", "--order", "mixed", "--tla-epochs", "3"])
+    options = _method_options(args)
+    assert options == {"tla": {"epochs": 3, "order": "mixed"}, "cma": {"order": "mixed"}}
+    resolved = resolve_options(options, "quest")
+    assert resolved.tla.order == resolved.cma.order == "mixed" and resolved.tla.epochs == 3
+    assert _method_options(parser.parse_args(["quantize", "--method", "quest-tla", "--order", "mixed"])) == {"tla": {"order": "mixed"}}
+    with pytest.raises(ValueError, match="--order does not apply to method 'rtn'"):
+        _method_options(parser.parse_args(["quantize", "--method", "rtn", "--order", "mixed"]))
