@@ -29,7 +29,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,10 +230,10 @@ def _hours(count: int, seconds_each: float | None) -> float | None:
     return None if seconds_each is None else count * seconds_each / 3600
 
 
-def _total(hours: Any) -> float | None:
+def _total(hours: Iterable[float | None]) -> float | None:
     """Sum of stage hours; None when a stage could not be measured (out of memory)."""
-    hours = list(hours)
-    return None if any(h is None for h in hours) else sum(hours)
+    known = list(hours)
+    return None if None in known else sum(h for h in known if h is not None)
 
 
 def _fmt(value: float | None) -> str:
