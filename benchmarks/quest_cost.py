@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DConditionModel
 from torch import nn
 
+from architectures import build_ldm4, build_sd15  # benchmarks/ is on sys.path when run as a script
 from questdiff.calibration import BrecqConfig, CalibrationSet, CMAConfig, TLAConfig
 from questdiff.calibration.activations import init_activations
 from questdiff.calibration.brecq import reconstruct
@@ -73,28 +74,6 @@ PAPER = {
     "ldm4": PaperScale(5120, 20, 20000, 16, 64, 16000, 2, 6400, 4),
     "sd15": PaperScale(6400, 25, 20000, 4, 64, 3850, 2, 8000, 4),
 }
-
-
-def build_ldm4(tiny: bool = False) -> UNet2DModel:
-    """LDM-4 (LSUN-Bedrooms) UNet approximated with diffusers blocks; ``tiny`` shrinks channels and resolution."""
-    channels = (16, 32, 32, 32) if tiny else (224, 448, 672, 896)
-    return UNet2DModel(
-        sample_size=16 if tiny else 64, in_channels=3, out_channels=3, layers_per_block=1 if tiny else 2,
-        block_out_channels=channels,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8 if tiny else 32, norm_num_groups=8 if tiny else 32,
-    )
-
-
-def build_sd15(tiny: bool = False) -> UNet2DConditionModel:
-    """SD-1.5 UNet (diffusers' default config, 768-dim context); ``tiny`` shrinks it."""
-    if not tiny:
-        return UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-    return UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 32, 64, 64), layers_per_block=1, cross_attention_dim=32,
-        attention_head_dim=8, norm_num_groups=8,
-    )
 
 
 ARCHITECTURES: dict[str, tuple[Callable[[bool], nn.Module], str]] = {"ldm4": (build_ldm4, "W4A8"), "sd15": (build_sd15, "W4A8")}

@@ -14,6 +14,7 @@ from .api import quantize
 from .calibration import CalibrationSet, available_methods, collect_calibration, record_calibration
 from .checkpoint import load, save
 from .config import ActivationSpec, QuantConfig, WeightSpec
+from .deploy import convert, load_deployed, save_deployed
 from .prepare import at_timestep, handle, is_quantized, quant_state, set_quant_state
 from .timestep import TimestepError, TimestepSchedule
 
@@ -30,17 +31,20 @@ __all__ = [
     "at_timestep",
     "available_methods",
     "collect_calibration",
+    "convert",
     "eval",
     "get_adapter",
     "handle",
     "is_quantized",
     "load",
+    "load_deployed",
     "presets",
     "quant_state",
     "quantize",
     "record_calibration",
     "register_adapter",
     "save",
+    "save_deployed",
     "set_quant_state",
     "zoo",
 ]

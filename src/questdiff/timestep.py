@@ -117,8 +117,29 @@ class TimestepState:
 
     def __init__(self, schedule: TimestepSchedule) -> None:
         self.schedule = schedule
+        self._index_tensors: dict[torch.device, torch.Tensor] = {}
         self.index: int | None = None
         self.rows: torch.Tensor | None = None
+
+    @property
+    def index(self) -> int | None:
+        return self._index
+
+    @index.setter
+    def index(self, value: int | None) -> None:
+        self._index = value
+        if value is not None:
+            for tensor in self._index_tensors.values():
+                tensor.fill_(value)
+
+    def index_tensor(self, device: torch.device) -> torch.Tensor:
+        """The active row as a 0-d int64 tensor on ``device``, kept up to date in place by every row change: kernels
+        read it on the device (no host sync per layer, and a captured CUDA graph replays with the current row)."""
+        tensor = self._index_tensors.get(device)
+        if tensor is None:
+            tensor = torch.full((), self.require_index(), dtype=torch.long, device=device)
+            self._index_tensors[device] = tensor
+        return tensor
 
     def set_timestep(self, t: torch.Tensor | float | int) -> int | None:
         """Select the row(s) of timestep argument ``t``; returns the single row, or ``None`` for a mixed batch."""
@@ -190,6 +211,9 @@ def install_timestep_hook(model: nn.Module, state: TimestepState, timestep_argum
     """Register the forward pre-hook that selects the active row from the timestep argument."""
     get = timestep_getter(model.forward, timestep_argument)
 
+    # never traced by torch.compile: the row lookup reads timesteps on the host, and compiled code reads the row
+    # through ``TimestepState.index_tensor`` (one graph for every timestep instead of one per row)
+    @torch.compiler.disable
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         state.set_timestep(get(args, kwargs))
 

@@ -11,6 +11,7 @@ import torch
 from builders import ddim_pipeline
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # the scripts import their shared helpers (architectures.py) as top-level modules
 
 
 def _script(name: str):

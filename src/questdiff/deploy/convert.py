@@ -1,0 +1,192 @@
+"""``convert``: the one way out of fake quantization. Every fake-quant layer becomes a deployed layer holding the
+integer codes of its (finetuned, possibly AdaRound-rounded) quantized weight and its static activation tables;
+every quantized attention processor becomes a ``DeployedAttnProcessor``. The timestep pre-hook and ``TimestepState``
+stay: deployed modules read the active row from the same state.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from ..kernels import ops
+from ..kernels.reference import code_offset, pack_int4
+from ..nn import ActQuantizer, QuantAttnProcessor, QuantConv1d, QuantConv2d, QuantLayerMixin, QuantLinear, WeightQuantizer
+from ..prepare import handle, quant_layers
+from ..timestep import TimestepState
+from .attention import DeployedAttnProcessor
+from .layers import BACKENDS, Backend, DeployedConv, DeployedLayer, DeployedLinear
+from .operand import ActTable, QuantizedOperand
+
+logger = logging.getLogger(__name__)
+
+DEPLOYED_KEY = "deployed"
+
+
+def is_deployed(model: nn.Module) -> bool:
+    """Whether ``model`` went through ``convert`` (or was loaded with ``load_deployed``)."""
+    h = getattr(model, "_questdiff", None)
+    return h is not None and DEPLOYED_KEY in h.extra
+
+
+def _check_backend(model: nn.Module, backend: Backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
+    if backend == "triton":
+        device = next((b.device for b in model.buffers()), torch.device("cpu"))
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else device
+        if not ops.triton_runs_on(device, backend):
+            raise ValueError(f"backend='triton' needs a CUDA device and the triton package (the model is on {device}); "
+                             "move the model to a GPU, or use backend='auto' (Triton on GPU, reference elsewhere)")
+
+
+def _layout(weight: torch.Tensor) -> torch.Tensor:
+    """``[N, C, *kernel]`` or ``[N, K]`` -> ``[N, taps, C]`` (channels last; a linear layer has one tap)."""
+    if weight.ndim == 2:
+        return weight[:, None, :]
+    return weight.flatten(2).permute(0, 2, 1)
+
+
+def _weight_integers(quantizer: WeightQuantizer, weight: torch.Tensor, name: str) -> torch.Tensor:
+    """The fake quantizer's integers of ``weight`` in its scale layout (exactly what it multiplies)."""
+    with torch.no_grad():
+        was = quantizer.enabled
+        quantizer.enabled = True
+        try:
+            fake = quantizer.view(quantizer(weight.float()))
+        finally:
+            quantizer.enabled = was
+        integers = torch.round(fake / quantizer.scale) + quantizer.zero_point
+        back = (integers - quantizer.zero_point) * quantizer.scale
+        if not torch.allclose(back, fake, rtol=1e-5, atol=1e-7 * float(quantizer.scale.abs().max())):
+            raise ValueError(f"layer {name}: its quantized weight is not on its quantizer's integer grid; "
+                             "convert supports quantizers of questdiff.nn (round-to-nearest and AdaRound)")
+        return integers.clamp(quantizer.qmin, quantizer.qmax)
+
+
+def _operand(weight: torch.Tensor, wq: WeightQuantizer, aq: ActQuantizer, state: TimestepState,
+             name: str) -> QuantizedOperand:
+    """Integer form of one input segment: ``weight`` ``[N, C, ...]`` with its weight and activation quantizers."""
+    if wq.bits > 8 or aq.bits > 8:
+        raise ValueError(f"layer {name}: convert supports up to 8-bit weights and activations "
+                         f"(got W{wq.bits}A{aq.bits}); keep such layers in fake quantization")
+    n = weight.shape[0]
+    integers = _weight_integers(wq, weight, name)  # [N, 1|G, ...] view layout
+    groups = integers.shape[1] if wq.spec.granularity == "group" else 1
+    scale = wq.scale.reshape(-1)
+    zero = wq.zero_point.reshape(-1)
+    if scale.numel() == 1:  # per tensor: one scale broadcast to every output channel
+        scale, zero = scale.expand(n), zero.expand(n)
+    scale, zero = scale.reshape(n, groups).float(), zero.reshape(n, groups).float()
+    integers = integers.reshape(weight.shape)
+    # grouped weights keep the flattened input order (their groups run along it); others go channels-last
+    values = integers.reshape(n, 1, -1) if groups > 1 else _layout(integers)
+    taps, channels = values.shape[1], values.shape[2]
+    packed = wq.bits <= 4 and channels % 2 == 0
+    act_o = code_offset(aq.qmin, aq.qmax)
+    operand = QuantizedOperand(
+        rows=aq.num_rows, act_channels=aq.scale.shape[1], act_range=(aq.qmin - act_o, aq.qmax - act_o),
+        out_channels=n, taps=taps, channels=channels, weight_bits=4 if packed else 8, weight_groups=groups,
+        state=state,
+    ).to(weight.device)
+    operand.act.fill(aq.scale.detach(), aq.zero_point, act_o)
+    with torch.no_grad():
+        if packed:
+            operand.weight.copy_(pack_int4((values - wq.qmin).to(torch.int16)))
+            operand.weight_zero.copy_((zero - wq.qmin).to(torch.int16))
+        else:
+            o = code_offset(wq.qmin, wq.qmax)
+            operand.weight.copy_((values - o).to(torch.int8))
+            operand.weight_offset.copy_(o - zero)
+            operand.weight_offset_used = bool(operand.weight_offset.any())
+        operand.weight_scale.copy_(scale)
+        if groups == 1:
+            operand.weight_sum.copy_(operand.integer_weight().flatten(1).sum(dim=1).float())
+    return operand
+
+
+def deploy_layer(layer: QuantLayerMixin, state: TimestepState, backend: Backend, name: str = "") -> DeployedLayer:
+    """The deployed twin of one fake-quant layer (its quantizers must be enabled)."""
+    quantizers = [*layer.weight_quantizers(), *layer.act_quantizers()]
+    if not all(q.enabled for q in quantizers):
+        raise ValueError(f"layer {name} has quantization switched off; switch it on "
+                         "(questdiff.set_quant_state(model, True, True)) before convert")
+    w = layer.weight.detach()
+    if layer.split:
+        assert layer.weight_quantizer_skip is not None and layer.act_quantizer_skip is not None
+        segments = [(w[:, : layer.split], layer.weight_quantizer, layer.act_quantizer),
+                    (w[:, layer.split:], layer.weight_quantizer_skip, layer.act_quantizer_skip)]
+    else:
+        segments = [(w, layer.weight_quantizer, layer.act_quantizer)]
+    operands = [_operand(seg, wq, aq, state, name) for seg, wq, aq in segments]
+    bias = None if layer.bias is None else layer.bias.detach().clone()
+    common = {"operands": operands, "split": layer.split, "bias": bias, "backend": backend}
+    if isinstance(layer, QuantLinear):
+        return DeployedLinear(layer.in_features, layer.out_features, **common)
+    if isinstance(layer, (QuantConv1d, QuantConv2d)):
+        return DeployedConv(2 if isinstance(layer, QuantConv2d) else 1, layer.in_channels, layer.out_channels,
+                            layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups,
+                            layer.padding_mode, **common)
+    raise ValueError(f"layer {name}: convert does not support {type(layer).__name__} yet")
+
+
+def _table(quantizer: ActQuantizer, state: TimestepState) -> ActTable:
+    o = code_offset(quantizer.qmin, quantizer.qmax)
+    table = ActTable(quantizer.num_rows, quantizer.scale.shape[1], (quantizer.qmin - o, quantizer.qmax - o), state)
+    table = table.to(quantizer.scale.device)
+    table.fill(quantizer.scale.detach(), quantizer.zero_point, o)
+    return table
+
+
+def deploy_attention(processor: QuantAttnProcessor, state: TimestepState, backend: Backend) -> DeployedAttnProcessor:
+    """The deployed twin of a fake-quant attention processor."""
+    quantizers = processor.act_quantizers()
+    if not all(q.enabled for q in quantizers) or any(q.bits > 8 for q in quantizers):
+        raise ValueError("attention quantizers must be enabled and at most 8 bits to convert")
+    probs = processor.probs_quantizer
+    if probs.zero_point.any():
+        raise ValueError("the softmax-output quantizer must have a zero point of 0")
+    tables = {name: _table(q, state) for name, q in zip(("q", "k", "v", "probs"), quantizers)}
+    return DeployedAttnProcessor(tables, probs.qmax, backend)
+
+
+def convert(model: nn.Module, backend: Backend = "auto") -> nn.Module:
+    """Turn a fake-quantized denoiser into its deployed form, in place, and return it.
+
+    Weights become int8 codes (packed two per byte at 4 bits) with their scales; activation scales become static
+    per-timestep tables; q/k/v/softmax-output quantization runs in the 8-bit attention kernel. ``backend="auto"``
+    runs the Triton kernels on CUDA and the pure-torch reference elsewhere (CPU), ``"reference"`` always the
+    reference, ``"triton"`` requires a GPU. Layers whose grids no GEMM can apply (per-channel activations, grouped
+    weights, Conv1d, dilated or grouped convs) and attention with masks run *simulated* (dequantized, exact but not
+    faster); convert warns naming them.
+
+    Raises ``ValueError`` if the model is not quantized, already converted, or has quantization switched off.
+    """
+    h = handle(model)
+    if DEPLOYED_KEY in h.extra:
+        raise ValueError("the model is already converted")
+    _check_backend(model, backend)
+    simulated: list[str] = []
+    for name, layer in quant_layers(model).items():
+        deployed = deploy_layer(layer, h.state, backend, name)
+        model.set_submodule(name, deployed)
+        if not deployed.runs_kernels:
+            simulated.append(name)
+    for name, module in model.named_modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, QuantAttnProcessor):
+            deployed_attn = deploy_attention(processor, h.state, backend)
+            module.set_processor(deployed_attn)
+            if not deployed_attn.runs_kernels:
+                simulated.append(f"{name} (attention)")
+    h.extra[DEPLOYED_KEY] = {"backend": backend}
+    if simulated:
+        warnings.warn(f"{len(simulated)} layers have no low-bit kernel for their quantization grids and run "
+                      f"simulated (exact, not faster): {', '.join(simulated[:8])}{' ...' if len(simulated) > 8 else ''}",
+                      stacklevel=2)
+    logger.info("converted %s: %d layers, %d simulated", type(model).__name__, len(quant_layers(model)) or
+                sum(isinstance(m, DeployedLayer) for m in model.modules()), len(simulated))
+    return model

@@ -1,0 +1,183 @@
+"""``QuantizedOperand``: one input-channel segment of a deployed layer, i.e. an activation grid with its per-timestep
+tables and the weight columns it multiplies, stored as integer codes (see ``kernels/reference.py`` for the formats).
+
+A layer has one operand, or two for the split skip convs of UNet up blocks (each half of the concatenated input has
+its own activation and weight quantizers). An operand runs on the kernels when its grids are ones a GEMM can apply
+(per-tensor activations, one weight scale per output channel, at most 8 bits); otherwise it *simulates* (dequantizes
+and runs the float op) and says so: the numbers stay the fake-quant model's, the speed does not improve.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..kernels import ops, reference
+from ..timestep import TimestepState
+
+# buffers that must keep fp32 whatever dtype the model is cast to: they define the integer grids
+FP32_BUFFERS = ("scale", "shift", "offset", "weight_scale", "weight_offset", "weight_sum")
+
+
+class Fp32Tables(nn.Module):
+    """Keeps the ``FP32_BUFFERS`` it owns in fp32 through ``model.to(dtype)`` / ``.half()``; only their device moves."""
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "Fp32Tables":  # type: ignore[override]
+        kept = {name: self._buffers[name] for name in FP32_BUFFERS if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            moved = self._buffers[name]
+            self._buffers[name] = old.to(device=moved.device) if moved is not None else None
+        return self
+
+
+class ActTable(Fp32Tables):
+    """A static activation grid per calibrated timestep: ``scale``, ``shift``, ``offset`` ``[T, Ca]`` fp32 (``Ca`` = 1
+    per tensor, else one per channel). Codes are ``clamp(round(x / scale) + shift, lo, hi)`` (int8) and mean
+    ``scale * (code + offset)``; ``shift = zero_point - o`` and ``offset = -shift`` for the int8 offset ``o``."""
+
+    def __init__(self, rows: int, channels: int, code_range: tuple[int, int], state: TimestepState) -> None:
+        super().__init__()
+        self.lo, self.hi = code_range
+        self.register_buffer("scale", torch.ones(rows, channels))
+        self.register_buffer("shift", torch.zeros(rows, channels))
+        self.register_buffer("offset", torch.zeros(rows, channels))
+        self._state = state
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.scale.shape[1] == 1
+
+    @property
+    def fits_int8(self) -> bool:
+        return self.hi - self.lo <= 255
+
+    def spec(self) -> dict[str, Any]:
+        return {"rows": self.scale.shape[0], "channels": self.scale.shape[1], "code_range": [self.lo, self.hi]}
+
+    @torch.no_grad()
+    def fill(self, scale: torch.Tensor, zero_point: torch.Tensor, o: int) -> None:
+        """Set the tables from a fake quantizer's ``scale`` / ``zero_point`` ``[T, Ca]`` and the int8 offset ``o``."""
+        self.scale.copy_(scale.float())
+        self.shift.copy_(zero_point.float() - o)
+        self.offset.copy_(o - zero_point.float())
+
+    def row(self, device: torch.device) -> torch.Tensor:
+        return self._state.index_tensor(device)
+
+    def at_row(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``table [T, ...]`` at the active row, ``[1, ...]``: a gather on the device (no host sync; traceable)."""
+        return table.index_select(0, self.row(device).reshape(1))
+
+    def codes(self, x: torch.Tensor, use_triton: bool) -> torch.Tensor:
+        """int8 codes of ``x`` at the active row (per-tensor grid), in ``x``'s layout."""
+        if torch.compiler.is_compiling():  # plain ops: Inductor fuses them into the kernel producing x
+            scale, shift = (self.at_row(t, x.device).reshape(()) for t in (self.scale, self.shift))
+            return reference.quantize_codes(x, scale, shift, self.lo, self.hi)
+        return ops.quantize_codes(x, self.scale[:, 0], self.shift[:, 0], self.row(x.device), self.lo, self.hi,
+                                  use_triton)
+
+    def fake_quantize(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """``scale * (codes + offset)`` of ``x``: the fake-quant activation (simulation path)."""
+        shape = [1] * x.ndim
+        shape[channel_dim % x.ndim] = -1
+        scale, shift, offset = (self.at_row(t, x.device).reshape(shape) for t in (self.scale, self.shift, self.offset))
+        codes = reference.quantize_codes(x, scale, shift, self.lo, self.hi)
+        return ((codes.float() + offset) * scale).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        grid = "per tensor" if self.per_tensor else "per channel"
+        return f"codes [{self.lo}, {self.hi}], {grid}, rows={self.scale.shape[0]}"
+
+
+class QuantizedOperand(Fp32Tables):
+    """Activation grid (``act``, an ``ActTable``) and weight codes of one input segment.
+
+    Buffers:
+        weight: int8 codes ``[N, taps, C]`` (8-bit) or packed uint8 nibbles ``[N, taps, C / 2]`` (4-bit).
+        weight_scale: ``[N, G]`` fp32 (``G`` weight groups along the flattened input; 1 = per output channel).
+        weight_offset: ``[N, G]`` fp32, 8-bit weights: real weight ``scale * (code + offset)``.
+        weight_zero: ``[N, G]`` int16, 4-bit weights: real weight ``scale * (nibble - zero)``.
+        weight_sum: ``[N]`` fp32, sum over the input of the integer weights the kernel multiplies.
+    """
+
+    def __init__(self, *, rows: int, act_channels: int, act_range: tuple[int, int], out_channels: int, taps: int,
+                 channels: int, weight_bits: int, weight_groups: int, weight_offset_used: bool = True,
+                 state: TimestepState) -> None:
+        super().__init__()
+        self.act = ActTable(rows, act_channels, act_range, state)
+        self.weight_bits = weight_bits
+        self.taps, self.channels = taps, channels
+        self.weight_offset_used = weight_offset_used  # 8-bit weights with a non-zero offset need the asum term
+        packed = weight_bits <= 4
+        shape = (out_channels, taps, channels // 2 if packed else channels)
+        self.register_buffer("weight", torch.zeros(shape, dtype=torch.uint8 if packed else torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_channels, weight_groups))
+        self.register_buffer("weight_offset", None if packed else torch.zeros(out_channels, weight_groups))
+        self.register_buffer("weight_zero",
+                             torch.zeros(out_channels, weight_groups, dtype=torch.int16) if packed else None)
+        self.register_buffer("weight_sum", torch.zeros(out_channels))
+
+    # -- description -------------------------------------------------------------------------------------------
+    def spec(self) -> dict[str, Any]:
+        """JSON-able shape description (enough to rebuild an empty operand before loading its state)."""
+        act = self.act.spec()
+        return {"rows": act["rows"], "act_channels": act["channels"], "act_range": act["code_range"],
+                "out_channels": self.weight.shape[0], "taps": self.taps, "channels": self.channels,
+                "weight_bits": self.weight_bits, "weight_groups": self.weight_scale.shape[1],
+                "weight_offset_used": self.weight_offset_used}
+
+    @property
+    def runs_kernels(self) -> bool:
+        """Whether a GEMM can apply these grids (else the operand simulates)."""
+        return (self.act.per_tensor and self.act.fits_int8 and self.weight_scale.shape[1] == 1
+                and self.weight_bits <= 8 and not (self.weight_bits <= 4 and self.channels % 2))
+
+    def extra_repr(self) -> str:
+        return f"W{self.weight_bits}, taps={self.taps}, {'kernels' if self.runs_kernels else 'simulated'}"
+
+    # -- values ------------------------------------------------------------------------------------------------
+    def integer_weight(self) -> torch.Tensor:
+        """The integers the kernel multiplies, ``[N, taps, C]`` int8 (per-output-channel grids)."""
+        zero = None if self.weight_zero is None else self.weight_zero[:, 0]
+        return reference.weight_integers(self.weight, zero)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Real weight values ``[N, taps, C]`` fp32 (what the fake-quant layer multiplies)."""
+        n = self.weight.shape[0]
+        if self.weight_zero is not None:
+            values = torch.cat([self.weight & 0xF, self.weight >> 4], dim=-1).float()
+            offset = -self.weight_zero.float()
+        else:
+            values, offset = self.weight.float(), self.weight_offset
+        groups = self.weight_scale.shape[1]
+        grouped = values.reshape(n, groups, -1)
+        return ((grouped + offset[:, :, None]) * self.weight_scale[:, :, None]).reshape(n, self.taps, self.channels)
+
+    # -- kernels -----------------------------------------------------------------------------------------------
+    def _weight_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                    torch.Tensor | None]:
+        offset = self.weight_offset[:, 0] if self.weight_offset is not None and self.weight_offset_used else None
+        zero = None if self.weight_zero is None else self.weight_zero[:, 0]
+        return self.weight, self.weight_scale[:, 0], offset, self.weight_sum, zero
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+               use_triton: bool) -> torch.Tensor:
+        """``x [..., C]`` -> ``[..., N]`` on the GEMM kernel."""
+        codes = self.act.codes(x, use_triton).reshape(-1, x.shape[-1])
+        w, sw, ow, wsum, wz = self._weight_args()
+        res = None if residual is None else residual.reshape(-1, residual.shape[-1])
+        y = ops.gemm(codes, w, self.act.scale[:, 0], self.act.offset[:, 0], self.act.row(x.device), sw, ow, wsum,
+                     wz, bias, res, x.dtype, use_triton)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def conv2d(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+               kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+               use_triton: bool) -> torch.Tensor:
+        """``x [B, C, H, W]`` -> ``[B, N, Ho, Wo]`` (channels-last memory) on the implicit-GEMM kernel."""
+        codes = self.act.codes(x, use_triton)
+        w, sw, ow, wsum, wz = self._weight_args()
+        return ops.conv2d(codes, w, self.act.scale[:, 0], self.act.offset[:, 0], self.act.row(x.device), sw, ow,
+                          wsum, wz, bias, residual, list(kernel_size), list(stride), list(padding), x.dtype,
+                          use_triton)

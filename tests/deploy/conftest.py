@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+import questdiff as qd
+from builders import tiny_cond_unet, tiny_unet2d
+
+TIMESTEPS = (900, 500, 100)
+
+
+def _inputs(unet, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config
+    kwargs = {}
+    if getattr(c, "cross_attention_dim", None):
+        kwargs["encoder_hidden_states"] = torch.randn(batch, 5, c.cross_attention_dim, generator=g)
+    return torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g), kwargs
+
+
+def quantize_tiny(build, preset, method="rtn"):
+    """A tiny diffusers UNet quantized with calibration rows recorded at ``TIMESTEPS``."""
+    unet = build()
+    with qd.record_calibration(unet) as rec:
+        for i, t in enumerate(TIMESTEPS):
+            x, kwargs = _inputs(unet, seed=i)
+            unet(x, torch.tensor(t), **kwargs)
+    return qd.quantize(unet, preset, rec.result(), method=method, progress=False)
+
+
+@pytest.fixture(params=["unet2d", "cond"])
+def arch(request):
+    return {"unet2d": tiny_unet2d, "cond": tiny_cond_unet}[request.param]
+
+
+@pytest.fixture
+def inputs():
+    return _inputs
+
+
+@pytest.fixture
+def make_quantized():
+    return quantize_tiny
+
+
+@pytest.fixture
+def deployed_pair():
+    """``(fake_quant, deployed)`` twins of a tiny model at a preset."""
+
+    def make(build, preset):  # quantization is deterministic: the second model is the first one's twin
+        return quantize_tiny(build, preset), qd.convert(quantize_tiny(build, preset))
+
+    return make

@@ -1,0 +1,109 @@
+"""``convert``: deployed layers compute what the fake-quant layers compute (integer GEMMs exactly, up to fp32
+rounding), and whole deployed models match their fake-quant twins."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import questdiff as qd
+from builders import tiny_unet2d
+from questdiff.deploy import DeployedLayer, is_deployed
+from questdiff.deploy.attention import DeployedAttnProcessor
+from questdiff.deploy.convert import deploy_layer
+from questdiff.prepare import handle, quant_layers
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    peak = b.abs().max()
+    return float(10 * torch.log10(peak**2 / ((a - b) ** 2).mean()))
+
+
+@pytest.mark.parametrize("preset", ["W8A8", "W4A8"])
+def test_every_deployed_layer_equals_its_fake_quant_layer(arch, preset, make_quantized, inputs):
+    model = make_quantized(arch, preset)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
+             for n, m in quant_layers(model).items()]
+    x, kwargs = inputs(model)
+    with torch.no_grad():
+        model(x, torch.tensor(500), **kwargs)
+    for hook in hooks:
+        hook.remove()
+    h = handle(model)
+    splits = 0
+    with torch.no_grad(), h.state.at_timestep(500):
+        for name, layer in quant_layers(model).items():
+            deployed = deploy_layer(layer, h.state, "auto", name)
+            assert deployed.runs_kernels, name
+            splits += bool(deployed.split)
+            inp, out = seen[name]
+            torch.testing.assert_close(deployed(inp), out, rtol=1e-5, atol=1e-5 * float(out.abs().max()), msg=name)
+    assert splits or arch is not tiny_unet2d  # the UNet2D has split skip convs: they were covered
+
+
+@pytest.mark.parametrize("preset", ["W8A8", "W4A8"])
+def test_deployed_model_matches_fake_quant_model(arch, preset, deployed_pair, inputs):
+    fake, deployed = deployed_pair(arch, preset)
+    assert is_deployed(deployed) and not quant_layers(deployed)
+    processors = [m.processor for m in deployed.modules() if hasattr(m, "processor")]
+    assert processors and all(isinstance(p, DeployedAttnProcessor) and p.runs_kernels for p in processors)
+    x, kwargs = inputs(fake)
+    for t in (900, 500, 100):
+        with torch.no_grad():
+            ref = fake(x, torch.tensor(t), **kwargs).sample
+            out = deployed(x, torch.tensor(t), **kwargs).sample
+        # only a softmax probability on a rounding boundary can move (softmax order differs): rare and small
+        assert _psnr(out, ref) > 40, t
+
+
+def test_per_channel_activations_run_simulated_and_exact(make_quantized, inputs):
+    fake = make_quantized(tiny_unet2d, "W4A4")  # 4-bit activations: per input channel, no GEMM can apply them
+    with pytest.warns(UserWarning, match="simulated"):
+        deployed = qd.convert(make_quantized(tiny_unet2d, "W4A4"))
+    layers = [m for m in deployed.modules() if isinstance(m, DeployedLayer)]
+    assert any(not m.runs_kernels for m in layers)
+    x, _ = inputs(fake)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x, torch.tensor(500)).sample, fake(x, torch.tensor(500)).sample,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_scale_tables_stay_fp32_when_the_model_is_cast(deployed_pair):
+    _, deployed = deployed_pair(tiny_unet2d, "W8A8")
+    deployed.to(torch.bfloat16)
+    layer = next(m for m in deployed.modules() if isinstance(m, DeployedLayer))
+    operand = layer.operands[0]
+    assert operand.act.scale.dtype == torch.float32 and operand.weight_scale.dtype == torch.float32
+    assert operand.weight.dtype == torch.int8 and layer.bias.dtype == torch.bfloat16
+
+
+def test_convert_refuses_bad_input(make_quantized, monkeypatch):
+    with pytest.raises(ValueError, match="not quantized"):
+        qd.convert(tiny_unet2d())
+    model = make_quantized(tiny_unet2d, "W8A8")
+    with pytest.raises(ValueError, match="unknown backend"):
+        qd.convert(model, backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        qd.convert(model, backend="triton")
+    qd.convert(model)
+    with pytest.raises(ValueError, match="already converted"):
+        qd.convert(model)
+
+
+def test_triton_backend_through_the_interpreter_matches_reference(deployed_pair, inputs, monkeypatch):
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("covered on the GPU by tests/kernels")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fake, deployed = deployed_pair(tiny_unet2d, "W8A8")
+    x, _ = inputs(fake, batch=1)
+    with torch.no_grad():
+        ref = deployed(x, torch.tensor(500)).sample
+        for m in deployed.modules():
+            if isinstance(m, DeployedLayer):
+                m.backend = "triton"
+            if isinstance(getattr(m, "processor", None), DeployedAttnProcessor):
+                m.processor.backend = "triton"
+        out = deployed(x, torch.tensor(500)).sample
+    assert _psnr(out, ref) > 60
