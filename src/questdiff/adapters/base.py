@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Protocol, runtime_checkable
 
 from torch import nn
 
+from ..nn.attention import QuantAttnProcessor
+
 ROLE_NAMES = (
     "time_embed",
     "time_proj",
@@ -64,10 +66,13 @@ class LayerInfo:
 
 @dataclass
 class AttentionInfo:
-    """One attention module whose matmuls get quantized."""
+    """One attention module whose matmuls get quantized: ``cross`` if it attends to conditioning tokens (cross or
+    joint attention); ``processor``: the quantized processor class for its attention flavour (constructed as
+    ``processor(q_quantizer, k_quantizer, v_quantizer, probs_quantizer, fallback=<current processor>)``)."""
 
     name: str
     cross: bool
+    processor: type[nn.Module] = QuantAttnProcessor
 
 
 @runtime_checkable
