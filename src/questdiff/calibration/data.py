@@ -108,7 +108,9 @@ class CalibrationSet:
         header = json.dumps([described, self.sample_key, self.timestep_key, self.timestep_is_int], sort_keys=True)
         if self.constants:  # (kept out of the header otherwise, so digests of sets without constants are unchanged)
             header += json.dumps({k: list(v.shape) for k, v in self.constants.items()}, sort_keys=True)
-        return stats_digest(header, [*self.inputs.values(), self.steps, *self.constants.values()])
+        # in key order: a set loaded from disk (keys sorted) has the digest of the recorded one
+        tensors = [v for _, v in sorted(self.inputs.items())] + [self.steps] + [v for _, v in sorted(self.constants.items())]
+        return stats_digest(header, tensors)
 
     def at_timestep(self, t: float) -> "CalibrationSet":
         return self.subset(torch.nonzero(self.ts == t).flatten())
