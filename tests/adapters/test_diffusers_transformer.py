@@ -5,7 +5,7 @@ import torch
 from diffusers import Transformer2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
 
-from questdiff.adapters import DiffusersTransformerAdapter, get_adapter, role_matches
+from questdiff.adapters import ROLE_NAMES, DiffusersTransformerAdapter, GenericAdapter, get_adapter, role_matches
 from questdiff.nn import QuantAttnProcessor, QuantFluxAttnProcessor, QuantJointAttnProcessor
 
 from builders_transformers import tiny_dit, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
@@ -88,6 +88,13 @@ def test_flux_roles(models):
     assert roles["single_transformer_blocks.0.attn.to_q"] == {"attn.self.q"}
     assert roles["single_transformer_blocks.0.proj_mlp"] == {"ff"}
     assert roles["single_transformer_blocks.0.proj_out"] == {"ff", "attn.self.out"}  # cat(attention, mlp) -> dim
+
+
+def test_every_role_is_a_known_role(models):
+    """Known roles: sensitivity groups by ``ROLE_NAMES`` and ``GenericAdapter`` accepts them."""
+    used = set().union(*(info.roles for model in models.values() for info in ADAPTER.layers(model).values()))
+    assert used <= set(ROLE_NAMES), used - set(ROLE_NAMES)
+    GenericAdapter("timestep", roles={"attn.joint.context.q": ["*.add_q_proj"]})
 
 
 @pytest.mark.parametrize("name, processors", [
