@@ -11,6 +11,7 @@ and a re-run resumes everything that finished.
     python benchmarks/quest_tables.py --device cuda                                  # every shipped zoo model
     python benchmarks/quest_tables.py --zoo fmnist-ldm --presets W4A8 --methods FP qdiffusion quest
     python benchmarks/quest_tables.py --quick --model /path/to/pipeline_folder       # CPU smoke run
+    python benchmarks/quest_tables.py --zoo fmnist-dit --cma-critical sensitivity    # CMA's layers by sensitivity
 
 Writes ``quest_tables[-quick].json`` and ``.md`` to ``--out`` (default ``benchmarks/results``) and a grid of the first
 samples of every row to ``OUT/grids/<model>-<preset>-<method>.png``.
@@ -71,6 +72,25 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+def _cma_choice(args: argparse.Namespace) -> dict[str, Any]:
+    """CMAConfig fields of ``--cma-critical`` (auto, sensitivity or comma-separated roles) and ``--cma-top-k``."""
+    fields: dict[str, Any] = {}
+    if args.cma_critical is not None:
+        critical = args.cma_critical
+        fields["critical"] = critical if critical in ("auto", "sensitivity") else tuple(r.strip() for r in critical.split(","))
+    if args.cma_top_k is not None:
+        fields["top_k"] = args.cma_top_k
+    return fields
+
+
+def _variant_dir(variant_name: str, args: argparse.Namespace) -> str:
+    """Work folder of a variant: settings that change its stages get their own folder (no resume clash)."""
+    suffix = f"-{args.order}" if args.order else ""
+    if args.cma_critical is not None or args.cma_top_k is not None:
+        suffix += f"-cma-{(args.cma_critical or 'auto').replace(',', '+')}{args.cma_top_k or ''}"
+    return variant_name + suffix
+
+
 def _stage_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     from questdiff.calibration.quest import METHOD_OPTIONS
 
@@ -81,6 +101,8 @@ def _stage_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
     for stage, cls, epochs, batch in (("tla", TLAConfig, args.tla_epochs, args.tla_batch),
                                       ("cma", CMAConfig, args.cma_epochs, args.cma_batch)):
         fields = {k: v for k, v in (("epochs", epochs), ("batch_size", batch), ("order", args.order)) if v is not None}
+        if stage == "cma":
+            fields.update(_cma_choice(args))
         if stage in accepted and (fields or args.autocast):
             options[stage] = cls(autocast=args.autocast, **fields)
     return options
@@ -167,7 +189,7 @@ def quantize_variant(fp_unet: torch.nn.Module, calib: qd.CalibrationSet, preset_
     assert variant.method is not None
     shared_run: dict[str, dict[str, Any]] = {}
     if variant.shares_base and variant.method != "qdiffusion":
-        target = work / preset_name / key / (variant_name + (f"-{args.order}" if args.order else ""))
+        target = work / preset_name / key / _variant_dir(variant_name, args)
         if not share_stages(base, target, "qdiffusion", SHARED_UPTO):
             logger.info("%s %s: running the shared stages", preset_name, key)
             base_unet = qd.quantize(copy.deepcopy(fp_unet), config, calib, "qdiffusion", device=args.device,
@@ -262,6 +284,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cma-batch", type=int, default=None, help="CMA rows per step (default 4, the code's micro-batch)")
     p.add_argument("--order", default=None, choices=ORDERS,
                    help="TLA/CMA batch order (default: the configs' 'shuffled'; 'mixed' batches all timesteps together)")
+    p.add_argument("--cma-critical", default=None,
+                   help="CMA's trained layers: 'auto' (the code's per-family roles), 'sensitivity' (the --cma-top-k "
+                        "layers most sensitive to low-bit inputs) or comma-separated roles, e.g. 'ff,attn.self.q'")
+    p.add_argument("--cma-top-k", type=int, default=None, help="layers CMA trains with --cma-critical sensitivity (default 8)")
     p.add_argument("--feature-net", default=None, help="zoo feature network for --model folders (e.g. mnist-features)")
     p.add_argument("--data", default=None, help="dataset folder for the test images (default: questdiff.zoo.data lookup)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -290,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = {k: getattr(args, k) for k in ("presets", "num_samples", "calib_samples", "calib_steps", "steps",
                                               "recon_iters", "tla_epochs", "cma_epochs", "tla_batch", "cma_batch", "order", "seed", "device",
-                                              "autocast")}
+                                              "autocast", "cma_critical", "cma_top_k")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "quest_tables-quick" if args.quick else "quest_tables"

@@ -40,6 +40,31 @@ def test_quantize_then_sample(pipeline_folder, tmp_path):
     assert (samples / "grid.png").is_file() and len(list((samples / "images").glob("*.png"))) == 3
 
 
+def test_quantize_a_dit_pipeline_folder(tmp_path, capsys):
+    """A diffusers DiTPipeline folder through the CLI (in process, for speed): QuEST with tiny stage settings,
+    resume, then sampling with DPM++."""
+    from builders_transformers import tiny_dit_pipeline
+    from questdiff.cli import main
+
+    folder = tmp_path / "dit"
+    tiny_dit_pipeline().save_pretrained(folder)
+    out = tmp_path / "q"
+    args = ["quantize", "--model", str(folder), "--preset", "W4A8", "--method", "quest", "--calib-samples", "2",
+            "--calib-steps", "2", "--steps", "4", "--recon-iters", "2", "--tla-epochs", "1", "--cma-epochs", "1",
+            "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["calibrated timesteps"] == 2 and summary["method"] == "quest"
+    meta = json.loads((out / "questdiff.json").read_text())
+    assert meta["base_class"] == "DiTTransformer2DModel" and meta["adapter"]["name"] == "diffusers-transformer"
+    capsys.readouterr()
+    assert main(args) == 0  # the reloaded calibration set (class-conditional inputs) resumes every stage
+    assert capsys.readouterr().out.count("resumed") == 5
+    assert main(["sample", "--model", str(folder), "--quantized", str(out), "--num-images", "2", "--steps", "3",
+                 "--scheduler", "dpm++", "--device", "cpu", "--out", str(tmp_path / "s")]) == 0
+    assert "questdiff sample: done" in capsys.readouterr().out and (tmp_path / "s" / "grid.png").is_file()
+
+
 def test_bad_arguments_give_one_line_errors(pipeline_folder, tmp_path):
     result = _run("quantize", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), check=False)
     assert result.returncode == 2 and "neither a pipeline folder nor a zoo model" in result.stderr

@@ -9,7 +9,7 @@
 __version__ = "0.1.0"
 
 from . import eval, presets, zoo  # noqa: A004 - questdiff.eval is the evaluation subpackage
-from .adapters import DiffusersUNetAdapter, GenericAdapter, ModelAdapter, get_adapter, register_adapter
+from .adapters import DiffusersTransformerAdapter, DiffusersUNetAdapter, GenericAdapter, ModelAdapter, get_adapter, register_adapter
 from .api import quantize
 from .calibration import CalibrationSet, available_methods, collect_calibration, record_calibration
 from .checkpoint import load, save
@@ -21,6 +21,7 @@ from .timestep import TimestepError, TimestepSchedule
 __all__ = [
     "ActivationSpec",
     "CalibrationSet",
+    "DiffusersTransformerAdapter",
     "DiffusersUNetAdapter",
     "GenericAdapter",
     "ModelAdapter",

@@ -23,9 +23,9 @@ def load_pipeline(model: str | None, device: str | torch.device | None = None) -
         if not index.is_file():
             raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json); pass a folder written by save_pretrained")
         class_name = json.loads(index.read_text()).get("_class_name")
-        zoo_classes = {cls.__name__: cls for cls in zoo.PIPELINE_CLASSES.values()}
-        if class_name in zoo_classes:
-            pipe = zoo_classes[class_name].from_pretrained(path, low_cpu_mem_usage=False)
+        zoo_kinds = {cls.__name__: kind for kind, cls in zoo.PIPELINE_CLASSES.items()}
+        if class_name in zoo_kinds:  # (zoo folders may name shared components instead of holding them)
+            pipe = zoo.load_pipeline(path, zoo_kinds[class_name])
         else:
             pipe = DiffusionPipeline.from_pretrained(path, low_cpu_mem_usage=False)
         name = path.name

@@ -17,7 +17,7 @@ from torch import nn
 from .adapters import LayerInfo, ModelAdapter, get_adapter
 from .config import ActivationSpec, QuantConfig
 from .digest import stats_digest
-from .nn import ActQuantizer, QuantAttnProcessor, QuantLayerMixin, WeightQuantizer, wrap_layer
+from .nn import ActQuantizer, QuantLayerMixin, WeightQuantizer, wrap_layer
 from .timestep import TimestepSchedule, TimestepState, install_timestep_hook
 
 HANDLE_ATTR = "_questdiff"
@@ -107,12 +107,15 @@ def _wrap(module: nn.Module, info: LayerInfo, config: QuantConfig, rows: int, st
     )
 
 
-def _attention_processor(attn: nn.Module, config: QuantConfig, rows: int, state: TimestepState) -> QuantAttnProcessor:
+def _attention_processor(attn: nn.Module, processor: type[nn.Module], config: QuantConfig, rows: int,
+                         state: TimestepState) -> nn.Module:
+    """The adapter's quantized ``processor`` class for ``attn``: q/k/v quantizers per head_dim channel, a per-tensor
+    zero-point-0 quantizer for the softmax output."""
     heads = attn.heads
     q_dim = attn.to_q.out_features // heads
     kv_dim = attn.to_k.out_features // heads
     probs = ActivationSpec(bits=config.softmax_bits, symmetric=False, channelwise=False)
-    return QuantAttnProcessor(
+    return processor(
         ActQuantizer(rows, config.activation, state, q_dim, -1),
         ActQuantizer(rows, config.activation, state, kv_dim, -1),
         ActQuantizer(rows, config.activation, state, kv_dim, -1),
@@ -151,9 +154,9 @@ def prepare(
         # new quantizer parameters follow the layer's device and dtype
         model.set_submodule(name, _wrap(layer, info, config, rows, state).to(layer.weight.device))
     if config.quantize_attention:
-        for name in adapter.attentions(model):
+        for name, info in adapter.attentions(model).items():
             attn = model.get_submodule(name)
-            attn.set_processor(_attention_processor(attn, config, rows, state).to(attn.to_q.weight.device))
+            attn.set_processor(_attention_processor(attn, info.processor, config, rows, state).to(attn.to_q.weight.device))
     setattr(model, HANDLE_ATTR, QuantHandle(config, schedule, state, adapter, layers, base_fingerprint, hook))
     return model
 

@@ -66,3 +66,21 @@ def test_quest_tables_quick(tmp_path):
     assert all("seconds" in s for s in quest_row["stages"])  # it ran the shared stages: their cost is its cost
     no_global = result["rows"][3]["stages"]
     assert [s.get("resumed", False) for s in no_global] == [True, True, True, False, False]  # shared stages reused
+
+
+def test_quest_tables_quick_on_a_dit_with_cma_layers_by_sensitivity(tmp_path):
+    from builders_transformers import tiny_dit_pipeline
+
+    tiny_dit_pipeline().save_pretrained(tmp_path / "dit")
+    argv = ["--quick", "--quiet", "--model", str(tmp_path / "dit"), "--presets", "W4A8", "--methods", "FP", "quest",
+            "--cma-critical", "sensitivity", "--cma-top-k", "3", "--num-samples", "2", "--out", str(tmp_path / "out")]
+    assert _script("quest_tables").main(argv) == 0
+    result = json.loads((tmp_path / "out" / "quest_tables-quick.json").read_text())
+    assert [row["method"] for row in result["rows"]] == ["FP", "quest"] and result["settings"]["cma_critical"] == "sensitivity"
+    quest = result["rows"][1]
+    assert [s["stage"] for s in quest["stages"]] == ["weight_init", "brecq", "act_init", "tla", "cma"]
+    assert quest["metrics"]["PSNR (dB)"] > 0
+    stage = next((tmp_path / "out" / "quest_tables_work-quick" / "dit" / "W4A8" / "per-t" / "quest-cma-sensitivity3" /
+                  "stages").glob("*-cma.json"))
+    cma = json.loads(stage.read_text())["signature"]["stages"]["cma"]
+    assert cma["critical"] == "sensitivity" and cma["top_k"] == 3

@@ -1,19 +1,22 @@
 """BRECQ: units in forward order, every weight hard-rounded afterwards, loss below round-to-nearest, data orders."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import questdiff as qd
 from questdiff.calibration.brecq import (
     BrecqConfig,
     _batch_index,
+    capture,
     reconstruct,
     reconstruction_units,
+    unit_loss,
 )
 from questdiff.calibration.weights import init_weights
 from questdiff.config import preset
 from questdiff.nn.adaround import AdaRoundQuantizer
-from questdiff.prepare import handle, prepare, weight_quantizers
+from questdiff.prepare import handle, prepare, quant_state, weight_quantizers
 from questdiff.timestep import TimestepSchedule
 
 
@@ -71,3 +74,25 @@ def test_qdiffusion_method_runs_its_stages(unet, calib):
     assert h.stages == ["weight_init", "brecq", "act_init"]
     assert h.extra["calibration"]["brecq"]["units"] == 18
     assert [r["stage"] for r in h.extra["report"]] == h.stages
+
+
+@pytest.mark.parametrize("name, block", [("flux", "transformer_blocks.0"), ("sd3", "transformer_blocks.1")])
+def test_units_with_two_streams_reconstruct_the_image_stream(tmp_path, name, block):
+    """FLUX / SD3 blocks return ``(context, image)``; SD3's last block ``(None, image)``: the image stream counts."""
+    from builders_transformers import PROMPTS, tiny_flux_pipeline, tiny_sd3_pipeline
+
+    pipe, size = (tiny_flux_pipeline(tmp_path), 16) if name == "flux" else (tiny_sd3_pipeline(tmp_path), 8)
+    calib = qd.collect_calibration(pipe, num_samples=2, calib_steps=2, num_inference_steps=4, progress=False,
+                                   prompts=PROMPTS, height=size, width=size, max_sequence_length=8)
+    model = _prepared(pipe.transformer, calib, "W8A8")
+    unit = model.get_submodule(block)
+    parts = [torch.arange(len(calib))]
+    device = torch.device("cpu")
+    kwargs = {"device": device, "batch_size": 4, "storage": device}
+    with quant_state(model, weight=False, act=False):
+        inputs = capture(model, unit, calib, parts, what="input", **kwargs)
+        targets = capture(model, unit, calib, parts, what="output", **kwargs)
+        assert unit_loss(unit, inputs, targets, device) == 0
+        with torch.no_grad():
+            unit.ff.net[2].bias.add_(0.1)  # the image stream's feed-forward only
+        assert unit_loss(unit, inputs, targets, device) > 1e-3

@@ -96,3 +96,64 @@ def test_unknown_method_and_missing_calibration(calib):
         qd.quantize(tiny_unet2d(), "W8A8", calib, method="magic", progress=False)
     with pytest.raises(ValueError, match="collect_calibration"):
         qd.quantize(tiny_unet2d(), "W8A8", None)
+
+
+class _TokenModel(nn.Module):
+    """FLUX-like call signature: token inputs ``[B, S, C]`` plus batch-less position ids ``[S, 2]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, hidden_states, timestep, ids, context=None):
+        return self.proj(hidden_states + ids.float().sum(-1, keepdim=True) + timestep[:, None, None])
+
+
+def _token_calls(model, ids, batches=(3, 3, 2)):
+    with qd.record_calibration(model, timestep_argument="timestep") as rec:
+        for batch in batches:
+            for t in (1.0, 0.5):
+                model(torch.randn(batch, 5, 4), torch.full((batch,), t), ids, context=torch.randn(batch, 2, 4))
+    return rec
+
+
+def test_batchless_tensor_arguments_are_recorded_once_as_constants(tmp_path):
+    model, ids = _TokenModel(), torch.arange(10).reshape(5, 2)
+    calib = _token_calls(model, ids).result()
+    assert set(calib.inputs) == {"hidden_states", "timestep", "context"} and len(calib) == 16
+    assert torch.equal(calib.constants["ids"], ids) and not calib.timestep_is_int
+    kwargs = calib.model_kwargs(torch.tensor([0, 7]))
+    assert torch.equal(kwargs["ids"], ids) and kwargs["hidden_states"].shape == (2, 5, 4)
+    sub = calib.subset(torch.arange(4))
+    loaded = CalibrationSet.load(sub.save(tmp_path / "c.safetensors"))
+    assert torch.equal(loaded.constants["ids"], ids) and loaded.digest() == sub.digest()
+    qd.quantize(model, "W8A8", calib, adapter=qd.GenericAdapter("timestep"), progress=False)  # token channels = 4
+    other = _TokenModel()
+    with pytest.raises(ValueError, match="'ids' has no batch dimension .* changed between calls"):
+        with qd.record_calibration(other, timestep_argument="timestep"):
+            other(torch.randn(3, 5, 4), torch.ones(3), ids)
+            other(torch.randn(3, 5, 4), torch.ones(3), ids + 1)
+
+
+def test_digest_does_not_depend_on_argument_order(tmp_path):
+    rows = {"sample": torch.randn(2, 4), "timestep": torch.tensor([3.0, 3.0]), "encoder_hidden_states": torch.randn(2, 3)}
+    calib = CalibrationSet(rows, torch.zeros(2, dtype=torch.long), "sample", "timestep")
+    loaded = CalibrationSet.load(calib.save(tmp_path / "c.safetensors"))  # keys come back sorted
+    assert list(loaded.inputs) != list(calib.inputs) and loaded.digest() == calib.digest()
+
+
+def test_caption_width_of_models_that_project_captions():
+    """PixArt takes T5 captions of width ``caption_channels`` and projects them to ``cross_attention_dim``."""
+
+    class Config(dict):
+        __getattr__ = dict.get
+
+    model = nn.Linear(1, 1)
+    model.config = Config(in_channels=4, cross_attention_dim=16, caption_channels=12)
+    model.forward = lambda hidden_states, timestep, encoder_hidden_states: None
+    rows = {"hidden_states": torch.randn(2, 4, 4, 4), "timestep": torch.tensor([3.0, 3.0]),
+            "encoder_hidden_states": torch.randn(2, 3, 12)}
+    CalibrationSet(rows, torch.zeros(2, dtype=torch.long), "hidden_states", "timestep").validate(model)
+    rows["encoder_hidden_states"] = torch.randn(2, 3, 16)
+    with pytest.raises(ValueError, match="cross-attends to width 12"):
+        CalibrationSet(rows, torch.zeros(2, dtype=torch.long), "hidden_states", "timestep").validate(model)

@@ -6,7 +6,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from questdiff import zoo
-from questdiff.zoo.registry import DIFFUSION_KINDS, SPECS, is_shipped
+from questdiff.zoo.registry import DIFFUSION_KINDS, SPECS, WEIGHTS_ROOT, is_shipped, shared_components
 
 PIPELINES = [n for n, s in SPECS.items() if s.kind in DIFFUSION_KINDS]
 FEATURE_NETS = [n for n, s in SPECS.items() if s.kind not in DIFFUSION_KINDS]
@@ -93,10 +93,22 @@ def test_list_models_and_default():
     assert zoo.has_default() == is_shipped(zoo.DEFAULT_MODEL)
     shipped = [e for e in entries.values() if e.shipped]
     assert all(e.size_bytes <= 10_000_000 and e.params > 0 for e in shipped)
-    assert sum(e.size_bytes for e in shipped) <= 30_000_000
+    disk = sum(p.stat().st_size for p in WEIGHTS_ROOT.rglob("*") if p.is_file())  # shared components once
+    assert disk <= 30_000_000
     for e in shipped:
         if e.kind in DIFFUSION_KINDS:
             assert e.fid is not None and e.fid_label.startswith("FID (")
+
+
+def test_latent_models_share_one_autoencoder():
+    shipped = [n for n in ("fmnist-ldm", "fmnist-ldm-cond", "fmnist-dit") if is_shipped(n)]
+    if len(shipped) < 2:
+        pytest.skip("fewer than two latent models are shipped")
+    folders = {shared_components(zoo.weights_dir(n)).get("vae") for n in shipped}
+    assert len(folders) == 1 and None not in folders  # one stored copy, referenced by every latent model
+    assert not any((zoo.weights_dir(n) / "vae").exists() for n in shipped)
+    vaes = [zoo.load(n).vae for n in shipped]
+    assert all(torch.equal(a, b) for v in vaes[1:] for a, b in zip(vaes[0].state_dict().values(), v.state_dict().values()))
 
 
 def test_unknown_name_lists_valid_names():

@@ -6,13 +6,14 @@ Roles are dotted strings; a selector matches a role and everything below it (``"
 
 =====================  ==============================================================================
 ``time_embed``         the time-embedding MLP (sinusoid -> embedding)
-``time_proj``          per-resnet projections of the time embedding (diffusers ``time_emb_proj``)
+``time_proj``          per-block projections of the time embedding (UNet ``time_emb_proj``, DiT adaLN modulation)
 ``attn.self.{q,k,v,out}`` / ``attn.cross.{q,k,v,out}``   attention projections, self vs cross
+``attn.joint.{q,k,v,out}`` / ``attn.joint.context.{q,k,v,out}``   joint attention (SD3, FLUX): image / context stream
 ``ff``                 transformer feed-forward layers
 ``proj``               transformer ``proj_in`` / ``proj_out``
 ``skip``               up-block skip (shortcut) convs fed by a concatenation; ``split`` gives the split point
 ``first`` / ``last``   the denoiser's first and last layer
-``cond``               class / added conditioning embeddings (SD, SDXL) - quantized, but never trained by TLA
+``cond``               class / added / caption conditioning embeddings - quantized, but never trained by TLA
 ``other``              everything else (resnet convs, down/up-sampling convs)
 =====================  ==============================================================================
 """
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, runtime_checkable
 
 from torch import nn
+
+from ..nn.attention import QuantAttnProcessor
 
 ROLE_NAMES = (
     "time_embed",
@@ -34,6 +37,14 @@ ROLE_NAMES = (
     "attn.cross.k",
     "attn.cross.v",
     "attn.cross.out",
+    "attn.joint.q",
+    "attn.joint.k",
+    "attn.joint.v",
+    "attn.joint.out",
+    "attn.joint.context.q",
+    "attn.joint.context.k",
+    "attn.joint.context.v",
+    "attn.joint.context.out",
     "ff",
     "proj",
     "skip",
@@ -64,10 +75,13 @@ class LayerInfo:
 
 @dataclass
 class AttentionInfo:
-    """One attention module whose matmuls get quantized."""
+    """One attention module whose matmuls get quantized: ``cross`` if it attends to conditioning tokens (cross or
+    joint attention); ``processor``: the quantized processor class for its attention flavour (constructed as
+    ``processor(q_quantizer, k_quantizer, v_quantizer, probs_quantizer, fallback=<current processor>)``)."""
 
     name: str
     cross: bool
+    processor: type[nn.Module] = QuantAttnProcessor
 
 
 @runtime_checkable

@@ -200,7 +200,7 @@ def capture(
         raise _Stop
 
     def post_hook(_m: nn.Module, _a: Any, out: Any) -> None:
-        calls.append((output_tensor(out), size[0]))
+        calls.append((unit_outputs(out), size[0]))
         raise _Stop
 
     hook = module.register_forward_pre_hook(pre_hook, with_kwargs=True) if what == "input" else module.register_forward_hook(post_hook)
@@ -219,6 +219,22 @@ def capture(
     return _collect(calls, storage, dtype)
 
 
+def unit_outputs(out: Any) -> tuple[torch.Tensor, ...]:
+    """Every tensor a unit returns: the main output tensor, or each tensor of a tuple (MMDiT / FLUX blocks return
+    the context and the image stream; SD3's last block returns ``None`` for the context, which is skipped)."""
+    if isinstance(out, (tuple, list)):
+        tensors = tuple(o for o in out if isinstance(o, torch.Tensor))
+        if tensors:
+            return tensors
+    return (output_tensor(out),)
+
+
+def reconstruction_loss(pred: tuple[torch.Tensor, ...], target: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``channel_sum_mse`` summed over the unit's outputs."""
+    losses = [channel_sum_mse(p, t) for p, t in zip(pred, target, strict=True)]
+    return sum(losses[1:], losses[0])
+
+
 def channel_sum_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BRECQ's rec loss: squared error summed over channels, averaged over batch and positions.
 
@@ -228,9 +244,9 @@ def channel_sum_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).sum(dim).mean()
 
 
-def _unit_forward(unit: nn.Module, inputs: Captured, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _unit_forward(unit: nn.Module, inputs: Captured, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
     args, kwargs = inputs.take(index, device)
-    return output_tensor(unit(*args, **kwargs))
+    return unit_outputs(unit(*args, **kwargs))
 
 
 @torch.no_grad()
@@ -238,7 +254,7 @@ def unit_loss(unit: nn.Module, inputs: Captured, targets: Captured, device: torc
     """Channel-sum MSE of ``unit`` on all captured rows."""
     total = 0.0
     for index in torch.arange(inputs.count).split(batch_size):
-        total += float(channel_sum_mse(_unit_forward(unit, inputs, index, device), targets.take(index, device))) * len(index)
+        total += float(reconstruction_loss(_unit_forward(unit, inputs, index, device), targets.take(index, device))) * len(index)
     return total / max(inputs.count, 1)
 
 
@@ -276,7 +292,7 @@ def reconstruct_unit(
         with trainable_only(unit, alphas), torch.enable_grad():
             for step in range(config.iters):
                 index = _batch_index(step, config, inputs.count, g)
-                rec = channel_sum_mse(_unit_forward(unit, inputs, index, device), targets.take(index, device))
+                rec = reconstruction_loss(_unit_forward(unit, inputs, index, device), targets.take(index, device))
                 loss = rec
                 if step >= warm and config.adaround.reg_weight > 0:
                     beta = beta_at(step, config.iters, config.adaround)

@@ -59,6 +59,8 @@ class CalibrationSet:
         sample_key: name of the ``x_t`` argument; timestep_key: name of the timestep argument.
         static: non-tensor arguments, identical for every call (e.g. ``return_dict``).
         timestep_is_int: the sampler passed integer timesteps (replayed as int64).
+        constants: tensor arguments without a batch dimension, identical for every call (e.g. FLUX's ``img_ids``
+            ``[tokens, 3]``), replayed as they are.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -67,6 +69,7 @@ class CalibrationSet:
     timestep_key: str
     static: dict[str, Any] = field(default_factory=dict)
     timestep_is_int: bool = True
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.steps.shape[0])
@@ -96,13 +99,18 @@ class CalibrationSet:
             self.timestep_key,
             dict(self.static),
             self.timestep_is_int,
+            dict(self.constants),
         )
 
     def digest(self) -> str:
         """A short hash of the rows' contents (shapes, sums, sums of squares) and settings, to tell sets apart."""
         described = {k: list(v.shape) for k, v in self.inputs.items()}
         header = json.dumps([described, self.sample_key, self.timestep_key, self.timestep_is_int], sort_keys=True)
-        return stats_digest(header, [*self.inputs.values(), self.steps])
+        if self.constants:  # (kept out of the header otherwise, so digests of sets without constants are unchanged)
+            header += json.dumps({k: list(v.shape) for k, v in self.constants.items()}, sort_keys=True)
+        # in key order: a set loaded from disk (keys sorted) has the digest of the recorded one
+        tensors = [v for _, v in sorted(self.inputs.items())] + [self.steps] + [v for _, v in sorted(self.constants.items())]
+        return stats_digest(header, tensors)
 
     def at_timestep(self, t: float) -> "CalibrationSet":
         return self.subset(torch.nonzero(self.ts == t).flatten())
@@ -114,7 +122,8 @@ class CalibrationSet:
             rows = {k: v.to(device) for k, v in rows.items()}
         if self.timestep_is_int:
             rows[self.timestep_key] = rows[self.timestep_key].round().long()
-        return {**_unflatten(rows), **self.static}
+        constants = {k: v if device is None else v.to(device) for k, v in self.constants.items()}
+        return {**_unflatten({**rows, **constants}), **self.static}
 
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
@@ -150,7 +159,7 @@ class CalibrationSet:
     # -- checks --------------------------------------------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
         """Raise ``ValueError`` naming the problem if the data has NaN/Inf or does not fit ``model``."""
-        for key, value in self.inputs.items():
+        for key, value in {**self.inputs, **self.constants}.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise ValueError(
                     f"calibration input {key!r} contains NaN or Inf values; re-collect the calibration data "
@@ -158,12 +167,15 @@ class CalibrationSet:
                 )
         config = getattr(model, "config", None)
         in_channels = getattr(config, "in_channels", None) if config is not None else None
-        if in_channels is not None and self.xs.ndim >= 2 and self.xs.shape[1] != in_channels:
+        channels = self.xs.shape[-1] if self.xs.ndim == 3 else self.xs.shape[1]  # [N, tokens, C] (FLUX) or [N, C, ...]
+        if in_channels is not None and self.xs.ndim >= 2 and channels != in_channels:
             raise ValueError(
-                f"calibration samples have {self.xs.shape[1]} channels but the model expects {in_channels} "
+                f"calibration samples have {channels} channels but the model expects {in_channels} "
                 f"(shape {tuple(self.xs.shape[1:])}); collect calibration data with this model"
             )
-        cross = getattr(config, "cross_attention_dim", None) if config is not None else None
+        # models that project their captions first (PixArt) take captions of width caption_channels
+        cross = (getattr(config, "caption_channels", None) or getattr(config, "cross_attention_dim", None)
+                 if config is not None else None)
         context = self.inputs.get("encoder_hidden_states")
         if isinstance(cross, int) and context is not None and context.shape[-1] != cross:
             raise ValueError(
@@ -174,7 +186,7 @@ class CalibrationSet:
             params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
             return
-        unknown = [k for k in _unflatten(self.inputs) if k not in params]
+        unknown = [k for k in _unflatten({**self.inputs, **self.constants}) if k not in params]
         if unknown:
             raise ValueError(
                 f"calibration data has inputs {unknown} that {type(model).__name__}.forward does not take; "
@@ -186,6 +198,7 @@ class CalibrationSet:
         """Write the set to one safetensors file (atomically)."""
         path = Path(path)
         tensors = {f"inputs{_SEP}{k}": v.contiguous() for k, v in self.inputs.items()}
+        tensors.update({f"constants{_SEP}{k}": v.contiguous() for k, v in self.constants.items()})
         tensors["steps"] = self.steps.contiguous()
         meta = {
             "version": str(CALIBRATION_VERSION),
@@ -213,14 +226,17 @@ class CalibrationSet:
             raise ValueError(f"calibration file {path} is truncated or corrupt ({err}); collect it again") from err
         if meta.get("version") != str(CALIBRATION_VERSION):
             raise ValueError(f"calibration file {path} has version {meta.get('version')}, expected {CALIBRATION_VERSION}")
-        prefix = f"inputs{_SEP}"
+        def prefixed(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
         return cls(
-            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
+            prefixed(f"inputs{_SEP}"),
             tensors["steps"],
             meta["sample_key"],
             meta["timestep_key"],
             json.loads(meta["static"]),
             json.loads(meta["timestep_is_int"]),
+            prefixed(f"constants{_SEP}"),
         )
 
 
@@ -229,6 +245,9 @@ class CalibrationRecorder:
 
     A call starts a new sampling run when its timestep is larger than the previous call's (samplers go from noisy
     to clean); ``step`` counts model calls within a run. ``keep_step`` (``step -> bool``) filters what is stored.
+    A tensor argument is per sample when its first dim is the call's batch size (or 1, broadcast); one whose first
+    dim differs from the batch size at its first call is a constant (e.g. FLUX's ``img_ids``), and must then stay
+    identical in every call.
     """
 
     def __init__(self, forward: Callable[..., Any], timestep_argument: str, device: str | torch.device = "cpu") -> None:
@@ -246,6 +265,7 @@ class CalibrationRecorder:
         self._rows: list[dict[str, torch.Tensor]] = []
         self._steps: list[torch.Tensor] = []
         self._static: dict[str, Any] | None = None
+        self._constants: dict[str, torch.Tensor] = {}
         self._last_t: float | None = None
         self._step = -1
         self.timestep_is_int = True
@@ -284,11 +304,22 @@ class CalibrationRecorder:
         for key, value in tensors.items():
             if value.shape[:1] == (1,) and batch > 1:
                 value = value.expand(batch, *value.shape[1:])
+            if key in self._constants or (not self._rows and value.shape[:1] != (batch,)):
+                self._record_constant(key, value)
+                continue
             if value.shape[:1] != (batch,):
                 raise ValueError(f"cannot record denoiser input {key!r} of shape {tuple(value.shape)} for batch {batch}")
             row[key] = value.detach().to(self.device, copy=True)
         self._rows.append(row)
         self._steps.append(torch.full((batch,), self._step, dtype=torch.long))
+
+    def _record_constant(self, key: str, value: torch.Tensor) -> None:
+        known = self._constants.get(key)
+        if known is None:
+            self._constants[key] = value.detach().to(self.device, copy=True)
+        elif known.shape != value.shape or not torch.equal(known, value.detach().to(self.device)):
+            raise ValueError(f"denoiser input {key!r} has no batch dimension (shape {tuple(known.shape)}) but changed "
+                             "between calls; record calls whose batch-less inputs are identical")
 
     def drop_rows(self, keep_step: Callable[[int], bool]) -> None:
         """Forget stored calls whose step ``keep_step`` rejects."""
@@ -305,7 +336,8 @@ class CalibrationRecorder:
         keys = list(self._rows[0])
         inputs = {k: torch.cat([r[k] for r in self._rows]) for k in keys}
         return CalibrationSet(
-            inputs, torch.cat(self._steps), self.sample_key, self.timestep_key, self._static or {}, self.timestep_is_int
+            inputs, torch.cat(self._steps), self.sample_key, self.timestep_key, self._static or {}, self.timestep_is_int,
+            dict(self._constants),
         )
 
 

@@ -1,5 +1,6 @@
 """Modules that apply quantization parameters (they never produce them)."""
 from .attention import QuantAttnProcessor
+from .attention_joint import QuantFluxAttnProcessor, QuantJointAttnProcessor
 from .layers import QuantConv1d, QuantConv2d, QuantLayerMixin, QuantLinear, is_quantizable, wrap_layer
 from .quantizer import ActQuantizer, WeightQuantizer
 
@@ -8,6 +9,8 @@ __all__ = [
     "QuantAttnProcessor",
     "QuantConv1d",
     "QuantConv2d",
+    "QuantFluxAttnProcessor",
+    "QuantJointAttnProcessor",
     "QuantLayerMixin",
     "QuantLinear",
     "WeightQuantizer",

@@ -13,7 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .loading import PIPELINE_CLASSES, ZooWeightsError, check_weights, load_feature_net_from, load_pipeline
-from .pipelines import ClassConditionalLDMPipeline, ClassEmbedder, LatentDiffusionPipeline, PixelDiffusionPipeline
+from .pipelines import ClassConditionalDiTPipeline, ClassConditionalLDMPipeline, ClassEmbedder, LatentDiffusionPipeline, PixelDiffusionPipeline
 from .registry import FEATURES, SPECS, SamplerDefaults, ZooEntry, entry, get_spec, is_shipped, weights_dir
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MODEL",
     "PIPELINE_CLASSES",
+    "ClassConditionalDiTPipeline",
     "ClassConditionalLDMPipeline",
     "ClassEmbedder",
     "LatentDiffusionPipeline",

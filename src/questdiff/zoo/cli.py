@@ -62,7 +62,13 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_model
 
-    export_model(args.name, args.model, args.out, DTYPES[args.dtype])
+    share = {}
+    for item in args.share:
+        component, sep, folder = item.partition("=")
+        if not sep or not component or not folder:
+            raise ValueError(f"--share takes COMPONENT=FOLDER (e.g. vae=weights/_shared/fmnist-vae), got {item!r}")
+        share[component] = folder
+    export_model(args.name, args.model, args.out, DTYPES[args.dtype], share)
     return 0
 
 
@@ -104,6 +110,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="saved model folder (e.g. OUT/model)")
     p.add_argument("--out", required=True, help="destination folder")
     p.add_argument("--dtype", choices=list(DTYPES), default="float16")
+    p.add_argument("--share", action="append", default=[], metavar="COMPONENT=FOLDER",
+                   help="store this component once in FOLDER (moved there, or checked equal to what is there) and "
+                        "reference it, e.g. vae=src/questdiff/zoo/weights/_shared/fmnist-vae (repeatable)")
     p.set_defaults(func=_export)
 
 

@@ -19,7 +19,7 @@ from ..eval.report import save_grid
 from .card import write_card, write_json
 from .data import load_split, to_model_range, to_unit_range
 from .loading import load_feature_net_from, load_pipeline
-from .registry import CLASS_LATENT, FEATURES, METRICS_FILE, SPECS, get_spec, read_metrics, weights_dir
+from .registry import CLASS_CONDITIONAL_KINDS, FEATURES, METRICS_FILE, SPECS, get_spec, read_metrics, weights_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def evaluate_pipeline(
     train_images, _ = load_split(dataset, "train", data_dir)
     test = _features(feature_net, to_unit_range(test_images), dataset)
     floor = _features(feature_net, to_unit_range(train_images[: len(test_images)]), dataset)
-    conditional = kind == CLASS_LATENT
+    conditional = kind in CLASS_CONDITIONAL_KINDS
     samples, labels = generate(pipe, num_samples, batch_size, seed, conditional)
     feats = _features(feature_net, samples, dataset)
     metrics = {

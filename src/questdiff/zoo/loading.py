@@ -1,6 +1,7 @@
 """Loading saved zoo folders (shipped weights or training outputs) with checked files."""
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,8 +11,8 @@ from diffusers import DiffusionPipeline
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from .pipelines import ClassConditionalLDMPipeline, LatentDiffusionPipeline, PixelDiffusionPipeline
-from .registry import CLASS_LATENT, LATENT, PIXEL, weight_files
+from .pipelines import ClassConditionalDiTPipeline, ClassConditionalLDMPipeline, LatentDiffusionPipeline, PixelDiffusionPipeline
+from .registry import CLASS_DIT, CLASS_LATENT, LATENT, PIXEL, shared_components, weight_files
 
 if TYPE_CHECKING:  # imported lazily below: questdiff.eval may import the zoo
     from ..eval.feature_net import FeatureNet
@@ -20,6 +21,7 @@ PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     PIXEL: PixelDiffusionPipeline,
     LATENT: LatentDiffusionPipeline,
     CLASS_LATENT: ClassConditionalLDMPipeline,
+    CLASS_DIT: ClassConditionalDiTPipeline,
 }
 
 
@@ -51,9 +53,17 @@ def check_weights(folder: str | Path) -> None:
 def load_pipeline(
     folder: str | Path, kind: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> DiffusionPipeline:
-    """Loads a saved zoo pipeline folder of ``kind`` (float32 unless ``dtype``) after checking its files."""
+    """Loads a saved zoo pipeline folder of ``kind`` (float32 unless ``dtype``) after checking its files; shared
+    components come from their shared folders."""
     check_weights(folder)
-    pipe = PIPELINE_CLASSES[kind].from_pretrained(folder, dtype=dtype or torch.float32, low_cpu_mem_usage=False)
+    dtype = dtype or torch.float32
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    shared = {}
+    for name, path in shared_components(Path(folder)).items():
+        library, class_name = index[name]
+        shared[name] = getattr(importlib.import_module(library), class_name).from_pretrained(
+            path, dtype=dtype, low_cpu_mem_usage=False)
+    pipe = PIPELINE_CLASSES[kind].from_pretrained(folder, dtype=dtype, low_cpu_mem_usage=False, **shared)
     return pipe.to(device) if device is not None else pipe
 
 

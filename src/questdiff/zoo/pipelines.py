@@ -1,6 +1,7 @@
-"""Sampling pipelines of the zoo: pixel-space DDPM, unconditional LDM and class-conditional LDM with CFG.
+"""Sampling pipelines of the zoo: pixel-space DDPM, unconditional LDM, class-conditional LDM and class-conditional
+DiT, both with CFG.
 
-All three share one call convention::
+All four share one call convention::
 
     pipe(batch_size=4, num_inference_steps=None, generator=None, output_type="pt", eta=None)
 
@@ -8,7 +9,8 @@ All three share one call convention::
 ``default_eta``, ``default_guidance_scale``). ``output_type="pt"`` gives ``.images`` as ``[N, 1, 32, 32]`` float in
 ``[0, 1]`` on the pipeline's device, ``"np"`` a ``[N, 32, 32, 1]`` float array, ``"pil"`` a list of grey PIL images.
 The loop is the standard ``set_timesteps / scale_model_input / step`` one, so any diffusers scheduler can be swapped
-in, and the denoiser is always ``pipe.unet`` (called as ``unet(x, t[, encoder_hidden_states=...])``).
+in. The denoiser is ``pipe.unet`` (called as ``unet(x, t[, encoder_hidden_states=...])``), or ``pipe.transformer``
+for the DiT (``transformer(x, timestep=t [B], class_labels=[B])``).
 """
 from __future__ import annotations
 
@@ -50,6 +52,11 @@ class ClassEmbedder(ModelMixin, ConfigMixin):
 class _ZooPipeline(DiffusionPipeline):
     """Shared sampling loop and output handling; subclasses define ``__call__`` and the denoiser call."""
 
+    @property
+    def denoiser(self) -> nn.Module:
+        """``unet``, or ``transformer`` for the DiT."""
+        return self.unet if hasattr(self, "unet") else self.transformer
+
     def _resolve(self, num_inference_steps: int | None, eta: float | None) -> tuple[int, float]:
         steps = self.config.default_num_inference_steps if num_inference_steps is None else int(num_inference_steps)
         if steps < 1:
@@ -58,10 +65,10 @@ class _ZooPipeline(DiffusionPipeline):
 
     def _initial_noise(self, batch_size: int, generator: Generator) -> torch.Tensor:
         """Gaussian noise ``[N, C, H, W]`` in the denoiser's space, scaled by the scheduler's ``init_noise_sigma``."""
-        cfg = self.unet.config
+        cfg = self.denoiser.config
         size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
         shape = (batch_size, cfg.in_channels, *size)
-        noise = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+        noise = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.denoiser.dtype)
         return noise * self.scheduler.init_noise_sigma
 
     def _step_kwargs(self, eta: float, generator: Generator) -> dict[str, Any]:
@@ -109,6 +116,36 @@ class _ZooPipeline(DiffusionPipeline):
 def _check_output_type(output_type: str) -> None:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+def _class_labels(class_labels: Sequence[int] | torch.Tensor | None, batch_size: int | None, num_classes: int,
+                  device: torch.device) -> torch.Tensor:
+    """Label tensor ``[N]``; without labels, ``batch_size`` images cycle through the classes 0, 1, ..."""
+    if class_labels is None:
+        labels = torch.arange(1 if batch_size is None else batch_size) % num_classes
+    else:
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if batch_size is not None and batch_size != labels.numel():
+            raise ValueError(f"batch_size={batch_size} but {labels.numel()} class_labels were given; pass one")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"class_labels must lie in [0, {num_classes - 1}], got {labels.tolist()}")
+    return labels.to(device)
+
+
+def _guided(predict: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], cond: Any, uncond: Any,
+            scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``predict(x, t, condition)`` with classifier-free guidance ``scale``: one doubled batch per step,
+    **unconditional half first** (``uncond``/``cond`` are batched conditionings, concatenated on dim 0), or one plain
+    conditional call when ``scale <= 1``."""
+    if scale <= 1.0:
+        return lambda xt, t: predict(xt, t, cond)
+    both = torch.cat([uncond, cond])
+
+    def guided(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        uncond_eps, cond_eps = predict(torch.cat([xt, xt]), t, both).chunk(2)
+        return uncond_eps + scale * (cond_eps - uncond_eps)
+
+    return guided
 
 
 class PixelDiffusionPipeline(_ZooPipeline):
@@ -204,19 +241,6 @@ class ClassConditionalLDMPipeline(_ZooPipeline):
             default_guidance_scale=default_guidance_scale,
         )
 
-    def _labels(self, class_labels: Sequence[int] | torch.Tensor | None, batch_size: int | None) -> torch.Tensor:
-        """Label tensor ``[N]``; without labels, ``batch_size`` images cycle through the classes 0, 1, ..."""
-        num_classes = self.class_embedder.config.num_classes
-        if class_labels is None:
-            labels = torch.arange(1 if batch_size is None else batch_size) % num_classes
-        else:
-            labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-            if batch_size is not None and batch_size != labels.numel():
-                raise ValueError(f"batch_size={batch_size} but {labels.numel()} class_labels were given; pass one")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"class_labels must lie in [0, {num_classes - 1}], got {labels.tolist()}")
-        return labels.to(self._execution_device)
-
     def _context(self, labels: torch.Tensor) -> torch.Tensor:
         """Class tokens ``[N, 1, D]`` in the UNet's dtype."""
         return self.class_embedder(labels).to(self.unet.dtype)
@@ -238,21 +262,70 @@ class ClassConditionalLDMPipeline(_ZooPipeline):
         _check_output_type(output_type)
         steps, eta = self._resolve(num_inference_steps, eta)
         scale = self.config.default_guidance_scale if guidance_scale is None else float(guidance_scale)
-        labels = self._labels(class_labels, batch_size)
-        cond = self._context(labels)
+        labels = _class_labels(class_labels, batch_size, self.class_embedder.config.num_classes, self._execution_device)
         latents = self._initial_noise(labels.numel(), generator)
-        if scale > 1.0:
-            context = torch.cat([self._context(torch.full_like(labels, self.class_embedder.null_label)), cond])
+        null = self._context(torch.full_like(labels, self.class_embedder.null_label))
 
-            def predict(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                uncond_eps, cond_eps = self.unet(
-                    torch.cat([xt, xt]), t, encoder_hidden_states=context, return_dict=False
-                )[0].chunk(2)
-                return uncond_eps + scale * (cond_eps - uncond_eps)
-        else:
+        def predict(xt: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return self.unet(xt, t, encoder_hidden_states=context, return_dict=False)[0]
 
-            def predict(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return self.unet(xt, t, encoder_hidden_states=cond, return_dict=False)[0]
+        latents = self._denoise(latents, _guided(predict, self._context(labels), null, scale), steps, eta, generator)
+        return self._output(self._decode_latents(latents), output_type, return_dict)
 
-        latents = self._denoise(latents, predict, steps, eta, generator)
+
+class ClassConditionalDiTPipeline(_ZooPipeline):
+    """Class-conditional latent DiT with classifier-free guidance (mirrors ImageNet DiT-XL/2 256): components
+    ``vae``, ``transformer`` (diffusers ``DiTTransformer2DModel``: adaLN-Zero, the class embedding inside every block,
+    null class = ``num_embeds_ada_norm``), ``scheduler``.
+
+    Like ``DiTPipeline`` but with the zoo's call convention and any number of classes (``DiTPipeline`` hard-codes
+    ImageNet's null class 1000); with guidance the unconditional half comes first, as in the LDM pipeline.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        transformer: nn.Module,
+        scheduler: SchedulerMixin,
+        default_num_inference_steps: int = 20,
+        default_eta: float = 0.0,
+        default_guidance_scale: float = 1.5,
+    ) -> None:
+        super().__init__()
+        self.register_modules(vae=vae, transformer=transformer, scheduler=scheduler)
+        self.register_to_config(
+            default_num_inference_steps=default_num_inference_steps,
+            default_eta=default_eta,
+            default_guidance_scale=default_guidance_scale,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return self.transformer.config.num_embeds_ada_norm
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int | None = None,
+        num_inference_steps: int | None = None,
+        generator: Generator = None,
+        output_type: str = "pil",
+        eta: float | None = None,
+        class_labels: Sequence[int] | torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Samples one image per class label (``guidance_scale <= 1``: no guidance); see the module docstring."""
+        _check_output_type(output_type)
+        steps, eta = self._resolve(num_inference_steps, eta)
+        scale = self.config.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+        labels = _class_labels(class_labels, batch_size, self.num_classes, self._execution_device)
+        latents = self._initial_noise(labels.numel(), generator)
+
+        def predict(xt: torch.Tensor, t: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+            timestep = torch.as_tensor(t, device=xt.device).reshape(-1).expand(len(xt))  # DiT embeds a [B] timestep
+            return self.transformer(xt, timestep=timestep, class_labels=classes, return_dict=False)[0]
+
+        guided = _guided(predict, labels, torch.full_like(labels, self.num_classes), scale)
+        latents = self._denoise(latents, guided, steps, eta, generator)
         return self._output(self._decode_latents(latents), output_type, return_dict)

@@ -2,6 +2,10 @@
 
 Static facts live in ``SPECS``; facts measured after training are read from the shipped files: parameter counts from
 the safetensors headers, quality from ``metrics.json`` beside the weights.
+
+A component shared by several models (the Fashion-MNIST autoencoder of the latent models) is stored once, under
+``weights/_shared/``, and named in the pipeline folder's ``shared_components.json`` (component -> folder relative to
+the pipeline folder) instead of a subfolder; ``load`` assembles the pipeline from both.
 """
 from __future__ import annotations
 
@@ -12,9 +16,12 @@ from pathlib import Path
 from safetensors import safe_open
 
 WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
+SHARED_DIR = WEIGHTS_ROOT / "_shared"
 METRICS_FILE = "metrics.json"
+SHARED_FILE = "shared_components.json"
 
 PIXEL, LATENT, CLASS_LATENT, FEATURES = "pixel-diffusion", "latent-diffusion", "class-conditional-ldm", "feature-net"
+CLASS_DIT = "class-conditional-dit"
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,8 @@ class ZooSpec:
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """A zoo model as shipped: ``params``/``denoiser_params`` and ``size_bytes`` are 0 when its weights are absent;
+    """A zoo model as shipped: ``params``/``denoiser_params`` and ``size_bytes`` are 0 when its weights are absent
+    (``size_bytes`` counts the shared components it uses too);
     ``fid`` is "FID (<feature net> features)" of samples vs the 10k test images (``None`` if not measured)."""
 
     name: str
@@ -73,11 +81,16 @@ SPECS: dict[str, ZooSpec] = {
             "mnist-ddpm", PIXEL, "mnist", "CIFAR-10 DDPM (pixel space)", "mnist-features",
             SamplerDefaults("DDIM", 100, 0.0),
         ),
+        ZooSpec(
+            "fmnist-dit", CLASS_DIT, "fashion-mnist", "ImageNet DiT-XL/2 256 (class-conditional, adaLN-Zero, patch 2, CFG)",
+            "fmnist-features", SamplerDefaults("DDIM", 20, 0.0, 1.5),
+        ),
         ZooSpec("fmnist-features", FEATURES, "fashion-mnist", "Inception-v3 of FID/sFID/IS", "fmnist-features", None),
         ZooSpec("mnist-features", FEATURES, "mnist", "Inception-v3 of FID/sFID/IS", "mnist-features", None),
     )
 }
-DIFFUSION_KINDS = (PIXEL, LATENT, CLASS_LATENT)
+DIFFUSION_KINDS = (PIXEL, LATENT, CLASS_LATENT, CLASS_DIT)
+CLASS_CONDITIONAL_KINDS = (CLASS_LATENT, CLASS_DIT)
 
 
 def get_spec(name: str) -> ZooSpec:
@@ -92,11 +105,19 @@ def weights_dir(name: str) -> Path:
     return WEIGHTS_ROOT / get_spec(name).name
 
 
+def shared_components(folder: Path) -> dict[str, Path]:
+    """Component name -> the shared folder holding it, from ``folder/shared_components.json`` (empty if absent)."""
+    path = Path(folder) / SHARED_FILE
+    if not path.is_file():
+        return {}
+    return {name: (Path(folder) / rel).resolve() for name, rel in json.loads(path.read_text()).items()}
+
+
 def weight_files(folder: Path) -> dict[str, list[Path]]:
     """Component name -> the files it needs (config + safetensors) in a pipeline or feature-net folder.
 
-    Reads ``model_index.json`` for pipelines; a folder without it is a feature net (``model.safetensors``).
-    Raises ``FileNotFoundError`` naming the missing index file.
+    Reads ``model_index.json`` for pipelines (shared components point into their shared folder); a folder without it
+    is a feature net (``model.safetensors``). Raises ``FileNotFoundError`` naming the missing index file.
     """
     index = folder / "model_index.json"
     if not index.is_file():
@@ -104,10 +125,11 @@ def weight_files(folder: Path) -> dict[str, list[Path]]:
             return {"model": [folder / "config.json", folder / "model.safetensors"]}
         raise FileNotFoundError(f"missing {index}; the folder is not a saved zoo model")
     files: dict[str, list[Path]] = {}
+    shared = shared_components(folder)
     for key, value in json.loads(index.read_text()).items():
         if key.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
-        sub = folder / key
+        sub = shared.get(key, folder / key)
         if value[1].endswith("Scheduler"):
             files[key] = [sub / "scheduler_config.json"]
         else:
@@ -153,7 +175,9 @@ def entry(name: str) -> ZooEntry:
     shipped = is_shipped(name)
     counts = count_params(folder) if shipped else {}
     metrics = read_metrics(folder)
-    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if shipped else 0
+    # on disk for this model: its folder and the shared components it uses
+    folders = [folder, *shared_components(folder).values()] if shipped else []
+    size = sum(p.stat().st_size for f in folders for p in f.rglob("*") if p.is_file())
     return ZooEntry(
         name=name,
         kind=spec.kind,
@@ -162,7 +186,7 @@ def entry(name: str) -> ZooEntry:
         sampler=spec.sampler,
         shipped=shipped,
         params=sum(counts.values()),
-        denoiser_params=counts.get("unet", counts.get("model", 0)),
+        denoiser_params=counts.get("unet", counts.get("transformer", counts.get("model", 0))),
         size_bytes=size,
         fid=metrics.get("fid"),
         fid_label=fid_label(spec.feature_net),

@@ -2,9 +2,9 @@
 ``model.safetensors`` + ``config.json`` for a feature net) with ``train_info.json`` and a model card, plus
 ``OUT/checkpoints/<stage>.pt`` (resumable) and ``OUT/samples/*.png``.
 
-Targets: the zoo names and ``fmnist-vae`` (the autoencoder alone, to share between the two latent models via
-``vae_dir``). Latent models train the autoencoder first unless ``vae_dir`` is given, then the UNet on latents
-scaled to unit variance (the ``scaling_factor`` of the autoencoder config).
+Targets: the zoo names and ``fmnist-vae`` (the autoencoder alone, to share between the latent models via
+``vae_dir``). Latent models train the autoencoder first unless ``vae_dir`` is given, then the UNet (or the DiT) on
+latents scaled to unit variance (the ``scaling_factor`` of the autoencoder config).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline
+from diffusers.models.embeddings import LabelEmbedding
 from safetensors.torch import save_file
 from torch import nn
 
@@ -27,14 +28,20 @@ from . import architectures as arch
 from .card import TRAIN_INFO_FILE, read_train_info, write_card, write_json
 from .data import load_split, to_model_range, to_unit_range
 from .evaluate import feature_net_accuracy, save_grid
-from .pipelines import ClassConditionalLDMPipeline, ClassEmbedder, LatentDiffusionPipeline, PixelDiffusionPipeline
-from .registry import CLASS_LATENT, LATENT, PIXEL, get_spec
+from .pipelines import (
+    ClassConditionalDiTPipeline,
+    ClassConditionalLDMPipeline,
+    ClassEmbedder,
+    LatentDiffusionPipeline,
+    PixelDiffusionPipeline,
+)
+from .registry import CLASS_CONDITIONAL_KINDS, CLASS_DIT, CLASS_LATENT, LATENT, PIXEL, get_spec
 from .trainer import TrainConfig, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
 VAE_TARGET = "fmnist-vae"
-TARGETS = ("fmnist-ldm-cond", "fmnist-ldm", "mnist-ddpm", "fmnist-features", "mnist-features", VAE_TARGET)
+TARGETS = ("fmnist-ldm-cond", "fmnist-ldm", "mnist-ddpm", "fmnist-dit", "fmnist-features", "mnist-features", VAE_TARGET)
 LABEL_DROPOUT = 0.1
 KL_WEIGHT = 1e-6
 MONITOR_SAMPLES, MONITOR_STEPS = 64, 50  # the periodic sample grids (tiny runs: 10 samples, 2 steps)
@@ -45,6 +52,7 @@ DEFAULTS: dict[str, TrainConfig] = {
     "fmnist-ldm": TrainConfig(steps=30000, batch_size=1024, lr=5e-4, ema_decay=0.999),
     "fmnist-ldm-cond": TrainConfig(steps=30000, batch_size=1024, lr=5e-4, ema_decay=0.999),
     "mnist-ddpm": TrainConfig(steps=30000, batch_size=1024, lr=4e-4, ema_decay=0.999),
+    "fmnist-dit": TrainConfig(steps=40000, batch_size=1024, lr=5e-4, ema_decay=0.999),
     "fmnist-features": TrainConfig(steps=8000, batch_size=256, lr=2e-3, weight_decay=0.05, ema_decay=None),
     "mnist-features": TrainConfig(steps=4000, batch_size=256, lr=2e-3, weight_decay=0.05, ema_decay=None),
 }
@@ -186,6 +194,15 @@ class _ConditionalDenoiser(nn.Module):
         return self.unet(x, t, encoder_hidden_states=self.class_embedder(labels)).sample
 
 
+def _drop_labels_once(dit: nn.Module) -> nn.Module:
+    """diffusers' DiT embeds the class in every block, each with its own random label dropout in training mode:
+    switch it off (the null row stays) so that the loss drops a sample's label in all blocks at once, as DiT does."""
+    for module in dit.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    return dit
+
+
 def _noise_loss(scheduler: DDIMScheduler, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 x0: torch.Tensor) -> torch.Tensor:
     """DDPM epsilon-prediction MSE at uniformly drawn timesteps."""
@@ -207,13 +224,17 @@ def _train_diffusion(name: str, ctx: _Context) -> dict:
         scheduler = arch.build_scheduler("ddpm")
         model: nn.Module = arch.build_pixel_unet(ctx.tiny)
     else:
-        scheduler = arch.build_scheduler("ldm")
+        scheduler = arch.build_scheduler("ddpm" if kind == CLASS_DIT else "ldm")  # DiT: ADM's linear betas
         vae, stages = _load_vae(ctx)
         vae.eval().requires_grad_(False)
         mean, std = _latent_stats(vae, x)
         scale = vae.config.scaling_factor
-        model = (_ConditionalDenoiser(arch.build_cond_unet(ctx.tiny), arch.build_class_embedder(ctx.tiny))
-                 if kind == CLASS_LATENT else arch.build_latent_unet(ctx.tiny))
+        if kind == CLASS_DIT:
+            model = _drop_labels_once(arch.build_dit(ctx.tiny))
+        elif kind == CLASS_LATENT:
+            model = _ConditionalDenoiser(arch.build_cond_unet(ctx.tiny), arch.build_class_embedder(ctx.tiny))
+        else:
+            model = arch.build_latent_unet(ctx.tiny)
 
     def clean(idx: torch.Tensor) -> torch.Tensor:
         if vae is None:
@@ -222,9 +243,11 @@ def _train_diffusion(name: str, ctx: _Context) -> dict:
 
     def loss_fn(net: nn.Module, step: int) -> torch.Tensor:
         idx = _batch(x, config.batch_size)
-        if kind == CLASS_LATENT:
+        if kind in CLASS_CONDITIONAL_KINDS:
             drop = torch.rand(len(idx), device=idx.device) < LABEL_DROPOUT
             cls = torch.where(drop, torch.full_like(y[idx], arch.NUM_CLASSES), y[idx])
+            if kind == CLASS_DIT:
+                return _noise_loss(scheduler, lambda xt, t: net(xt, timestep=t, class_labels=cls).sample, clean(idx))
             return _noise_loss(scheduler, lambda xt, t: net(xt, t, cls), clean(idx))
         return _noise_loss(scheduler, lambda xt, t: net(xt, t).sample, clean(idx))
 
@@ -234,12 +257,14 @@ def _train_diffusion(name: str, ctx: _Context) -> dict:
         steps = min(pipe.config.default_num_inference_steps, 2 if ctx.tiny else MONITOR_STEPS)
         count = 10 if ctx.tiny else MONITOR_SAMPLES
         generator = torch.Generator(ctx.device).manual_seed(0)
-        kwargs = {"class_labels": torch.arange(count) % 10} if kind == CLASS_LATENT else {"batch_size": count}
+        conditional = kind in CLASS_CONDITIONAL_KINDS
+        kwargs = {"class_labels": torch.arange(count) % 10} if conditional else {"batch_size": count}
         images = pipe(num_inference_steps=steps, generator=generator, output_type="pt", **kwargs).images
-        save_grid(images, ctx.out / "samples" / f"{name}-{step:06d}.png", nrow=8 if kind != CLASS_LATENT else 10)
+        save_grid(images, ctx.out / "samples" / f"{name}-{step:06d}.png", nrow=10 if conditional else 8)
 
-    result = Trainer(model, config, ctx.out, "unet", ctx.device).fit(loss_fn, sample_fn, ctx.resume)
-    stages["unet"] = _stage_record(result)
+    stage = "transformer" if kind == CLASS_DIT else "unet"
+    result = Trainer(model, config, ctx.out, stage, ctx.device).fit(loss_fn, sample_fn, ctx.resume)
+    stages[stage] = _stage_record(result)
     pipe = _pipeline(kind, result.model, vae, scheduler)
     pipe.save_pretrained(ctx.model_dir())
     params = {k: _params(v) for k, v in pipe.components.items() if isinstance(v, nn.Module)}
@@ -252,6 +277,8 @@ def _pipeline(kind: str, net: nn.Module, vae: AutoencoderKL | None, scheduler: D
         return PixelDiffusionPipeline(unet=net, scheduler=scheduler)
     if kind == LATENT:
         return LatentDiffusionPipeline(vae=vae, unet=net, scheduler=scheduler)
+    if kind == CLASS_DIT:
+        return ClassConditionalDiTPipeline(vae=vae, transformer=net, scheduler=scheduler)
     return ClassConditionalLDMPipeline(vae=vae, unet=net.unet, class_embedder=net.class_embedder, scheduler=scheduler)
 
 

@@ -1,0 +1,167 @@
+"""Quantized attention matmuls for the attention flavours of diffusion transformers (SD3 joint attention, FLUX
+double- and single-stream attention with rotary embeddings).
+
+Same treatment as ``QuantAttnProcessor`` (spec §2.3): q and k are fake-quantized before ``q k^T`` (per head_dim
+channel at 4 bits; the softmax scale ``head_dim^-0.5`` is applied after the product), the softmax output (per
+tensor, zero point 0) and v before ``P v``. In joint attention the image and context tokens are concatenated before
+the matmuls, so one quantizer covers each concatenated operand, as a kernel would see it; rotary embeddings are
+applied before quantization (the rotated q and k are the operands). The q/k/v/out projections (``to_q``,
+``add_q_proj``, ``to_add_out``...) are ordinary ``QuantLinear`` layers wrapped separately.
+
+With quantization disabled each processor delegates to the processor it replaced, so outputs are bit-identical to
+the FP model. Operands are ``[B, heads, tokens, head_dim]`` (per-sample timestep rows index dim 0 = the batch).
+Large probability tensors are recomputed in backward instead of stored, as in ``QuantAttnProcessor``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import RECOMPUTE_MIN_ELEMENTS
+from .quantizer import ActQuantizer
+
+Quantize = Callable[[torch.Tensor], torch.Tensor]
+
+
+def quantized_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   quantizers: Sequence[ActQuantizer], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``quant(softmax(quant(q) quant(k)^T * d^-0.5 + mask)) quant(v)`` for ``[B, heads, tokens, d]`` operands
+    (``quantizers``: q, k, v, probabilities); returns ``[B, heads, q_tokens, d]``. ``attention_mask`` follows
+    ``scaled_dot_product_attention``: boolean (True = attend) or additive, broadcastable to the scores."""
+    elements = query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2]
+    if torch.is_grad_enabled() and elements >= RECOMPUTE_MIN_ELEMENTS:
+        # the recompute runs after this forward's timestep rows and enabled flags are gone: freeze them now
+        probs_like = query.new_empty(()).expand(*query.shape[:3], key.shape[2])
+        frozen = tuple(q.frozen(x) for q, x in zip(quantizers, (query, key, value, probs_like)))
+        return checkpoint(_attend, query, key, value, attention_mask, frozen, use_reentrant=False)
+    return _attend(query, key, value, attention_mask, tuple(quantizers))
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+            quantizers: tuple[Quantize, ...]) -> torch.Tensor:
+    q_quant, k_quant, v_quant, probs_quant = quantizers
+    scores = (q_quant(query) @ k_quant(key).transpose(-1, -2)).float() * query.shape[-1] ** -0.5
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
+    probs = scores.softmax(dim=-1).to(value.dtype)
+    return probs_quant(probs) @ v_quant(value)
+
+
+class _QuantOperandsProcessor(nn.Module):
+    """Four activation quantizers (q, k, v: ``[T, head_dim]`` scales; probabilities: per tensor) and the processor
+    they replace (``fallback``, used verbatim while every quantizer is disabled)."""
+
+    def __init__(self, q_quantizer: ActQuantizer, k_quantizer: ActQuantizer, v_quantizer: ActQuantizer,
+                 probs_quantizer: ActQuantizer, fallback: Any) -> None:
+        super().__init__()
+        self.q_quantizer = q_quantizer
+        self.k_quantizer = k_quantizer
+        self.v_quantizer = v_quantizer
+        self.probs_quantizer = probs_quantizer
+        self.fallback = fallback
+
+    def act_quantizers(self) -> list[ActQuantizer]:
+        return [self.q_quantizer, self.k_quantizer, self.v_quantizer, self.probs_quantizer]
+
+    @property
+    def enabled(self) -> bool:
+        return any(q.enabled for q in self.act_quantizers())
+
+    def set_quant_state(self, act: bool) -> None:
+        for q in self.act_quantizers():
+            q.enabled = act
+
+
+class QuantJointAttnProcessor(_QuantOperandsProcessor):
+    """diffusers ``JointAttnProcessor2_0`` (SD3 / SD3.5 MMDiT) with quantized matmul operands: image tokens first,
+    then the context tokens of ``add_{q,k,v}_proj``; without ``encoder_hidden_states`` (SD3.5's second attention)
+    plain self-attention."""
+
+    def __call__(  # type: ignore[override]
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not self.enabled:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        image_tokens = hidden_states.shape[1]
+        query, key, value = _heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            c_query, c_key, c_value = _heads(attn, attn.add_q_proj(encoder_hidden_states),
+                                             attn.add_k_proj(encoder_hidden_states), attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                c_query = attn.norm_added_q(c_query)
+            if attn.norm_added_k is not None:
+                c_key = attn.norm_added_k(c_key)
+            query, key, value = (torch.cat([x, c], dim=2) for x, c in ((query, c_query), (key, c_key), (value, c_value)))
+        # JointAttnProcessor2_0 ignores attention_mask as well
+        out = quantized_sdpa(query, key, value, self.act_quantizers())
+        out = out.transpose(1, 2).flatten(2).to(query.dtype)
+        if encoder_hidden_states is not None:
+            out, context = out[:, :image_tokens], out[:, image_tokens:]
+            if not attn.context_pre_only:
+                context = attn.to_add_out(context)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return (out, context) if encoder_hidden_states is not None else out
+
+
+class QuantFluxAttnProcessor(_QuantOperandsProcessor):
+    """diffusers ``FluxAttnProcessor`` (FLUX double-stream blocks: context tokens first, then image tokens; single
+    stream blocks: one sequence, no output projection) with quantized matmul operands after the rotary embedding."""
+
+    def __call__(  # type: ignore[override]
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not self.enabled:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if getattr(attn, "fused_projections", False):
+            raise ValueError("quantized FLUX attention needs separate q/k/v projections: call "
+                             "transformer.unfuse_qkv_projections() before questdiff.quantize")
+        split = (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
+        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in split)  # [B, tokens, heads, d]
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        if joint:
+            split = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                     attn.add_v_proj(encoder_hidden_states))
+            c_query, c_key, c_value = (x.unflatten(-1, (-1, attn.head_dim)) for x in split)
+            c_query, c_key = attn.norm_added_q(c_query), attn.norm_added_k(c_key)
+            query, key, value = (torch.cat([c, x], dim=1) for c, x in ((c_query, query), (c_key, key), (c_value, value)))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = quantized_sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.act_quantizers(),
+                             attention_mask)
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out
+        context_tokens = encoder_hidden_states.shape[1]
+        context, out = out[:, :context_tokens], out[:, context_tokens:]
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(context.contiguous())
+
+
+def _heads(attn: nn.Module, *projections: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``[B, tokens, heads * d]`` projections -> ``[B, heads, tokens, d]``."""
+    return tuple(x.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for x in projections)
