@@ -108,19 +108,19 @@ def profile_kinds(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
-def run_sd15(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run_sd15(args: argparse.Namespace, save: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    models: dict[str, nn.Module] = {}
-    with torch.device("cuda"):
-        models["bf16"] = build_sd15().to(torch.bfloat16).eval()
-    models["W8A8"] = quantized_sd15("W8A8")
-    if args.w4:
-        models["W4A8"] = quantized_sd15("W4A8")
-    for label, model in models.items():
+    labels = ["bf16", "W8A8"] + (["W4A8"] if args.w4 else [])
+    for label in labels:
+        if label == "bf16":
+            with torch.device("cuda"):
+                model = build_sd15().to(torch.bfloat16).eval()
+        else:
+            model = quantized_sd15(label)
         weight_mib = _bytes(model) / 2**20
-        for compiled in (False, True) if args.compile else (False,):
+        for compiled in [False] * args.eager + [True] * args.compile:
             run = torch.compile(model) if compiled else model
-            for batch in args.batches:
+            for batch in args.compile_batches if compiled and args.compile_batches else args.batches:
                 inputs = sd15_inputs(batch)
                 torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
@@ -132,6 +132,7 @@ def run_sd15(args: argparse.Namespace) -> list[dict[str, Any]]:
                 row = {"model": label, "compiled": compiled, "batch": batch, "ms": ms, "weight_mib": weight_mib,
                        "peak_mib": torch.cuda.max_memory_allocated() / 2**20, "first_call_s": first}
                 rows.append(row)
+                save(rows)
                 print(f"sd15 {label:5s} {'compile' if compiled else 'eager  '} batch {batch}: {ms:7.2f} ms  "
                       f"weights {weight_mib:7.1f} MiB  peak {row['peak_mib']:7.0f} MiB  (first call {first:.1f} s)",
                       flush=True)
@@ -140,6 +141,8 @@ def run_sd15(args: argparse.Namespace) -> list[dict[str, Any]]:
             rows.append({"model": label, "profile_batch": max(args.batches), "kinds_ms": kinds})
             print(f"sd15 {label} eager batch {max(args.batches)} by kind (ms): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()), flush=True)
+        del model
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -185,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--no-sd15", dest="sd15", action="store_false", help="skip the SD-1.5 latency table")
+    parser.add_argument("--no-eager", dest="eager", action="store_false", help="skip the eager timings")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--compile-batches", type=int, nargs="+", default=None,
+                        help="batches for the compiled models (default: --batches)")
     parser.add_argument("--w4", action="store_true", help="also time W4A8 (packed 4-bit weights)")
     parser.add_argument("--profile", action="store_true", help="per-layer-kind breakdown at the largest batch")
     parser.add_argument("--zoo", default=None, help="zoo model for the sampling comparison (e.g. fmnist-ldm-cond)")
@@ -201,9 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                               "args": vars(args)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.sd15:
-        report["sd15"] = run_sd15(args)
+    def save(rows: list[dict[str, Any]]) -> None:
+        report["sd15"] = rows
         out.write_text(json.dumps(report, indent=2))
+
+    if args.sd15:
+        run_sd15(args, save)
     if args.zoo:
         report["zoo"] = run_zoo(args)
     out.write_text(json.dumps(report, indent=2))

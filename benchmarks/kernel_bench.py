@@ -141,12 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     for kind, shape in SHAPES:
         variants = [False, True] if args.w4 and kind != "attention" else [False]
         for w4 in variants:
-            if kind == "conv":
-                result = run_conv(*shape, w4=w4)
-            elif kind == "linear":
-                result = run_linear(*shape, w4=w4)
-            else:
-                result = run_attention(*shape)
+            try:
+                if kind == "conv":
+                    result = run_conv(*shape, w4=w4)
+                elif kind == "linear":
+                    result = run_linear(*shape, w4=w4)
+                else:
+                    result = run_attention(*shape)
+            except Exception as err:  # noqa: BLE001 - record the failure, time the other shapes
+                rows.append({"kind": kind, "shape": list(shape), "weights": "int4" if w4 else "int8", "error": repr(err)})
+                print(f"{kind:9s} {str(shape):28s} FAILED: {err!r}", flush=True)
+                continue
             result.update(kind=kind, shape=list(shape), weights="int4" if w4 else "int8")
             rows.append(result)
             tf = lambda ms: result["flops"] / ms / 1e9  # noqa: E731
@@ -154,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"({tf(result['ours_ms']):6.1f} TOP/s) bf16 {result['bf16_ms']:.3f} ms ({tf(result['bf16_ms']):6.1f}) "
                   f"ratio {result['ours_ms'] / result['bf16_ms']:.2f} quant {result.get('quantize_ms') or 0:.3f} ms "
                   f"err {result['rel_err']:.1e}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
-                              indent=2))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
+                                  indent=2))  # after every shape: a killed run keeps what it measured
     return 0
 
 

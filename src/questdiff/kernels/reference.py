@@ -134,7 +134,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: to
     acc = acc.permute(0, 2, 3, 1).reshape(-1, n).to(torch.int32)
     asum = None
     if w_offset is not None:
-        ones = torch.ones(1, x.shape[1], kh, kw, dtype=torch.float64)
+        ones = torch.ones(1, x.shape[1], kh, kw, dtype=torch.float64, device=x.device)
         asum = F.conv2d(xp.double(), ones, stride=stride).reshape(-1).to(torch.int32)
     res = None if residual is None else residual.permute(0, 2, 3, 1).reshape(-1, n)
     y = _epilogue(acc, asum, wi[0].numel(), a_scale[row], oa, w_scale, w_offset, w_sum, bias, res, out_dtype)

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_gemm import quick_bench
 from .triton_quant import round_half_even
 
 
@@ -30,7 +31,7 @@ def _configs() -> list[triton.Config]:
             for bm, bn, w, s in [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)]]
 
 
-@triton.autotune(configs=_configs(), key=["LQ", "LK", "BLOCK_D"])
+@triton.autotune(configs=_configs(), key=["LQ", "LK", "BLOCK_D"], do_bench=quick_bench)
 @triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, row_ptr, scale_ptr, off_ptr,
@@ -71,7 +72,7 @@ def _attention_kernel(
         j_ok = (start + rj) < LK
         k = tl.load(k_base + (start + rj)[:, None] * skl + rd[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0)
         ksum = tl.sum(k.to(tl.int32), axis=1).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
         s = (s + row_term[:, None] + oq * ksum[None, :]) * score_scale
         s = tl.where(j_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -88,13 +89,13 @@ def _attention_kernel(
         kv_mask = j_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + (start + rj)[:, None] * skl + rd[None, :], mask=kv_mask, other=0)
         ksum = tl.sum(k.to(tl.int32), axis=1).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
         s = (s + row_term[:, None] + oq * ksum[None, :]) * score_scale
         p = tl.math.exp2(s - m_i[:, None]) * inv_l[:, None]
         pq = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(p, sp)), 0.0), p_max)
         pq = tl.where(j_ok[None, :], pq, 0.0).to(tl.int32)
         v = tl.load(v_base + (start + rj)[:, None] * svl + rd[None, :], mask=kv_mask, other=0)
-        acc = tl.dot((pq - P_OFF).to(tl.int8), v, acc)
+        acc = tl.dot((pq - P_OFF).to(tl.int8), v, acc, out_dtype=tl.int32)
         vsum += tl.sum(v.to(tl.int32), axis=0)
         psum += tl.sum(pq, axis=1)
     out = (acc.to(tl.float32) + P_OFF * vsum.to(tl.float32)[None, :] + ov * psum.to(tl.float32)[:, None]) * (sp * sv)
