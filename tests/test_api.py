@@ -6,6 +6,7 @@ import torch
 
 import questdiff as qd
 from questdiff import pipelines
+from questdiff.calibration.data import spread_steps
 from questdiff.pipelines import as_image_tensor
 
 from builders import CustomUNet, custom_sampling_loop, ddim_pipeline, psnr, scheduler_loop, tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -47,11 +48,14 @@ def test_w4a4_measurably_worse(psnr_by_preset):
     assert psnr_by_preset["W4A4"] <= psnr_by_preset["W8A8"] - 3.0
 
 
-def test_calibration_selects_uniform_stride(fp_and_calib):
+def test_calibration_spans_the_trajectory(fp_and_calib):
     _, calib = fp_and_calib
     assert len(calib.timesteps) == 10 and len(calib) == 10 * 16
-    gaps = {round(a - b) for a, b in zip(calib.timesteps, calib.timesteps[1:])}
-    assert len(gaps) == 1  # every other DDIM step of a uniform grid, noisiest first
+    grid = ddim_pipeline().scheduler
+    grid.set_timesteps(STEPS)
+    sampler = [float(t) for t in grid.timesteps]
+    assert calib.timesteps == [sampler[i] for i in spread_steps(STEPS, 10)]  # noisiest first, first and last kept
+    assert calib.timesteps[0] == sampler[0] and calib.timesteps[-1] == sampler[-1]
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +92,8 @@ def test_any_scheduler_selects_expected_rows(w8a8_pipe, scheduler, steps):
         assert row == expected, (t, row, expected)
     rows = [row for _, row in seen]
     assert rows[0] == 0 and rows == sorted(rows)  # sampling order walks the rows forward
-    if scheduler == "ddim" and steps == STEPS:  # calibration's own sampler: step 2k uses row k
-        assert rows[::2] == list(range(len(keys)))
+    if scheduler == "ddim" and steps == STEPS:  # calibration's own sampler: the k-th calibrated step uses row k
+        assert [rows[i] for i in spread_steps(STEPS, len(keys))] == list(range(len(keys)))
 
 
 def test_custom_unet_with_generic_adapter():

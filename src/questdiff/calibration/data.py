@@ -125,19 +125,17 @@ class CalibrationSet:
             yield order[start : start + batch_size]
 
     def select(self, calib_steps: int | None = None, samples_per_step: int | None = None, seed: int = 0) -> "CalibrationSet":
-        """Spec §2.2 selection: steps ``0, s, 2s, ...`` (``s = n_steps // calib_steps``, ``calib_steps`` of them) and at
-        most ``samples_per_step`` rows of each (a seeded random subset, so CFG's cond/uncond halves mix evenly)."""
+        """Spec §2.2 selection: ``calib_steps`` recorded sampler steps spread over the whole trajectory
+        (``spread_steps``: always the first and the last step) and at most ``samples_per_step`` rows of each (a
+        seeded random subset, so CFG's cond/uncond halves mix evenly)."""
         steps = sorted(set(self.steps.tolist()))
         if calib_steps is not None:
-            if calib_steps < 1:
-                raise ValueError("calib_steps must be >= 1")
             if calib_steps > len(steps):
                 raise ValueError(
                     f"asked for {calib_steps} calibration steps but only {len(steps)} sampler steps were recorded; "
                     "use fewer calibration steps or sample with more inference steps"
                 )
-            stride = len(steps) // calib_steps
-            steps = [steps[i * stride] for i in range(calib_steps)]
+            steps = [steps[i] for i in spread_steps(len(steps), calib_steps)]
         generator = torch.Generator().manual_seed(seed)
         keep = []
         for step in steps:
@@ -334,10 +332,28 @@ def record_calibration(
         handle.remove()
 
 
+def spread_steps(n_steps: int, calib_steps: int) -> list[int]:
+    """Indices of ``calib_steps`` of ``n_steps`` sampler steps spread evenly over the whole trajectory:
+    ``round(i * (n_steps - 1) / (calib_steps - 1))`` for ``i = 0 .. calib_steps - 1`` (halves rounded up), so the
+    first and the last step are always kept (one step: the first only) and every sampler timestep lies within one
+    calibration gap of a calibrated one.
+
+    The official code (spec §2.2) keeps ``range(0, n, n // calib_steps)`` instead: more steps than asked for when
+    ``calib_steps`` does not divide ``n`` (25 of 50 for 20), and never the last ones; a truncated version of that
+    left samplers outside the calibrated range.
+    """
+    if not 1 <= calib_steps <= n_steps:
+        raise ValueError(f"calib_steps must be between 1 and the {n_steps} sampler steps, got {calib_steps}")
+    if calib_steps == 1:
+        return [0]
+    span = calib_steps - 1
+    return [(2 * i * (n_steps - 1) + span) // (2 * span) for i in range(calib_steps)]
+
+
 def stride_filter(calls_per_run: int, calib_steps: int | None) -> Callable[[int], bool]:
-    """Keep steps ``0, s, 2s, ...`` (``calib_steps`` of them) of runs with ``calls_per_run`` denoiser calls."""
+    """Keep the ``spread_steps`` of runs with ``calls_per_run`` denoiser calls (all of them if ``calib_steps`` is
+    ``None`` or not smaller)."""
     if calib_steps is None or calib_steps >= calls_per_run:
         return lambda step: True
-    stride = calls_per_run // calib_steps
-    keep = {i * stride for i in range(calib_steps)}
+    keep = set(spread_steps(calls_per_run, calib_steps))
     return lambda step: step in keep
