@@ -2,9 +2,9 @@
 
 ``record_calibration(denoiser)`` hooks the denoiser's forward and records every call's arguments by name (x_t, t,
 text/class conditioning including the unconditional half of CFG batches, SDXL's ``added_cond_kwargs``) while ANY
-sampling loop runs. ``collect_calibration(pipe)`` runs a diffusers pipeline inside it and keeps a uniform stride of
-sampler steps. The result is a ``CalibrationSet``: one row per (sample, step), kept in memory or saved as
-safetensors.
+sampling loop runs. ``collect_calibration(pipe)`` runs a diffusers pipeline inside it and keeps sampler steps spread
+over the whole trajectory (``spread_steps``). The result is a ``CalibrationSet``: one row per (sample, step),
+kept in memory or saved as safetensors.
 """
 from __future__ import annotations
 
