@@ -130,3 +130,46 @@ def test_unknown_method_and_missing_calibration(calib):
         qd.quantize(tiny_unet2d(), "W8A8", calib, method="magic", progress=False)
     with pytest.raises(ValueError, match="collect_calibration"):
         qd.quantize(tiny_unet2d(), "W8A8", None)
+
+
+class ColumnTimestepNet(nn.Module):
+    """A denoiser that takes its timestep as a column ``[N, 1]`` (fed straight into a Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.time = nn.Linear(1, 4)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.out = nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.conv(x) + self.time(t / 1000)[:, :, None, None]))
+
+
+def test_replays_the_timestep_layout_it_recorded(tmp_path):
+    model = ColumnTimestepNet()
+    with qd.record_calibration(model, timestep_argument="t") as rec:
+        for t in (900.0, 500.0, 100.0):
+            model(torch.randn(3, 1, 8, 8), torch.full((3, 1), t))
+    calib = rec.result()
+    assert calib.timestep_shape == (-1, 1) and calib.ts.shape == (9,)
+    assert calib.model_kwargs(torch.tensor([0, 4, 8]))["t"].tolist() == [[900], [500], [100]]
+    assert CalibrationSet.load(calib.save(tmp_path / "c.safetensors")).timestep_shape == (-1, 1)
+    qd.quantize(model, "W8A8", calib, adapter=qd.GenericAdapter("t"), progress=False)  # replays [N, 1]
+
+
+def test_replays_a_scalar_timestep_as_a_scalar(calib):
+    assert calib.timestep_shape == ()  # DDIMPipeline passes a 0-dim t
+    one_step = torch.nonzero(calib.steps == 3).flatten()
+    assert calib.model_kwargs(one_step)["timestep"].shape == ()
+    mixed = calib.model_kwargs(torch.tensor([0, 1, 11]))["timestep"]  # rows of two steps cannot share one value
+    assert mixed.shape == (3,) and mixed.tolist() == calib.ts[[0, 1, 11]].long().tolist()
+
+
+def test_timestep_layout_must_not_change():
+    model = ColumnTimestepNet()
+    with qd.record_calibration(model, timestep_argument="t") as rec:
+        model(torch.randn(2, 1, 8, 8), torch.full((2, 1), 900.0))
+        model(torch.randn(1, 1, 8, 8), torch.full((1, 1), 800.0))  # a batch of one agrees with either layout
+        with pytest.raises(ValueError, match=r"changed layout between calls \(\(-1, 1\) -> \(\), -1 = batch\)"):
+            model(torch.randn(2, 1, 8, 8), torch.tensor(700.0))
+    assert rec.result().timestep_shape == (-1, 1)

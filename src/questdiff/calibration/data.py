@@ -37,6 +37,28 @@ def _flatten(prefix: str, value: Any, tensors: dict[str, torch.Tensor], static: 
         static[prefix] = value
 
 
+def _timestep_shape(t: torch.Tensor, batch: int) -> tuple[int, ...]:
+    """The layout of a timestep argument as called, batch dimension written ``-1`` (see ``CalibrationSet``)."""
+    if t.ndim >= 1 and t.shape[0] == batch and t.numel() == batch:
+        return (-1, *t.shape[1:])
+    if t.numel() == 1:
+        return tuple(t.shape)
+    raise ValueError(
+        f"cannot record a timestep argument of shape {tuple(t.shape)} for a batch of {batch}: pass one timestep per "
+        "sample ([N] or [N, 1]) or one for the whole batch"
+    )
+
+
+def _replay_timestep(values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Per-row timesteps ``[B]`` in the recorded layout ``shape``: per sample where the call passed one per sample;
+    one value for the batch where it passed one, unless the rows mix timesteps (then one per sample)."""
+    if -1 in shape:
+        return values.reshape(shape)
+    if bool((values == values[:1]).all()):
+        return values[:1].reshape(shape)
+    return values.reshape(values.shape[0], *shape[1:])
+
+
 def _unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tensors.items():
@@ -59,6 +81,8 @@ class CalibrationSet:
         sample_key: name of the ``x_t`` argument; timestep_key: name of the timestep argument.
         static: non-tensor arguments, identical for every call (e.g. ``return_dict``).
         timestep_is_int: the sampler passed integer timesteps (replayed as int64).
+        timestep_shape: the timestep argument's shape as the sampler passed it, batch dimension written ``-1``:
+            ``(-1,)`` for ``[N]``, ``(-1, 1)`` for ``[N, 1]``, ``()`` for a scalar; ``model_kwargs`` replays it.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -67,6 +91,7 @@ class CalibrationSet:
     timestep_key: str
     static: dict[str, Any] = field(default_factory=dict)
     timestep_is_int: bool = True
+    timestep_shape: tuple[int, ...] = (-1,)
 
     def __len__(self) -> int:
         return int(self.steps.shape[0])
@@ -96,24 +121,28 @@ class CalibrationSet:
             self.timestep_key,
             dict(self.static),
             self.timestep_is_int,
+            self.timestep_shape,
         )
 
     def digest(self) -> str:
         """A short hash of the rows' contents (shapes, sums, sums of squares) and settings, to tell sets apart."""
         described = {k: list(v.shape) for k, v in self.inputs.items()}
-        header = json.dumps([described, self.sample_key, self.timestep_key, self.timestep_is_int], sort_keys=True)
+        header = json.dumps(
+            [described, self.sample_key, self.timestep_key, self.timestep_is_int, list(self.timestep_shape)], sort_keys=True
+        )
         return stats_digest(header, [*self.inputs.values(), self.steps])
 
     def at_timestep(self, t: float) -> "CalibrationSet":
         return self.subset(torch.nonzero(self.ts == t).flatten())
 
     def model_kwargs(self, index: torch.Tensor | slice | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
-        """Keyword arguments for ``denoiser(**kwargs)`` for rows ``index`` (all rows if ``None``)."""
+        """Keyword arguments for ``denoiser(**kwargs)`` for rows ``index`` (all rows if ``None``); the timestep in
+        the layout the sampler passed it (``timestep_shape``)."""
         rows = {k: (v if index is None else v[index]) for k, v in self.inputs.items()}
         if device is not None:
             rows = {k: v.to(device) for k, v in rows.items()}
-        if self.timestep_is_int:
-            rows[self.timestep_key] = rows[self.timestep_key].round().long()
+        t = rows[self.timestep_key]
+        rows[self.timestep_key] = _replay_timestep(t.round().long() if self.timestep_is_int else t, self.timestep_shape)
         return {**_unflatten(rows), **self.static}
 
     def batches(
@@ -190,6 +219,7 @@ class CalibrationSet:
             "sample_key": self.sample_key,
             "timestep_key": self.timestep_key,
             "timestep_is_int": json.dumps(self.timestep_is_int),
+            "timestep_shape": json.dumps(list(self.timestep_shape)),
             "static": json.dumps(self.static),
         }
         with atomic_path(path) as tmp:
@@ -219,6 +249,7 @@ class CalibrationSet:
             meta["timestep_key"],
             json.loads(meta["static"]),
             json.loads(meta["timestep_is_int"]),
+            tuple(json.loads(meta.get("timestep_shape", "[-1]"))),  # sets saved before it was recorded: [N]
         )
 
 
@@ -247,6 +278,8 @@ class CalibrationRecorder:
         self._last_t: float | None = None
         self._step = -1
         self.timestep_is_int = True
+        self.timestep_shape: tuple[int, ...] | None = None
+        self._shape_batch = 0  # batch size of the call that set timestep_shape
         self.calls = 0
         self.calls_per_run = 0
 
@@ -271,7 +304,8 @@ class CalibrationRecorder:
         static: dict[str, Any] = {}
         for name, value in bound.arguments.items():
             if name == self.timestep_key:
-                tensors[name] = t_tensor.float().flatten().expand(batch) if t_tensor.numel() in (1, batch) else t_tensor
+                self._note_timestep_shape(_timestep_shape(t_tensor, batch), batch)
+                tensors[name] = t_tensor.float().flatten().expand(batch)
                 continue
             _flatten(name, value, tensors, static)
         if self._static is None:
@@ -288,6 +322,25 @@ class CalibrationRecorder:
         self._rows.append(row)
         self._steps.append(torch.full((batch,), self._step, dtype=torch.long))
 
+    def _note_timestep_shape(self, shape: tuple[int, ...], batch: int) -> None:
+        """Keep the timestep layout; a batch of one cannot tell ``[1]`` per sample from ``[1]`` for the batch, so it
+        only has to agree with the others up to that, and a larger batch's layout wins."""
+        if self.timestep_shape is None or shape == self.timestep_shape:
+            self.timestep_shape, self._shape_batch = shape, max(batch, self._shape_batch)
+            return
+
+        def one(layout: tuple[int, ...]) -> tuple[int, ...]:
+            return tuple(1 if d == -1 else d for d in layout)
+
+        if 1 in (batch, self._shape_batch) and one(shape) == one(self.timestep_shape):
+            if batch > self._shape_batch:
+                self.timestep_shape, self._shape_batch = shape, batch
+            return
+        raise ValueError(
+            f"the timestep argument changed layout between calls ({self.timestep_shape} -> {shape}, -1 = batch); "
+            "pass it the same way in every call"
+        )
+
     def drop_rows(self, keep_step: Callable[[int], bool]) -> None:
         """Forget stored calls whose step ``keep_step`` rejects."""
         pairs = [(r, s) for r, s in zip(self._rows, self._steps) if keep_step(int(s[0]))]
@@ -303,7 +356,13 @@ class CalibrationRecorder:
         keys = list(self._rows[0])
         inputs = {k: torch.cat([r[k] for r in self._rows]) for k in keys}
         return CalibrationSet(
-            inputs, torch.cat(self._steps), self.sample_key, self.timestep_key, self._static or {}, self.timestep_is_int
+            inputs,
+            torch.cat(self._steps),
+            self.sample_key,
+            self.timestep_key,
+            self._static or {},
+            self.timestep_is_int,
+            (-1,) if self.timestep_shape is None else self.timestep_shape,
         )
 
 
