@@ -173,3 +173,16 @@ def test_timestep_layout_must_not_change():
         with pytest.raises(ValueError, match=r"changed layout between calls \(\(-1, 1\) -> \(\), -1 = batch\)"):
             model(torch.randn(2, 1, 8, 8), torch.tensor(700.0))
     assert rec.result().timestep_shape == (-1, 1)
+
+
+def test_digest_ignores_key_order(tmp_path):
+    rows = {"sample": torch.randn(4, 1, 4, 4), "timestep": torch.tensor([9.0, 9.0, 5.0, 5.0]),
+            "encoder_hidden_states": torch.randn(4, 1, 8)}
+    steps = torch.tensor([0, 0, 1, 1])
+    recorded = CalibrationSet(rows, steps, "sample", "timestep")
+    reordered = CalibrationSet(dict(reversed(list(rows.items()))), steps, "sample", "timestep")
+    loaded = CalibrationSet.load(recorded.save(tmp_path / "c.safetensors"))
+    assert list(loaded.inputs) != list(recorded.inputs)  # safetensors hands the keys back sorted
+    assert recorded.digest() == reordered.digest() == loaded.digest()
+    changed = CalibrationSet({**rows, "encoder_hidden_states": rows["encoder_hidden_states"] + 1}, steps, "sample", "timestep")
+    assert changed.digest() != recorded.digest()

@@ -125,12 +125,14 @@ class CalibrationSet:
         )
 
     def digest(self) -> str:
-        """A short hash of the rows' contents (shapes, sums, sums of squares) and settings, to tell sets apart."""
-        described = {k: list(v.shape) for k, v in self.inputs.items()}
-        header = json.dumps(
-            [described, self.sample_key, self.timestep_key, self.timestep_is_int, list(self.timestep_shape)], sort_keys=True
-        )
-        return stats_digest(header, [*self.inputs.values(), self.steps])
+        """A short hash of the rows' contents (shapes, dtypes, sums, sums of squares) and settings, to tell sets
+        apart. Independent of the order of ``inputs`` (a recorded set and the same set loaded from safetensors,
+        which sorts its keys, agree)."""
+        keys = sorted(self.inputs)
+        described = {k: [list(self.inputs[k].shape), str(self.inputs[k].dtype)] for k in keys}
+        settings = [self.sample_key, self.timestep_key, self.timestep_is_int, list(self.timestep_shape), self.static]
+        header = json.dumps([described, *settings], sort_keys=True, default=str)
+        return stats_digest(header, [*(self.inputs[k] for k in keys), self.steps])
 
     def at_timestep(self, t: float) -> "CalibrationSet":
         return self.subset(torch.nonzero(self.ts == t).flatten())
