@@ -8,7 +8,9 @@ from safetensors.torch import save_file
 import questdiff as qd
 from questdiff import checkpoint
 
-from builders import ddim_pipeline, tiny_unet2d
+from questdiff.digest import file_digest, json_digest
+
+from builders import CustomUNet, custom_sampling_loop, ddim_pipeline, tiny_unet2d
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,15 @@ def test_save_load_bit_exact(saved, calib):
     with torch.no_grad():
         assert torch.equal(unet(**kwargs).sample, restored(**kwargs).sample)
     meta = json.loads((folder / "questdiff.json").read_text())
-    assert meta["quant_config"]["name"] == "W4A4" and meta["method"] == "rtn" and meta["format_version"] == 1
+    assert meta["quant_config"]["name"] == "W4A4" and meta["method"] == "rtn"
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION and set(meta["digests"]) == {"weights", "config"}
+
+
+def _reseal(folder, meta) -> None:
+    """Rewrite questdiff.json with fresh digests, as a save of that content would (a legitimate checkpoint)."""
+    meta["digests"] = {"weights": file_digest(folder / "model.safetensors")}
+    meta["digests"]["config"] = json_digest({k: v for k, v in meta.items() if k != "digests"})
+    (folder / "questdiff.json").write_text(json.dumps(meta))
 
 
 def test_checkpoint_of_another_base_model(saved):
@@ -51,9 +61,9 @@ def test_checkpoint_of_another_config_version(saved):
     (folder / "questdiff.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="version 7"):
         qd.load(folder, base=tiny_unet2d())
-    meta["format_version"] = 1
+    meta["format_version"] = checkpoint.FORMAT_VERSION
     meta["quant_config"]["version"] = 3
-    (folder / "questdiff.json").write_text(json.dumps(meta))
+    _reseal(folder, meta)
     with pytest.raises(ValueError, match="config version 3"):
         qd.load(folder, base=tiny_unet2d())
 
@@ -68,6 +78,7 @@ def test_truncated_or_corrupt_weights(saved):
     with pytest.raises(ValueError, match="truncated or corrupt"):
         qd.load(folder, base=tiny_unet2d())
     save_file({"x": torch.zeros(1)}, str(folder / "model.safetensors"))
+    _reseal(folder, json.loads((folder / "questdiff.json").read_text()))
     with pytest.raises(ValueError, match="does not match the model"):
         qd.load(folder, base=tiny_unet2d())
 
@@ -101,3 +112,45 @@ def test_failed_save_keeps_previous_checkpoint(saved, monkeypatch):
 def test_quantizing_twice_is_refused(saved, calib):
     with pytest.raises(ValueError, match="already quantized"):
         qd.quantize(saved[0], "W8A8", calib, progress=False)
+
+
+def test_bit_flip_in_weights_is_refused(saved):
+    folder = saved[1]
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    data[8 + header + (len(data) - 8 - header) // 2] ^= 0x40  # one bit of one tensor value; the file still parses
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model.safetensors is truncated or corrupt, or was changed after saving"):
+        qd.load(folder, base=tiny_unet2d())
+
+
+def test_hand_edited_config_is_refused(saved):
+    folder = saved[1]
+    meta = json.loads((folder / "questdiff.json").read_text())
+    (folder / "questdiff.json").write_text(json.dumps(meta, indent=4, sort_keys=True))  # layout does not count
+    qd.load(folder, base=tiny_unet2d())
+    meta["quant_config"]["weight"]["bits"] = 2
+    (folder / "questdiff.json").write_text(json.dumps(meta, indent=2))
+    with pytest.raises(ValueError, match=r"questdiff.json was edited or corrupted after saving"):
+        qd.load(folder, base=tiny_unet2d())
+    del meta["digests"]
+    meta["quant_config"]["weight"]["bits"] = 4
+    (folder / "questdiff.json").write_text(json.dumps(meta, indent=2))
+    with pytest.raises(ValueError, match=r"questdiff.json was edited or corrupted after saving"):
+        qd.load(folder, base=tiny_unet2d())
+
+
+def test_adapter_must_match_the_saved_one(saved, tmp_path):
+    with pytest.raises(ValueError, match="was made with adapter"):
+        qd.load(saved[1], base=tiny_unet2d(), adapter=qd.GenericAdapter("timestep"))
+    model = CustomUNet().eval()
+    with qd.record_calibration(model, timestep_argument="noise_level") as rec:
+        custom_sampling_loop(model, n=2, steps=4)
+    fresh = CustomUNet()
+    fresh.load_state_dict(model.state_dict())
+    qd.quantize(model, "W8A8", rec.result(), adapter=qd.GenericAdapter("noise_level"), progress=False)
+    qd.save(model, tmp_path / "generic")
+    with pytest.raises(ValueError, match=r"adapter \{'name': 'generic', 'timestep_argument': 'noise_level'\}"):
+        qd.load(tmp_path / "generic", base=fresh, adapter=qd.GenericAdapter("x"))  # x: the sample argument
+    restored = qd.load(tmp_path / "generic", base=fresh, adapter=qd.GenericAdapter("noise_level"))
+    assert torch.equal(custom_sampling_loop(restored, n=2, steps=4), custom_sampling_loop(model, n=2, steps=4))

@@ -66,3 +66,62 @@ def test_schedule_validation_and_roundtrip():
         TimestepSchedule((1.0, 1.0))
     s = TimestepSchedule(KEYS, "nearest")
     assert TimestepSchedule.from_dict(s.to_dict()) == s
+
+
+# -- the hook reaches the state through the model it is called on (DESIGN §3) ---------------------------------------
+@pytest.fixture(scope="module")
+def quantized_unet():
+    import questdiff as qd
+    from questdiff.calibration import CalibrationSet
+
+    from builders import tiny_unet2d
+
+    timesteps = torch.tensor([900.0, 600.0, 300.0, 50.0]).repeat_interleave(4)
+    calib = CalibrationSet(
+        {"sample": torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)), "timestep": timesteps},
+        torch.arange(4).repeat_interleave(4), "sample", "timestep",
+    )
+    return qd.quantize(tiny_unet2d(), "W4A8", calib, progress=False)
+
+
+def _run(model, t: int) -> torch.Tensor:
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(x, torch.tensor(t)).sample
+
+
+def test_deepcopy_routes_its_own_timestep(quantized_unet):
+    import copy
+
+    _run(quantized_unet, 900)  # leaves row 0 active on the original
+    clone = copy.deepcopy(quantized_unet)
+    _run(quantized_unet, 900)
+    out = _run(clone, 50)
+    reference = _run(quantized_unet, 50)
+    assert not torch.equal(reference, _run(quantized_unet, 900))  # rows differ, so a stale row would show
+    assert torch.equal(out, reference)
+
+
+def test_pickled_and_ema_copies_route_their_own_timestep(quantized_unet):
+    import copy
+    import io
+
+    import questdiff as qd
+
+    _run(quantized_unet, 900)
+    buffer = io.BytesIO()
+    torch.save(quantized_unet, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    ema = copy.deepcopy(quantized_unet)
+    ema.load_state_dict(quantized_unet.state_dict())
+    _run(quantized_unet, 900)
+    reference = _run(quantized_unet, 50)
+    assert torch.equal(_run(restored, 50), reference)
+    assert torch.equal(_run(ema, 50), reference)
+    moved = copy.deepcopy(quantized_unet).to(torch.float64)
+    _run(quantized_unet, 900)
+    with torch.no_grad():
+        out = moved(torch.zeros(1, 1, 16, 16, dtype=torch.float64), torch.tensor(50)).sample
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    assert qd.handle(moved).state.index == 3 and qd.handle(quantized_unet).state.index == 0

@@ -1,6 +1,8 @@
 """Save / load quantized denoisers: ``model.safetensors`` (the full state, so finetuned weights and every
 quantizer row restore bit-exactly) + ``questdiff.json`` (versioned config, schedule, adapter, method, base-model
-fingerprint). No pickle. Files are written atomically, so a crash never leaves a half-written checkpoint.
+fingerprint, and sha256 digests of the weights file and of its own content). No pickle. Files are written
+atomically, so a crash never leaves a half-written checkpoint; ``load`` verifies both digests, so a corrupted or
+hand-edited checkpoint is refused instead of sampling garbage.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters import ModelAdapter
+from .adapters import ModelAdapter, get_adapter
 from .config import QuantConfig
+from .digest import file_digest, json_digest
 from .io_utils import atomic_path, atomic_write_text, ensure_writable_dir
 from .prepare import fingerprint, handle, prepare
 from .timestep import TimestepSchedule
@@ -23,7 +26,9 @@ from .timestep import TimestepSchedule
 logger = logging.getLogger(__name__)
 
 FORMAT = "questdiff"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added "digests"; version 1 checkpoints still load, unverified, with a warning
+READABLE_VERSIONS = (1, 2)
+DIGESTS = "digests"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "questdiff.json"
 
@@ -56,7 +61,14 @@ def load_state(model: nn.Module, path: Path) -> None:
     except (SafetensorError, OSError, RuntimeError) as err:
         raise ValueError(f"checkpoint file {path} is truncated or corrupt ({err}); re-save or re-quantize the model") from err
     device = next(model.parameters()).device
-    result = model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
+    try:
+        result = model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        detail = str(err).strip().splitlines()[1].strip() if "\n" in str(err).strip() else str(err)
+        raise ValueError(
+            f"checkpoint {path} does not match the model ({detail}); load it onto the base model it was made from, "
+            "with the adapter it was quantized with"
+        ) from err
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"checkpoint {path} does not match the model (missing {result.missing_keys[:5]}, unexpected "
@@ -83,11 +95,23 @@ def metadata(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _content(meta: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``questdiff.json`` its config digest covers: everything but the digests."""
+    return {k: v for k, v in meta.items() if k != DIGESTS}
+
+
+def _digests(meta: dict[str, Any]) -> dict[str, Any]:
+    digests = meta.get(DIGESTS)
+    return digests if isinstance(digests, dict) else {}
+
+
 def save(model: nn.Module, directory: str | Path) -> Path:
     """Write a quantized denoiser to ``directory`` (created if needed); returns the folder."""
     directory = ensure_writable_dir(directory)
     save_state(model, directory / WEIGHTS_NAME)
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(metadata(model), indent=2))
+    meta = json.loads(json.dumps(metadata(model)))  # the digest covers exactly what a reader gets back
+    meta[DIGESTS] = {"weights": file_digest(directory / WEIGHTS_NAME), "config": json_digest(meta)}
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2))
     logger.info("saved quantized %s to %s", type(model).__name__, directory)
     return directory
 
@@ -101,12 +125,32 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is corrupt ({err}); re-save the quantized model") from err
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(
             f"{path} has format {meta.get('format')!r} version {meta.get('format_version')!r}; this questdiff reads "
-            f"{FORMAT!r} version {FORMAT_VERSION}: re-quantize the model with this version"
+            f"{FORMAT!r} versions {list(READABLE_VERSIONS)}: re-quantize the model with this version"
+        )
+    if meta["format_version"] == 1:
+        logger.warning("%s predates content digests: its files cannot be verified; re-save it to add them", path)
+    elif json_digest(_content(meta)) != _digests(meta).get("config") or "weights" not in _digests(meta):
+        raise ValueError(
+            f"{path} was edited or corrupted after saving (its content does not match its digest); restore the file "
+            "questdiff.save wrote, or re-save / re-quantize the model"
         )
     return meta
+
+
+def _verify_weights(directory: Path, meta: dict[str, Any]) -> None:
+    path = directory / WEIGHTS_NAME
+    expected = _digests(meta).get("weights")
+    if expected is None or not path.is_file():  # version 1 (warned), or missing (load_state names it)
+        return
+    found = file_digest(path)
+    if found != expected:
+        raise ValueError(
+            f"{path} is truncated or corrupt, or was changed after saving ({found[:19]}... does not match "
+            f"{expected[:19]}... in {CONFIG_NAME}); re-save or re-quantize the model"
+        )
 
 
 def load(
@@ -116,10 +160,11 @@ def load(
 ) -> nn.Module:
     """Restore a quantized denoiser onto ``base`` (a fresh copy of the FP model it was made from), in place.
 
-    Raises ``ValueError`` if the checkpoint belongs to another base model or config version, or its weights file
-    is truncated/corrupt.
+    Raises ``ValueError`` if the checkpoint belongs to another base model, adapter or config version, or a file
+    does not match its saved digest (truncated, corrupt or edited).
     """
     meta = read_metadata(directory)
+    _verify_weights(Path(directory), meta)
     found = fingerprint(base)
     if meta["base_fingerprint"] != found:
         raise ValueError(
@@ -130,6 +175,13 @@ def load(
         raise ValueError(
             f"checkpoint {directory} was made with a GenericAdapter: pass the same adapter, e.g. "
             f"adapter=GenericAdapter(timestep_argument={meta['adapter'].get('timestep_argument')!r}, ...)"
+        )
+    adapter = adapter or get_adapter(base)
+    given = json.loads(json.dumps(adapter.to_dict()))
+    if given != meta["adapter"]:
+        raise ValueError(
+            f"checkpoint {directory} was made with adapter {meta['adapter']} but load got {given}; pass the adapter "
+            "it was quantized with"
         )
     config = QuantConfig.from_dict(meta["quant_config"])
     schedule = TimestepSchedule.from_dict(meta["schedule"])

@@ -148,7 +148,7 @@ def prepare(
         schedule = TimestepSchedule(schedule.timesteps[:1], schedule.rule)
     state = TimestepState(schedule)
     rows = len(schedule)
-    hook = install_timestep_hook(model, state, adapter.timestep_argument)
+    hook = install_timestep_hook(model, adapter.timestep_argument, HANDLE_ATTR)
     for name, info in layers.items():
         layer = model.get_submodule(name)
         # new quantizer parameters follow the layer's device and dtype

@@ -183,38 +183,62 @@ class TimestepState:
             yield index
 
 
-def timestep_getter(forward: Callable[..., Any], name: str) -> Callable[[tuple, dict], Any]:
+class TimestepArgument:
+    """Picks the timestep out of a forward call's ``(args, kwargs)``: by keyword ``name``, else at ``position``.
+
+    A plain module-level class (not a closure) so that deep copies and pickles of a hooked model keep working.
+    """
+
+    def __init__(self, name: str, position: int) -> None:
+        self.name, self.position = name, position
+
+    def __call__(self, args: tuple, kwargs: dict) -> Any:
+        if self.name in kwargs:
+            return kwargs[self.name]
+        if self.position < len(args):
+            return args[self.position]
+        raise TimestepError(f"the denoiser was called without its timestep argument {self.name!r}")
+
+
+def timestep_getter(forward: Callable[..., Any], name: str) -> TimestepArgument:
     """Function ``(args, kwargs) -> timestep value`` for a forward signature and argument ``name``.
 
     Raises ``ValueError`` naming the available arguments if ``forward`` has no parameter ``name``.
     """
-    signature = inspect.signature(forward)
-    params = list(signature.parameters)
+    params = list(inspect.signature(forward).parameters)
     if name not in params:
         raise ValueError(
             f"the denoiser's forward has no argument {name!r} (it has {params}); pass the name of the argument that "
             "carries the diffusion timestep, e.g. GenericAdapter(timestep_argument='t')"
         )
-    position = params.index(name)
-
-    def get(args: tuple, kwargs: dict) -> Any:
-        if name in kwargs:
-            return kwargs[name]
-        if position < len(args):
-            return args[position]
-        raise TimestepError(f"the denoiser was called without its timestep argument {name!r}")
-
-    return get
+    return TimestepArgument(name, params.index(name))
 
 
-def install_timestep_hook(model: nn.Module, state: TimestepState, timestep_argument: str) -> torch.utils.hooks.RemovableHandle:
-    """Register the forward pre-hook that selects the active row from the timestep argument."""
-    get = timestep_getter(model.forward, timestep_argument)
+class TimestepHook:
+    """Forward pre-hook that selects the active row from the timestep argument.
+
+    It reaches the ``TimestepState`` through the module it is called on (``getattr(module, owner).state``), never
+    through a reference of its own, so a ``copy.deepcopy``, an EMA copy or an unpickled model routes its own
+    quantizers, not the original's (DESIGN §3).
+    """
+
+    def __init__(self, argument: TimestepArgument, owner: str) -> None:
+        self.argument, self.owner = argument, owner
 
     # never traced by torch.compile: the row lookup reads timesteps on the host, and compiled code reads the row
     # through ``TimestepState.index_tensor`` (one graph for every timestep instead of one per row)
     @torch.compiler.disable
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        state.set_timestep(get(args, kwargs))
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        holder = getattr(module, self.owner, None)
+        if holder is None:
+            raise TimestepError(f"{type(module).__name__} has a timestep hook but no {self.owner!r} state holder")
+        holder.state.set_timestep(self.argument(args, kwargs))
 
+
+def install_timestep_hook(model: nn.Module, timestep_argument: str, owner: str) -> torch.utils.hooks.RemovableHandle:
+    """Register the forward pre-hook that selects the active row from the timestep argument.
+
+    ``owner`` is the attribute of ``model`` whose ``.state`` is the ``TimestepState`` (e.g. ``"_questdiff"``).
+    """
+    hook = TimestepHook(timestep_getter(model.forward, timestep_argument), owner)
     return model.register_forward_pre_hook(hook, with_kwargs=True)

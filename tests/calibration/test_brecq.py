@@ -1,10 +1,14 @@
 """BRECQ: units in forward order, every weight hard-rounded afterwards, loss below round-to-nearest, data orders."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from builders import tiny_unet2d
 
 import questdiff as qd
+from questdiff.calibration import brecq
 from questdiff.calibration.brecq import (
     BrecqConfig,
     _batch_index,
@@ -13,6 +17,7 @@ from questdiff.calibration.brecq import (
     reconstruction_units,
     unit_loss,
 )
+from questdiff.calibration.brecq import capture as brecq_capture  # the original, for the spy
 from questdiff.calibration.weights import init_weights
 from questdiff.config import preset
 from questdiff.nn.adaround import AdaRoundQuantizer
@@ -61,11 +66,32 @@ def test_sequential_order_sweeps_timestep_shards():
     assert len(seen & set(range(48, 64))) > 0 and len(seen & set(range(16))) > 0
 
 
-def test_cpu_bf16_storage_and_sample_cap(unet, calib):
-    _prepared(unet, calib)
-    config = BrecqConfig(iters=2, batch_size=4, storage="cpu", storage_dtype="bfloat16", max_samples=8, order="sequential")
-    results = reconstruct(unet, calib, config, progress=False)
-    assert all(r.loss == r.loss for r in results)  # finite
+def test_cpu_bf16_storage_and_sample_cap(calib, monkeypatch):
+    captures = []
+
+    def spy(*args, **kwargs):
+        captures.append((args[3], brecq_capture(*args, **kwargs)))  # (row parts, Captured)
+        return captures[-1][1]
+
+    monkeypatch.setattr(brecq, "capture", spy)
+
+    def run(**storage):
+        config = BrecqConfig(iters=2, batch_size=4, max_samples=8, order="sequential", **storage)
+        return reconstruct(_prepared(tiny_unet2d(), calib), calib, config, progress=False)
+
+    fp32 = run()
+    captures.clear()
+    bf16 = run(storage="cpu", storage_dtype="bfloat16")
+    # the cap: 8 rows, spread evenly (2 of each of the 4 timesteps)
+    for parts, captured in captures:
+        assert captured.count == 8 and [len(p) for p in parts] == [2, 2, 2, 2]
+        assert [len(set(calib.ts[p].tolist())) for p in parts] == [1, 1, 1, 1]
+    floats = [leaf for _, c in captures for leaf, batched in zip(c.leaves, c.batched) if batched and leaf.is_floating_point()]
+    assert floats and all(leaf.dtype == torch.bfloat16 and leaf.device.type == "cpu" for leaf in floats)
+    # bfloat16 storage moves the losses only by its rounding (about 3 significant digits)
+    assert [r.name for r in bf16] == [r.name for r in fp32]
+    for a, b in zip(fp32, bf16):
+        assert math.isfinite(b.loss) and b.rtn_loss == pytest.approx(a.rtn_loss, rel=0.05, abs=1e-6), a.name
 
 
 def test_qdiffusion_method_runs_its_stages(unet, calib):

@@ -1,9 +1,11 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import questdiff as qd
 from questdiff.calibration import CalibrationSet
+from questdiff.calibration.data import spread_steps
 
 from builders import CustomUNet, custom_sampling_loop, ddim_pipeline, tiny_cond_unet, tiny_unet2d
 
@@ -20,16 +22,48 @@ def test_records_every_step_of_every_trajectory(calib):
     assert calib.timestep_is_int and calib.static == {}  # DDIMPipeline passes (sample, t) only
 
 
-def test_select_stride_and_samples_per_step(calib):
+def test_spread_steps_span_the_trajectory():
+    for n in range(1, 60):
+        for k in range(1, n + 1):
+            steps = spread_steps(n, k)
+            assert len(steps) == k and steps == sorted(set(steps)) and steps[0] == 0
+            if k > 1:  # the last step is kept and the gaps differ by at most one
+                gaps = {b - a for a, b in zip(steps, steps[1:])}
+                assert steps[-1] == n - 1 and max(gaps) - min(gaps) <= 1
+    assert spread_steps(10, 5) == [0, 2, 5, 7, 9] and spread_steps(20, 20) == list(range(20))
+    with pytest.raises(ValueError, match="between 1 and the 10 sampler steps"):
+        spread_steps(10, 0)
+
+
+def test_select_spread_and_samples_per_step(calib):
     sub = calib.select(calib_steps=5, samples_per_step=3)
-    assert sorted(set(sub.steps.tolist())) == [0, 2, 4, 6, 8] and len(sub) == 15
+    assert sorted(set(sub.steps.tolist())) == spread_steps(10, 5) and len(sub) == 15
     with pytest.raises(ValueError, match="only 10 sampler steps"):
         calib.select(calib_steps=11)
 
 
-def test_collect_with_stride_stores_only_kept_steps():
+def test_collect_with_spread_stores_only_kept_steps():
     calib = qd.collect_calibration(ddim_pipeline(), num_samples=3, calib_steps=5, num_inference_steps=10, batch_size=2, progress=False)
-    assert sorted(set(calib.steps.tolist())) == [0, 2, 4, 6, 8] and len(calib) == 15
+    assert sorted(set(calib.steps.tolist())) == spread_steps(10, 5) and len(calib) == 15
+
+
+def test_selected_steps_cover_the_same_sampler():
+    """The README's generic recipe: 20 of 50 recorded steps, then sampling with the same 50-step sampler."""
+    model = CustomUNet().eval()
+    with qd.record_calibration(model, timestep_argument="noise_level") as rec:
+        custom_sampling_loop(model, n=2, steps=50)
+    calib = rec.result().select(calib_steps=20)
+    qd.quantize(model, "W8A8", calib, adapter=qd.GenericAdapter("noise_level"), progress=False)
+    assert torch.isfinite(custom_sampling_loop(model, n=2, steps=50)).all()
+
+
+def test_collected_steps_cover_the_same_sampler():
+    """``questdiff quantize --calib-steps 8`` on a 20-step sampler, then ``questdiff sample`` with that sampler."""
+    pipe = ddim_pipeline()
+    calib = qd.collect_calibration(pipe, num_samples=2, calib_steps=8, num_inference_steps=20, progress=False)
+    qd.quantize(pipe.unet, "W8A8", calib, progress=False)
+    images = pipe(batch_size=1, num_inference_steps=20, output_type="np").images
+    assert np.isfinite(images).all()
 
 
 def test_save_load_roundtrip(calib, tmp_path):
@@ -157,3 +191,59 @@ def test_caption_width_of_models_that_project_captions():
     rows["encoder_hidden_states"] = torch.randn(2, 3, 16)
     with pytest.raises(ValueError, match="cross-attends to width 12"):
         CalibrationSet(rows, torch.zeros(2, dtype=torch.long), "hidden_states", "timestep").validate(model)
+
+
+class ColumnTimestepNet(nn.Module):
+    """A denoiser that takes its timestep as a column ``[N, 1]`` (fed straight into a Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.time = nn.Linear(1, 4)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.out = nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.conv(x) + self.time(t / 1000)[:, :, None, None]))
+
+
+def test_replays_the_timestep_layout_it_recorded(tmp_path):
+    model = ColumnTimestepNet()
+    with qd.record_calibration(model, timestep_argument="t") as rec:
+        for t in (900.0, 500.0, 100.0):
+            model(torch.randn(3, 1, 8, 8), torch.full((3, 1), t))
+    calib = rec.result()
+    assert calib.timestep_shape == (-1, 1) and calib.ts.shape == (9,)
+    assert calib.model_kwargs(torch.tensor([0, 4, 8]))["t"].tolist() == [[900], [500], [100]]
+    assert CalibrationSet.load(calib.save(tmp_path / "c.safetensors")).timestep_shape == (-1, 1)
+    qd.quantize(model, "W8A8", calib, adapter=qd.GenericAdapter("t"), progress=False)  # replays [N, 1]
+
+
+def test_replays_a_scalar_timestep_as_a_scalar(calib):
+    assert calib.timestep_shape == ()  # DDIMPipeline passes a 0-dim t
+    one_step = torch.nonzero(calib.steps == 3).flatten()
+    assert calib.model_kwargs(one_step)["timestep"].shape == ()
+    mixed = calib.model_kwargs(torch.tensor([0, 1, 11]))["timestep"]  # rows of two steps cannot share one value
+    assert mixed.shape == (3,) and mixed.tolist() == calib.ts[[0, 1, 11]].long().tolist()
+
+
+def test_timestep_layout_must_not_change():
+    model = ColumnTimestepNet()
+    with qd.record_calibration(model, timestep_argument="t") as rec:
+        model(torch.randn(2, 1, 8, 8), torch.full((2, 1), 900.0))
+        model(torch.randn(1, 1, 8, 8), torch.full((1, 1), 800.0))  # a batch of one agrees with either layout
+        with pytest.raises(ValueError, match=r"changed layout between calls \(\(-1, 1\) -> \(\), -1 = batch\)"):
+            model(torch.randn(2, 1, 8, 8), torch.tensor(700.0))
+    assert rec.result().timestep_shape == (-1, 1)
+
+
+def test_digest_ignores_key_order(tmp_path):
+    rows = {"sample": torch.randn(4, 1, 4, 4), "timestep": torch.tensor([9.0, 9.0, 5.0, 5.0]),
+            "encoder_hidden_states": torch.randn(4, 1, 8)}
+    steps = torch.tensor([0, 0, 1, 1])
+    recorded = CalibrationSet(rows, steps, "sample", "timestep")
+    reordered = CalibrationSet(dict(reversed(list(rows.items()))), steps, "sample", "timestep")
+    loaded = CalibrationSet.load(recorded.save(tmp_path / "c.safetensors"))
+    assert list(loaded.inputs) != list(recorded.inputs)  # safetensors hands the keys back sorted
+    assert recorded.digest() == reordered.digest() == loaded.digest()
+    changed = CalibrationSet({**rows, "encoder_hidden_states": rows["encoder_hidden_states"] + 1}, steps, "sample", "timestep")
+    assert changed.digest() != recorded.digest()

@@ -12,6 +12,7 @@ from quest_helpers import outputs_per_timestep
 
 import questdiff as qd
 from questdiff.calibration import BrecqConfig, CMAConfig, TLAConfig, quest
+from questdiff.calibration.cma import cma_objective, critical_layers
 from questdiff.calibration.methods import method_stages, share_stages
 from questdiff.calibration.quest import resolve_options
 from questdiff.nn.adaround import AdaRoundQuantizer
@@ -118,9 +119,17 @@ def test_save_load_round_trip_is_bit_exact(calib, quest_model, tmp_path):
     assert torch.equal(outputs_per_timestep(loaded, calib), outputs_per_timestep(quest_model, calib))
 
 
-def test_global_loss_ablation_option(unet, calib):
+def test_global_loss_ablation_option(unet, calib, quest_model):
     _quest(unet, calib, global_loss=False, cma=CMAConfig(epochs=1, samples_per_t=4, eval_samples_per_t=2))
-    assert handle(unet).extra["calibration"]["cma"]["loss_before"] > 0
+    without, full = handle(unet).extra["calibration"], handle(quest_model).extra["calibration"]
+    # the same seed gives TLA the same starting model in both runs: dropping the global output term lowers its
+    # starting loss by exactly that term, which is positive for a W4A4 model
+    assert 0 < without["tla"]["loss_before"] < full["tla"]["loss_before"]
+    # CMA's objective drops it too
+    family, layers = critical_layers(unet, calib, resolve_options({"global_loss": False}).cma, device="cpu")
+    assert cma_objective(unet, layers, family, resolve_options({"global_loss": False}).cma).global_weight == 0.0
+    assert cma_objective(unet, layers, family, resolve_options({}).cma).global_weight > 0.0
+    assert 0 < without["cma"]["loss_before"] < float("inf")
 
 
 def test_cli_quantize_quest(tmp_path):

@@ -101,3 +101,42 @@ def test_clip_errors_name_the_fix(tmp_path, images) -> None:
         standard.clip_score(images[:2], ["a", "b"], tmp_path)
     with pytest.raises(ValueError, match="one caption per image"):
         standard.clip_score(images[:2], ["a"], tmp_path)
+
+
+class _RandomPool3(torch.nn.Module):
+    """A small random network with pytorch-fid ``InceptionV3``'s interface: ``[N, 3, H, W]`` -> ``[[N, 2048, 1, 1]]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(16, standard.INCEPTION_DIM, 1), torch.nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.body(2 * x - 1)]
+
+
+def test_inception_fid_path_on_a_random_network(images) -> None:
+    """The FID path below pytorch-fid's network (runs everywhere; the network itself is tested above when
+    pytorch-fid is installed)."""
+    from questdiff.eval.generative import _Precomputed
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    network = _RandomPool3()
+    pool3 = standard.InceptionPool3(None, network=network)
+    a, b = images[:6], images[6:12]
+    with torch.no_grad():  # grey images are repeated to 3 channels; features are [N, 2048] float64
+        features = pool3(a)
+        torch.testing.assert_close(features, network(a.expand(-1, 3, -1, -1))[0].flatten(1).double())
+        fb = pool3(b)
+    assert features.shape == (6, standard.INCEPTION_DIM) and features.dtype == torch.float64
+    # batches of 4 over 6 images, "other" after "same" (the reset must keep the reference statistics): the same
+    # value as torchmetrics on the features in one batch
+    scores = standard.inception_fid({"same": a, "other": b}, a, pool3, batch_size=4)
+    metric = FrechetInceptionDistance(feature=_Precomputed(standard.INCEPTION_DIM))
+    metric.update(features, real=True)
+    metric.update(fb, real=False)
+    assert scores["other"] == pytest.approx(float(metric.compute()), rel=1e-5) and scores["other"] > 0
+    assert abs(scores["same"]) < 1e-3 * scores["other"]
+    with pytest.raises(ValueError, match="unsqueeze"):
+        standard.inception_fid({"bad": a[:, 0]}, a, pool3)

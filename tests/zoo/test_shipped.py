@@ -6,7 +6,10 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from questdiff import zoo
+from questdiff.pipelines import is_class_conditional
 from questdiff.zoo.registry import DIFFUSION_KINDS, SPECS, WEIGHTS_ROOT, is_shipped, shared_components
+
+from builders import psnr
 
 PIPELINES = [n for n, s in SPECS.items() if s.kind in DIFFUSION_KINDS]
 FEATURE_NETS = [n for n, s in SPECS.items() if s.kind not in DIFFUSION_KINDS]
@@ -50,14 +53,27 @@ def test_pipeline_samples(pipes, name):
 
 
 @pytest.mark.parametrize("scheduler_cls", [DPMSolverMultistepScheduler, EulerDiscreteScheduler])
-def test_swapped_scheduler(pipes, scheduler_cls):
+def test_swapped_scheduler_samples_the_same_images(pipes, scheduler_cls):
+    """Deterministic samplers from the same noise land on nearly the same images as DDIM. Measured on the default
+    model at 10 steps: DPM-Solver++ 32.9 dB, Euler 39.4 dB; Euler with its noise scaled by ``init_noise_sigma``
+    before ``set_timesteps`` (the old zoo loop): 6.7 dB, or 19.9 dB after a run with another step count."""
     pipe = pipes(zoo.DEFAULT_MODEL)
+    kwargs = {"class_labels": [0, 5, 7]} if is_class_conditional(pipe) else {"batch_size": 3}
+
+    def sample(steps: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return pipe(num_inference_steps=steps, generator=generator, output_type="pt", **kwargs).images
+
+    reference = sample(10)
     original = pipe.scheduler
     pipe.scheduler = scheduler_cls.from_config(original.config)
     try:
-        _check_images(pipe(batch_size=2, num_inference_steps=4, output_type="pt").images, 2)
+        sample(3)  # a run with another step count must not leak into the next
+        images = sample(10)
     finally:
         pipe.scheduler = original
+    _check_images(images, 3)
+    assert psnr(reference, images) > 28.0
 
 
 def test_class_labels_and_guidance(pipes):

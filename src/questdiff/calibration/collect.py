@@ -29,14 +29,17 @@ def collect_calibration(
     progress: bool = True,
     **call_kwargs: Any,
 ) -> CalibrationSet:
-    """Run ``pipe`` for ``num_samples`` trajectories and return the denoiser inputs of ``calib_steps`` uniformly
-    strided sampler steps (all steps if ``None``), at most ``samples_per_step`` rows per step.
+    """Run ``pipe`` for ``num_samples`` trajectories and return the denoiser inputs of ``calib_steps`` sampler steps
+    spread over the whole trajectory, the first and the last included (``spread_steps``; all steps if ``None``), at
+    most ``samples_per_step`` rows per step.
 
     With classifier-free guidance each step records both the conditional and the unconditional rows (the spec's
     cond + uncond duplication). Sampler settings (steps, guidance, eta) default to the pipeline's own.
     """
     if num_samples < 1:
         raise ValueError("num_samples must be >= 1")
+    if calib_steps is not None and calib_steps < 1:
+        raise ValueError(f"calib_steps must be >= 1 (or None for every sampler step), got {calib_steps}")
     denoiser = pipelines.denoiser_of(pipe)
     batch_size = batch_size or min(num_samples, 64)
     pipelines.quiet(pipe)

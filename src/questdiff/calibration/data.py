@@ -2,9 +2,9 @@
 
 ``record_calibration(denoiser)`` hooks the denoiser's forward and records every call's arguments by name (x_t, t,
 text/class conditioning including the unconditional half of CFG batches, SDXL's ``added_cond_kwargs``) while ANY
-sampling loop runs. ``collect_calibration(pipe)`` runs a diffusers pipeline inside it and keeps a uniform stride of
-sampler steps. The result is a ``CalibrationSet``: one row per (sample, step), kept in memory or saved as
-safetensors.
+sampling loop runs. ``collect_calibration(pipe)`` runs a diffusers pipeline inside it and keeps sampler steps spread
+over the whole trajectory (``spread_steps``). The result is a ``CalibrationSet``: one row per (sample, step),
+kept in memory or saved as safetensors.
 """
 from __future__ import annotations
 
@@ -37,6 +37,28 @@ def _flatten(prefix: str, value: Any, tensors: dict[str, torch.Tensor], static: 
         static[prefix] = value
 
 
+def _timestep_shape(t: torch.Tensor, batch: int) -> tuple[int, ...]:
+    """The layout of a timestep argument as called, batch dimension written ``-1`` (see ``CalibrationSet``)."""
+    if t.ndim >= 1 and t.shape[0] == batch and t.numel() == batch:
+        return (-1, *t.shape[1:])
+    if t.numel() == 1:
+        return tuple(t.shape)
+    raise ValueError(
+        f"cannot record a timestep argument of shape {tuple(t.shape)} for a batch of {batch}: pass one timestep per "
+        "sample ([N] or [N, 1]) or one for the whole batch"
+    )
+
+
+def _replay_timestep(values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Per-row timesteps ``[B]`` in the recorded layout ``shape``: per sample where the call passed one per sample;
+    one value for the batch where it passed one, unless the rows mix timesteps (then one per sample)."""
+    if -1 in shape:
+        return values.reshape(shape)
+    if bool((values == values[:1]).all()):
+        return values[:1].reshape(shape)
+    return values.reshape(values.shape[0], *shape[1:])
+
+
 def _unflatten(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tensors.items():
@@ -61,6 +83,8 @@ class CalibrationSet:
         timestep_is_int: the sampler passed integer timesteps (replayed as int64).
         constants: tensor arguments without a batch dimension, identical for every call (e.g. FLUX's ``img_ids``
             ``[tokens, 3]``), replayed as they are.
+        timestep_shape: the timestep argument's shape as the sampler passed it, batch dimension written ``-1``:
+            ``(-1,)`` for ``[N]``, ``(-1, 1)`` for ``[N, 1]``, ``()`` for a scalar; ``model_kwargs`` replays it.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -70,6 +94,7 @@ class CalibrationSet:
     static: dict[str, Any] = field(default_factory=dict)
     timestep_is_int: bool = True
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    timestep_shape: tuple[int, ...] = (-1,)
 
     def __len__(self) -> int:
         return int(self.steps.shape[0])
@@ -100,28 +125,33 @@ class CalibrationSet:
             dict(self.static),
             self.timestep_is_int,
             dict(self.constants),
+            self.timestep_shape,
         )
 
     def digest(self) -> str:
-        """A short hash of the rows' contents (shapes, sums, sums of squares) and settings, to tell sets apart."""
-        described = {k: list(v.shape) for k, v in self.inputs.items()}
-        header = json.dumps([described, self.sample_key, self.timestep_key, self.timestep_is_int], sort_keys=True)
-        if self.constants:  # (kept out of the header otherwise, so digests of sets without constants are unchanged)
-            header += json.dumps({k: list(v.shape) for k, v in self.constants.items()}, sort_keys=True)
-        # in key order: a set loaded from disk (keys sorted) has the digest of the recorded one
-        tensors = [v for _, v in sorted(self.inputs.items())] + [self.steps] + [v for _, v in sorted(self.constants.items())]
-        return stats_digest(header, tensors)
+        """A short hash of the rows' contents (shapes, dtypes, sums, sums of squares) and settings, to tell sets
+        apart. Independent of the order of ``inputs`` (a recorded set and the same set loaded from safetensors,
+        which sorts its keys, agree)."""
+        keys = sorted(self.inputs)
+        described = {k: [list(self.inputs[k].shape), str(self.inputs[k].dtype)] for k in keys}
+        settings = [self.sample_key, self.timestep_key, self.timestep_is_int, list(self.timestep_shape), self.static]
+        header = json.dumps([described, *settings], sort_keys=True, default=str)
+        constants = sorted(self.constants)
+        if constants:  # (kept out of the header otherwise, so digests of sets without constants are unchanged)
+            header += json.dumps({k: list(self.constants[k].shape) for k in constants})
+        return stats_digest(header, [*(self.inputs[k] for k in keys), self.steps, *(self.constants[k] for k in constants)])
 
     def at_timestep(self, t: float) -> "CalibrationSet":
         return self.subset(torch.nonzero(self.ts == t).flatten())
 
     def model_kwargs(self, index: torch.Tensor | slice | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
-        """Keyword arguments for ``denoiser(**kwargs)`` for rows ``index`` (all rows if ``None``)."""
+        """Keyword arguments for ``denoiser(**kwargs)`` for rows ``index`` (all rows if ``None``); the timestep in
+        the layout the sampler passed it (``timestep_shape``)."""
         rows = {k: (v if index is None else v[index]) for k, v in self.inputs.items()}
         if device is not None:
             rows = {k: v.to(device) for k, v in rows.items()}
-        if self.timestep_is_int:
-            rows[self.timestep_key] = rows[self.timestep_key].round().long()
+        t = rows[self.timestep_key]
+        rows[self.timestep_key] = _replay_timestep(t.round().long() if self.timestep_is_int else t, self.timestep_shape)
         constants = {k: v if device is None else v.to(device) for k, v in self.constants.items()}
         return {**_unflatten({**rows, **constants}), **self.static}
 
@@ -134,19 +164,17 @@ class CalibrationSet:
             yield order[start : start + batch_size]
 
     def select(self, calib_steps: int | None = None, samples_per_step: int | None = None, seed: int = 0) -> "CalibrationSet":
-        """Spec §2.2 selection: steps ``0, s, 2s, ...`` (``s = n_steps // calib_steps``, ``calib_steps`` of them) and at
-        most ``samples_per_step`` rows of each (a seeded random subset, so CFG's cond/uncond halves mix evenly)."""
+        """Spec §2.2 selection: ``calib_steps`` recorded sampler steps spread over the whole trajectory
+        (``spread_steps``: always the first and the last step) and at most ``samples_per_step`` rows of each (a
+        seeded random subset, so CFG's cond/uncond halves mix evenly)."""
         steps = sorted(set(self.steps.tolist()))
         if calib_steps is not None:
-            if calib_steps < 1:
-                raise ValueError("calib_steps must be >= 1")
             if calib_steps > len(steps):
                 raise ValueError(
                     f"asked for {calib_steps} calibration steps but only {len(steps)} sampler steps were recorded; "
                     "use fewer calibration steps or sample with more inference steps"
                 )
-            stride = len(steps) // calib_steps
-            steps = [steps[i * stride] for i in range(calib_steps)]
+            steps = [steps[i] for i in spread_steps(len(steps), calib_steps)]
         generator = torch.Generator().manual_seed(seed)
         keep = []
         for step in steps:
@@ -205,6 +233,7 @@ class CalibrationSet:
             "sample_key": self.sample_key,
             "timestep_key": self.timestep_key,
             "timestep_is_int": json.dumps(self.timestep_is_int),
+            "timestep_shape": json.dumps(list(self.timestep_shape)),
             "static": json.dumps(self.static),
         }
         with atomic_path(path) as tmp:
@@ -237,6 +266,7 @@ class CalibrationSet:
             json.loads(meta["static"]),
             json.loads(meta["timestep_is_int"]),
             prefixed(f"constants{_SEP}"),
+            tuple(json.loads(meta.get("timestep_shape", "[-1]"))),  # sets saved before it was recorded: [N]
         )
 
 
@@ -269,6 +299,8 @@ class CalibrationRecorder:
         self._last_t: float | None = None
         self._step = -1
         self.timestep_is_int = True
+        self.timestep_shape: tuple[int, ...] | None = None
+        self._shape_batch = 0  # batch size of the call that set timestep_shape
         self.calls = 0
         self.calls_per_run = 0
 
@@ -293,7 +325,8 @@ class CalibrationRecorder:
         static: dict[str, Any] = {}
         for name, value in bound.arguments.items():
             if name == self.timestep_key:
-                tensors[name] = t_tensor.float().flatten().expand(batch) if t_tensor.numel() in (1, batch) else t_tensor
+                self._note_timestep_shape(_timestep_shape(t_tensor, batch), batch)
+                tensors[name] = t_tensor.float().flatten().expand(batch)
                 continue
             _flatten(name, value, tensors, static)
         if self._static is None:
@@ -321,6 +354,25 @@ class CalibrationRecorder:
             raise ValueError(f"denoiser input {key!r} has no batch dimension (shape {tuple(known.shape)}) but changed "
                              "between calls; record calls whose batch-less inputs are identical")
 
+    def _note_timestep_shape(self, shape: tuple[int, ...], batch: int) -> None:
+        """Keep the timestep layout; a batch of one cannot tell ``[1]`` per sample from ``[1]`` for the batch, so it
+        only has to agree with the others up to that, and a larger batch's layout wins."""
+        if self.timestep_shape is None or shape == self.timestep_shape:
+            self.timestep_shape, self._shape_batch = shape, max(batch, self._shape_batch)
+            return
+
+        def one(layout: tuple[int, ...]) -> tuple[int, ...]:
+            return tuple(1 if d == -1 else d for d in layout)
+
+        if 1 in (batch, self._shape_batch) and one(shape) == one(self.timestep_shape):
+            if batch > self._shape_batch:
+                self.timestep_shape, self._shape_batch = shape, batch
+            return
+        raise ValueError(
+            f"the timestep argument changed layout between calls ({self.timestep_shape} -> {shape}, -1 = batch); "
+            "pass it the same way in every call"
+        )
+
     def drop_rows(self, keep_step: Callable[[int], bool]) -> None:
         """Forget stored calls whose step ``keep_step`` rejects."""
         pairs = [(r, s) for r, s in zip(self._rows, self._steps) if keep_step(int(s[0]))]
@@ -336,8 +388,14 @@ class CalibrationRecorder:
         keys = list(self._rows[0])
         inputs = {k: torch.cat([r[k] for r in self._rows]) for k in keys}
         return CalibrationSet(
-            inputs, torch.cat(self._steps), self.sample_key, self.timestep_key, self._static or {}, self.timestep_is_int,
+            inputs,
+            torch.cat(self._steps),
+            self.sample_key,
+            self.timestep_key,
+            self._static or {},
+            self.timestep_is_int,
             dict(self._constants),
+            (-1,) if self.timestep_shape is None else self.timestep_shape,
         )
 
 
@@ -366,10 +424,28 @@ def record_calibration(
         handle.remove()
 
 
+def spread_steps(n_steps: int, calib_steps: int) -> list[int]:
+    """Indices of ``calib_steps`` of ``n_steps`` sampler steps spread evenly over the whole trajectory:
+    ``round(i * (n_steps - 1) / (calib_steps - 1))`` for ``i = 0 .. calib_steps - 1`` (halves rounded up), so the
+    first and the last step are always kept (one step: the first only) and every sampler timestep lies within one
+    calibration gap of a calibrated one.
+
+    The official code (spec §2.2) keeps ``range(0, n, n // calib_steps)`` instead: more steps than asked for when
+    ``calib_steps`` does not divide ``n`` (25 of 50 for 20), and never the last ones; a truncated version of that
+    left samplers outside the calibrated range.
+    """
+    if not 1 <= calib_steps <= n_steps:
+        raise ValueError(f"calib_steps must be between 1 and the {n_steps} sampler steps, got {calib_steps}")
+    if calib_steps == 1:
+        return [0]
+    span = calib_steps - 1
+    return [(2 * i * (n_steps - 1) + span) // (2 * span) for i in range(calib_steps)]
+
+
 def stride_filter(calls_per_run: int, calib_steps: int | None) -> Callable[[int], bool]:
-    """Keep steps ``0, s, 2s, ...`` (``calib_steps`` of them) of runs with ``calls_per_run`` denoiser calls."""
+    """Keep the ``spread_steps`` of runs with ``calls_per_run`` denoiser calls (all of them if ``calib_steps`` is
+    ``None`` or not smaller)."""
     if calib_steps is None or calib_steps >= calls_per_run:
         return lambda step: True
-    stride = calls_per_run // calib_steps
-    keep = {i * stride for i in range(calib_steps)}
+    keep = set(spread_steps(calls_per_run, calib_steps))
     return lambda step: step in keep

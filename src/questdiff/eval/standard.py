@@ -89,12 +89,17 @@ class InceptionPool3(nn.Module):
     """pytorch-fid's ``InceptionV3`` pool3 features: ``[N, C, H, W]`` in [0, 1] -> ``[N, 2048]`` float64.
 
     pytorch-fid resizes to 299x299 (bilinear) and maps to [-1, 1]; grey images are repeated to 3 channels.
+    ``network`` replaces pytorch-fid's network by any module with its interface (``[N, 3, H, W]`` in [0, 1] ->
+    ``[pool3 [N, 2048, 1, 1]]``); the tests use a small random one where pytorch-fid is not installed.
     """
 
     num_features = INCEPTION_DIM
 
-    def __init__(self, weights: str | os.PathLike[str] | None) -> None:
+    def __init__(self, weights: str | os.PathLike[str] | None, *, network: nn.Module | None = None) -> None:
         super().__init__()
+        if network is not None:
+            self.model = network.eval()
+            return
         inception = _pytorch_fid()
         net = fid_inception_v3(weights)
         with mock.patch.object(inception, "fid_inception_v3", return_value=net):  # its blocks, not its download

@@ -64,12 +64,11 @@ class _ZooPipeline(DiffusionPipeline):
         return steps, self.config.default_eta if eta is None else float(eta)
 
     def _initial_noise(self, batch_size: int, generator: Generator) -> torch.Tensor:
-        """Gaussian noise ``[N, C, H, W]`` in the denoiser's space, scaled by the scheduler's ``init_noise_sigma``."""
+        """Unit Gaussian noise ``[N, C, H, W]`` in the denoiser's space (``_denoise`` scales it)."""
         cfg = self.denoiser.config
         size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
         shape = (batch_size, cfg.in_channels, *size)
-        noise = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.denoiser.dtype)
-        return noise * self.scheduler.init_noise_sigma
+        return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.denoiser.dtype)
 
     def _step_kwargs(self, eta: float, generator: Generator) -> dict[str, Any]:
         params = set(inspect.signature(self.scheduler.step).parameters)
@@ -88,8 +87,10 @@ class _ZooPipeline(DiffusionPipeline):
         eta: float,
         generator: Generator,
     ) -> torch.Tensor:
-        """Runs the scheduler loop from noise ``x`` to a clean sample of the same shape."""
+        """Runs the scheduler loop from unit noise ``x`` to a clean sample of the same shape."""
         self.scheduler.set_timesteps(num_inference_steps, device=x.device)
+        # init_noise_sigma depends on the step count for sigma-based schedulers (Euler): read it after set_timesteps
+        x = x * self.scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(eta, generator)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(x, t)

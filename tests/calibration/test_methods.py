@@ -1,0 +1,69 @@
+"""Resumable stages end to end: a ``questdiff quantize`` killed mid-stage resumes to the uninterrupted result, and
+rerunning a finished run resumes every stage (on a class-conditional model, whose calibration set has a conditioning
+input that a reload returns in another key order)."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from questdiff import cli
+from questdiff.zoo.pipelines import ClassConditionalLDMPipeline, ClassEmbedder
+
+from builders import tiny_vae
+
+
+@pytest.fixture(scope="module")
+def class_conditional_folder(tmp_path_factory):
+    """The smallest class-conditional LDM pipeline folder (one cross-attention level, 4x4 latents)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8,),
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",), mid_block_type=None,
+        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4,
+    ).eval()
+    pipe = ClassConditionalLDMPipeline(tiny_vae(), unet, ClassEmbedder(10, 8), DDIMScheduler(clip_sample=False))
+    folder = tmp_path_factory.mktemp("class-ldm")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _arguments(folder, out) -> list[str]:
+    return ["quantize", "--model", str(folder), "--preset", "W4A8", "--method", "qdiffusion", "--recon-iters", "5",
+            "--calib-samples", "2", "--calib-steps", "3", "--steps", "4", "--device", "cpu", "--out", str(out)]
+
+
+def _quantize(folder, out, capsys) -> str:
+    assert cli.main(_arguments(folder, out)) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(class_conditional_folder, tmp_path, capsys):
+    reference = tmp_path / "uninterrupted"
+    _quantize(class_conditional_folder, reference, capsys)
+
+    killed = tmp_path / "killed"
+    stages = killed / "work" / "stages"
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "questdiff.cli", *_arguments(class_conditional_folder, killed)],
+                                   stdout=log, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 300
+        while not (stages / "00-weight_init.json").is_file():  # the first stage is finished: kill the second
+            assert process.poll() is None, (tmp_path / "killed.log").read_text()
+            assert time.monotonic() < deadline, "the first stage did not finish in 300 s"
+            time.sleep(0.02)
+        process.kill()
+        process.wait()
+    assert not (stages / "01-brecq.json").exists() and not (killed / "model.safetensors").exists()  # killed mid-run
+
+    resumed = _quantize(class_conditional_folder, killed, capsys)
+    assert "weight_init resumed" in resumed and "brecq resumed" not in resumed
+    expected, got = load_file(reference / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+    again = _quantize(class_conditional_folder, killed, capsys)  # rerunning a finished run resumes every stage
+    assert all(f"{stage} resumed" in again for stage in ("weight_init", "brecq", "act_init"))
