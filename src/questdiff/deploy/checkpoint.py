@@ -231,7 +231,7 @@ def load_deployed(directory: str | Path, model: nn.Module | None = None, *, devi
         adapter = GenericAdapter(meta["timestep_argument"])
     if adapter.to_dict() != adapter_info and adapter_info.get("name") != "generic":
         raise ValueError(f"checkpoint {directory} was made with adapter {adapter_info}, this model's is {adapter.to_dict()}")
-    hook = install_timestep_hook(model, state, meta["timestep_argument"])
+    hook = install_timestep_hook(model, meta["timestep_argument"], HANDLE_ATTR)
     h = QuantHandle(QuantConfig.from_dict(meta["quant_config"]), schedule, state, adapter, {}, meta["base_fingerprint"],
                     hook, method=meta["method"], extra={DEPLOYED_KEY: {"backend": backend}})
     setattr(model, HANDLE_ATTR, h)
