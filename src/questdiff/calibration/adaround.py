@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import check_types
 from ..nn import QuantLayerMixin, WeightQuantizer
 from ..nn.adaround import GAMMA, ZETA, AdaRoundQuantizer
 
@@ -43,6 +44,7 @@ class AdaRoundConfig:
     warmup: float = 0.2
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not (self.zeta > 1.0 and self.gamma < 0.0):
             raise ValueError(f"AdaRound needs zeta > 1 and gamma < 0 (code: 1.1, -0.1), got {self.zeta}, {self.gamma}")
         if self.reg_weight < 0:

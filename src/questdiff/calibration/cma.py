@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..adapters import TIME_EMBEDDING_ROLES
+from ..config import check_types
 from ..nn import ActQuantizer
 from ..prepare import handle, quant_layers, quant_state
 from .common import generator, layers_with_roles
@@ -100,8 +101,12 @@ class CMAConfig:
     autocast: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.critical, str):
+        if isinstance(self.critical, list):
             object.__setattr__(self, "critical", tuple(self.critical))
+        if isinstance(self.timesteps, list):
+            object.__setattr__(self, "timesteps", tuple(self.timesteps))
+        check_types(self)
+        if not isinstance(self.critical, str):
             clash = [r for r in self.critical if r in TIME_EMBEDDING_ROLES]
             if not self.critical or clash:
                 raise ValueError(f"CMA critical roles must be non-empty and exclude the time-embedding roles {TIME_EMBEDDING_ROLES} "

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..adapters import TIME_EMBEDDING_ROLES
+from ..config import check_types
 from ..prepare import handle, quant_layers
 from .common import generator, layers_with_roles
 from .data import CalibrationSet
@@ -89,7 +90,11 @@ class TLAConfig:
     cache_teacher: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", tuple(self.roles))
+        if isinstance(self.roles, list):
+            object.__setattr__(self, "roles", tuple(self.roles))
+        if isinstance(self.timesteps, list):
+            object.__setattr__(self, "timesteps", tuple(self.timesteps))
+        check_types(self)
         bad = [r for r in self.roles if r not in TIME_EMBEDDING_ROLES]
         if not self.roles or bad:
             raise ValueError(f"TLA roles must be a non-empty subset of {TIME_EMBEDDING_ROLES} (got {self.roles}); "
