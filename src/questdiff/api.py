@@ -12,7 +12,7 @@ from .adapters import ModelAdapter, get_adapter
 from .calibration.data import CalibrationSet
 from .calibration.methods import StageContext, check_options, method_stages, preflight, run_stages
 from .config import QuantConfig, resolve
-from .prepare import handle, prepare
+from .prepare import handle, prepare, require_full_precision
 from .timestep import Rule, TimestepSchedule, timestep_getter
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def quantize(
             f"quantize needs calibration data, got {type(calib).__name__}: calib = questdiff.collect_calibration(pipe) "
             "(or record_calibration)"
         )
+    require_full_precision(denoiser)
     method_stages(method)  # fail fast on an unknown method
     check_options(method, method_options)
     adapter = adapter or get_adapter(denoiser)

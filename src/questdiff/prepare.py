@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -18,6 +19,7 @@ from .adapters import LayerInfo, ModelAdapter, get_adapter
 from .config import ActivationSpec, QuantConfig
 from .digest import stats_digest
 from .nn import ActQuantizer, QuantAttnProcessor, QuantLayerMixin, WeightQuantizer, wrap_layer
+from .nn.layers import quant_layout
 from .timestep import TimestepSchedule, TimestepState, install_timestep_hook
 
 HANDLE_ATTR = "_questdiff"
@@ -52,6 +54,12 @@ def handle(model: nn.Module) -> QuantHandle:
 
 def is_quantized(model: nn.Module) -> bool:
     return getattr(model, HANDLE_ATTR, None) is not None
+
+
+def require_full_precision(model: nn.Module) -> None:
+    """Raise if ``model`` is already quantized (it must be prepared from the full-precision model)."""
+    if is_quantized(model):
+        raise ValueError("the model is already quantized: start from a fresh copy of the full-precision model")
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -89,7 +97,7 @@ def _wrap(module: nn.Module, info: LayerInfo, config: QuantConfig, rows: int, st
     channel_dim = -1 if isinstance(module, nn.Linear) else 1
     channels = module.in_features if isinstance(module, nn.Linear) else module.in_channels
     split = info.split if config.split_skip else 0
-    weight = module.weight
+    weight = quant_layout(module, module.weight)
     if not split:
         return wrap_layer(
             module,
@@ -131,14 +139,13 @@ def prepare(
 
     Raises ``ValueError`` if ``model`` is already quantized or has no quantizable layer.
     """
-    if is_quantized(model):
-        raise ValueError("the model is already quantized: start from a fresh copy of the full-precision model")
+    require_full_precision(model)
     adapter = adapter or get_adapter(model)
     base_fingerprint = fingerprint(model)
     layers = adapter.layers(model)
     if not layers:
         raise ValueError(
-            f"{type(model).__name__} has no Linear/Conv1d/Conv2d layer to quantize; check that you passed the "
+            f"{type(model).__name__} has no Linear/Conv/ConvTranspose layer to quantize; check that you passed the "
             "denoiser (e.g. pipe.unet), not the pipeline"
         )
     if not config.timestep_aware:
@@ -155,7 +162,32 @@ def prepare(
             attn = model.get_submodule(name)
             attn.set_processor(_attention_processor(attn, config, rows, state).to(attn.to_q.weight.device))
     setattr(model, HANDLE_ATTR, QuantHandle(config, schedule, state, adapter, layers, base_fingerprint, hook))
+    _warn_full_precision(model)
     return model
+
+
+def full_precision_layers(model: nn.Module) -> list[str]:
+    """Modules of a prepared ``model`` that compute with a weight matrix (a parameter named like ``weight`` with 2+
+    dims) but were not wrapped: custom or unsupported layers, subclasses with a forward of their own, layers the
+    adapter left out. Embedding tables (lookups, kept FP everywhere) and norms (1-D weights) are not listed."""
+    return [
+        f"{name or type(model).__name__} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if not isinstance(m, (QuantLayerMixin, nn.Embedding, nn.EmbeddingBag))
+        and any("weight" in pname and p.ndim >= 2 for pname, p in m.named_parameters(recurse=False))
+    ]
+
+
+def _warn_full_precision(model: nn.Module, shown: int = 12) -> None:
+    names = full_precision_layers(model)
+    if names:
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        warnings.warn(
+            f"{len(names)} layer(s) with weights stay in full precision: {', '.join(names[:shown])}{more}. questdiff "
+            "quantizes the Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d layers its adapter selects (subclasses too, "
+            "unless they have a forward of their own); replace the others by those layers to quantize them",
+            stacklevel=3,
+        )
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:

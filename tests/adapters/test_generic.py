@@ -22,7 +22,7 @@ def test_role_selectors_by_glob_regex_type_and_predicate():
     assert layers["fuse"].roles == {"skip"}
     assert layers["inp"].roles == {"first"}  # default first layer skips the time embedding
     assert layers["out"].roles == {"last"}
-    assert "up" not in layers  # ConvTranspose2d is not quantized
+    assert layers["up"].roles == {"other"}  # ConvTranspose2d is a conv: quantized
 
 
 def test_type_selector_and_validation():

@@ -78,7 +78,8 @@ class ModelAdapter(Protocol):
     timestep_argument: str
 
     def layers(self, model: nn.Module) -> dict[str, LayerInfo]:
-        """Every quantizable (Linear/Conv1d/Conv2d) layer by qualified name, with roles."""
+        """Every layer to quantize (``questdiff.nn.is_quantizable``: Linear/Conv/ConvTranspose) by qualified name,
+        with roles."""
         ...
 
     def attentions(self, model: nn.Module) -> dict[str, AttentionInfo]:

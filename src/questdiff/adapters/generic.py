@@ -2,7 +2,7 @@
 
 The user names the timestep argument of ``forward`` and, optionally, selectors for roles. A selector is a module
 name (exact, or a glob such as ``"blocks.*.time_mlp"``, or a regex written ``"re:<pattern>"``), a module type, or
-a predicate ``(name, module) -> bool``. Without selectors: every Linear/Conv1d/Conv2d is quantized with role
+a predicate ``(name, module) -> bool``. Without selectors: every Linear/Conv/ConvTranspose is quantized with role
 ``other``, the first and last of them outside the time embeddings (registration order) get ``first`` / ``last``, and diffusers ``Attention``
 modules inside the model (if any) get quantized matmuls.
 """
@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Mapping, Union
 
 from torch import nn
 
-from ..nn.layers import QUANTIZABLE_TYPES
+from ..nn.layers import is_quantizable
 from .base import ROLE_NAMES, AttentionInfo, LayerInfo
 
 Selector = Union[str, type, Callable[[str, nn.Module], bool]]
@@ -67,7 +67,7 @@ class GenericAdapter:
         self.block_selectors = list(blocks) if blocks is not None else None
 
     def layers(self, model: nn.Module) -> dict[str, LayerInfo]:
-        infos = {n: LayerInfo(n) for n, m in model.named_modules() if type(m) in QUANTIZABLE_TYPES}
+        infos = {n: LayerInfo(n) for n, m in model.named_modules() if is_quantizable(m)}
         for role, selectors in self.roles.items():
             for parent in select(model, selectors):
                 for name in infos:
@@ -99,7 +99,7 @@ class GenericAdapter:
         if self.block_selectors is not None:
             return select(model, self.block_selectors)
         return [
-            n for n, child in model.named_children() if any(type(m) in QUANTIZABLE_TYPES for m in child.modules())
+            n for n, child in model.named_children() if any(is_quantizable(m) for m in child.modules())
         ]
 
     def to_dict(self) -> dict[str, Any]:
