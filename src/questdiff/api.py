@@ -74,6 +74,10 @@ def quantize(
     first = next(denoiser.parameters(), None)
     device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
     denoiser.to(device).eval()
+    trace = getattr(adapter, "trace", None)
+    if trace is not None:  # adapters that read layers and roles from one forward (GenericAdapter)
+        trace(denoiser, calib.model_kwargs(torch.nonzero(calib.ts == calib.timesteps[0]).flatten()[:1], device),
+              calib.sample_key)
     schedule = TimestepSchedule.from_timesteps(calib.timesteps, timestep_rule)
     ctx = StageContext(device=device, batch_size=batch_size, progress=progress, seed=seed, options=method_options,
                        method=method)

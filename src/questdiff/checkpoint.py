@@ -131,6 +131,9 @@ def load(
             f"checkpoint {directory} was made with a GenericAdapter: pass the same adapter, e.g. "
             f"adapter=GenericAdapter(timestep_argument={meta['adapter'].get('timestep_argument')!r}, ...)"
         )
+    restore = getattr(adapter, "restore", None)
+    if restore is not None:  # adapters that keep what they read from the model (GenericAdapter's trace)
+        restore(meta["adapter"])
     config = QuantConfig.from_dict(meta["quant_config"])
     schedule = TimestepSchedule.from_dict(meta["schedule"])
     from .calibration.methods import rebuild_structure

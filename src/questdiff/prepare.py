@@ -19,7 +19,7 @@ from .adapters import LayerInfo, ModelAdapter, get_adapter
 from .config import ActivationSpec, QuantConfig
 from .digest import stats_digest
 from .nn import ActQuantizer, QuantAttnProcessor, QuantLayerMixin, WeightQuantizer, wrap_layer
-from .nn.layers import quant_layout
+from .nn.layers import is_quantizable, quant_layout
 from .timestep import TimestepSchedule, TimestepState, install_timestep_hook
 
 HANDLE_ATTR = "_questdiff"
@@ -145,7 +145,7 @@ def prepare(
     layers = adapter.layers(model)
     if not layers:
         raise ValueError(
-            f"{type(model).__name__} has no Linear/Conv/ConvTranspose layer to quantize; check that you passed the "
+            f"{type(model).__name__} has no Linear/Conv1d/Conv2d layer (nor Conv3d/ConvTranspose) to quantize; check that you passed the "
             "denoiser (e.g. pipe.unet), not the pipeline"
         )
     if not config.timestep_aware:
@@ -171,7 +171,7 @@ def full_precision_layers(model: nn.Module) -> list[str]:
     dims) but were not wrapped: custom or unsupported layers, subclasses with a forward of their own, layers the
     adapter left out. Embedding tables (lookups, kept FP everywhere) and norms (1-D weights) are not listed."""
     return [
-        f"{name or type(model).__name__} ({type(m).__name__})"
+        f"{name or type(model).__name__} ({type(m).__name__}{', not selected by the adapter' if is_quantizable(m) else ''})"
         for name, m in model.named_modules()
         if not isinstance(m, (QuantLayerMixin, nn.Embedding, nn.EmbeddingBag))
         and any("weight" in pname and p.ndim >= 2 for pname, p in m.named_parameters(recurse=False))
@@ -184,8 +184,8 @@ def _warn_full_precision(model: nn.Module, shown: int = 12) -> None:
         more = f" and {len(names) - shown} more" if len(names) > shown else ""
         warnings.warn(
             f"{len(names)} layer(s) with weights stay in full precision: {', '.join(names[:shown])}{more}. questdiff "
-            "quantizes the Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d layers its adapter selects (subclasses too, "
-            "unless they have a forward of their own); replace the others by those layers to quantize them",
+            "quantizes Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d layers (and subclasses without a forward of "
+            "their own) that its adapter selects; the generic adapter selects those its traced forward calls",
             stacklevel=3,
         )
 

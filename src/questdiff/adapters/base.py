@@ -94,6 +94,11 @@ class ModelAdapter(Protocol):
         """Serializable description (for checkpoints)."""
         ...
 
+    # Optional (looked up with getattr):
+    # - ``trace(model, example_kwargs, sample_argument)``: read layers/roles from one forward; ``quantize`` calls it
+    #   on a calibration row before ``prepare``.
+    # - ``restore(saved)``: take back what ``to_dict`` saved; ``load`` calls it before ``prepare``.
+
 
 _REGISTRY: list[tuple[type[nn.Module], Callable[[], ModelAdapter]]] = []
 
