@@ -20,6 +20,7 @@ from .config import ActivationSpec, QuantConfig
 from .digest import stats_digest
 from .nn import ActQuantizer, QuantAttnProcessor, QuantLayerMixin, WeightQuantizer, wrap_layer
 from .nn.layers import is_quantizable, quant_layout
+from .nn.sdpa import AttentionSite, install_sdpa_quantizers
 from .timestep import TimestepSchedule, TimestepState, install_timestep_hook
 
 HANDLE_ATTR = "_questdiff"
@@ -115,18 +116,22 @@ def _wrap(module: nn.Module, info: LayerInfo, config: QuantConfig, rows: int, st
     )
 
 
-def _attention_processor(attn: nn.Module, config: QuantConfig, rows: int, state: TimestepState) -> QuantAttnProcessor:
-    heads = attn.heads
-    q_dim = attn.to_q.out_features // heads
-    kv_dim = attn.to_k.out_features // heads
+def _attention_quantizers(config: QuantConfig, rows: int, state: TimestepState, q_dim: int, k_dim: int,
+                          v_dim: int) -> tuple[ActQuantizer, ActQuantizer, ActQuantizer, ActQuantizer]:
+    """q, k, v (per head_dim channel at the activation settings) and softmax-probability quantizers."""
     probs = ActivationSpec(bits=config.softmax_bits, symmetric=False, channelwise=False)
-    return QuantAttnProcessor(
+    return (
         ActQuantizer(rows, config.activation, state, q_dim, -1),
-        ActQuantizer(rows, config.activation, state, kv_dim, -1),
-        ActQuantizer(rows, config.activation, state, kv_dim, -1),
+        ActQuantizer(rows, config.activation, state, k_dim, -1),
+        ActQuantizer(rows, config.activation, state, v_dim, -1),
         ActQuantizer(rows, probs, state, always_zero=True),
-        fallback=attn.processor,
     )
+
+
+def _attention_processor(attn: nn.Module, config: QuantConfig, rows: int, state: TimestepState) -> QuantAttnProcessor:
+    q_dim = attn.to_q.out_features // attn.heads
+    kv_dim = attn.to_k.out_features // attn.heads
+    return QuantAttnProcessor(*_attention_quantizers(config, rows, state, q_dim, kv_dim, kv_dim), fallback=attn.processor)
 
 
 def prepare(
@@ -158,9 +163,15 @@ def prepare(
         # new quantizer parameters follow the layer's device and dtype
         model.set_submodule(name, _wrap(layer, info, config, rows, state).to(layer.weight.device))
     if config.quantize_attention:
-        for name in adapter.attentions(model):
+        attentions = adapter.attentions(model)
+        for name in attentions:
             attn = model.get_submodule(name)
             attn.set_processor(_attention_processor(attn, config, rows, state).to(attn.to_q.weight.device))
+        find_calls = getattr(adapter, "attention_calls", None)  # F.scaled_dot_product_attention calls (GenericAdapter)
+        calls = find_calls(model) if find_calls is not None else []
+        if calls:
+            sites = [AttentionSite(*_attention_quantizers(config, rows, state, c.q_dim, c.k_dim, c.v_dim)) for c in calls]
+            install_sdpa_quantizers(model, [c.owner for c in calls], sites, attentions).to(_device(model))
     setattr(model, HANDLE_ATTR, QuantHandle(config, schedule, state, adapter, layers, base_fingerprint, hook))
     _warn_full_precision(model)
     return model
@@ -188,6 +199,11 @@ def _warn_full_precision(model: nn.Module, shown: int = 12) -> None:
             "their own) that its adapter selects; the generic adapter selects those its traced forward calls",
             stacklevel=3,
         )
+
+
+def _device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:

@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from questdiff.calibration import CalibrationSet
 from questdiff.calibration.brecq import reconstruction_units
 
 from builders import CustomUNet
+from foreign_builders import AttentionDenoiser, foreign_calibration
 
 
 def test_unregistered_model_asks_for_generic_adapter():
@@ -110,3 +112,44 @@ def test_blocks_and_roles_survive_prepare_and_load(tmp_path):
 
 def test_untraced_blocks_expand_containers():
     assert GenericAdapter("t").blocks(Routed()) == ["blocks.0", "blocks.1", "unused"]
+
+
+def test_trace_records_each_sdpa_call_and_names_hand_written_softmax():
+    example = foreign_calibration().model_kwargs(slice(0, 1))
+    adapter = GenericAdapter("t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # SDPA only: nothing to warn about
+        adapter.trace(AttentionDenoiser().eval(), example, "x")
+    calls = adapter.attention_calls(AttentionDenoiser())
+    assert [(c.owner, c.q_dim, c.k_dim, c.v_dim) for c in calls] == [("blocks.0", 8, 8, 8), ("blocks.1", 4, 4, 4), ("", 16, 16, 16)]
+    manual = GenericAdapter("t")
+    with pytest.warns(UserWarning, match=r"softmax is computed outside scaled_dot_product_attention in 'blocks.0', 'blocks.1'"):
+        manual.trace(AttentionDenoiser(manual=True).eval(), example, "x")
+    assert manual.attention_calls(AttentionDenoiser()) == []
+
+
+class WithDiffusersAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers.models.attention_processor import Attention
+
+        self.conv_in = nn.Conv2d(1, 16, 3, padding=1)
+        self.attn = Attention(16, heads=2, dim_head=8)
+        self.conv_out = nn.Conv2d(16, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        h = self.conv_in(x) * (1 + t.float().reshape(-1, 1, 1, 1) / 1000)
+        tokens = self.attn(h.flatten(2).transpose(1, 2))
+        tokens = tokens + torch.nn.functional.scaled_dot_product_attention(tokens, tokens, tokens)
+        return self.conv_out(tokens.transpose(1, 2).reshape(h.shape))
+
+
+def test_attention_quantized_by_a_processor_is_not_traced_twice():
+    model, calib = WithDiffusersAttention().eval(), foreign_calibration()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qd.quantize(model, "W8A8", calib, adapter=GenericAdapter("t"), progress=False)
+    assert isinstance(model.attn.processor, qd.nn.QuantAttnProcessor)
+    assert model.questdiff_sdpa.owners == [""]  # only the forward's own call; the processor's is not a site
+    with torch.no_grad(), qd.quant_state(model, weight=False, act=False):  # the FP fallback processor calls SDPA too
+        model(**calib.model_kwargs(slice(0, 2)))

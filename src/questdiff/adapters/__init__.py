@@ -1,12 +1,13 @@
 """Model adapters: which layers play which role, per model family (one file per family)."""
 from . import diffusers_unet  # noqa: F401  (registers the diffusers UNet adapter)
-from .base import ROLE_NAMES, TIME_EMBEDDING_ROLES, AttentionInfo, LayerInfo, ModelAdapter, get_adapter, register_adapter, role_matches
+from .base import ROLE_NAMES, TIME_EMBEDDING_ROLES, AttentionCall, AttentionInfo, LayerInfo, ModelAdapter, get_adapter, register_adapter, role_matches
 from .diffusers_unet import DiffusersUNetAdapter
 from .generic import GenericAdapter
 
 __all__ = [
     "ROLE_NAMES",
     "TIME_EMBEDDING_ROLES",
+    "AttentionCall",
     "AttentionInfo",
     "DiffusersUNetAdapter",
     "GenericAdapter",

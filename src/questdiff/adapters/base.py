@@ -70,6 +70,17 @@ class AttentionInfo:
     cross: bool
 
 
+@dataclass
+class AttentionCall:
+    """One ``F.scaled_dot_product_attention`` call of a traced forward: the innermost module that made it (``""``:
+    the model's own forward) and the last dims of its query, key and value."""
+
+    owner: str
+    q_dim: int
+    k_dim: int
+    v_dim: int
+
+
 @runtime_checkable
 class ModelAdapter(Protocol):
     """What the quantizer needs to know about a denoiser family."""
@@ -98,6 +109,8 @@ class ModelAdapter(Protocol):
     # - ``trace(model, example_kwargs, sample_argument)``: read layers/roles from one forward; ``quantize`` calls it
     #   on a calibration row before ``prepare``.
     # - ``restore(saved)``: take back what ``to_dict`` saved; ``load`` calls it before ``prepare``.
+    # - ``attention_calls(model) -> list[AttentionCall]``: ``F.scaled_dot_product_attention`` calls, in call order
+    #   within each owner module, whose q/k/v/softmax get quantized (``questdiff.nn.sdpa``).
 
 
 _REGISTRY: list[tuple[type[nn.Module], Callable[[], ModelAdapter]]] = []

@@ -8,21 +8,24 @@ Everything else comes from one traced forward (``trace``; ``quantize`` runs it o
 ``prepare``): the Linear/Conv/ConvTranspose layers the forward calls are quantized (role ``other`` unless
 selected), every layer that reads the model's sample tensor gets ``first`` and the layer(s) producing its output
 get ``last`` (time/conditioning-embedding layers excluded), and the reconstruction blocks are the called modules
-holding layers (children of ``ModuleList``-like containers). diffusers ``Attention`` modules inside the model (if
-any) get quantized matmuls. The trace's results are part of ``to_dict`` (checkpoints) and come back with
+holding layers (children of ``ModuleList``-like containers), and every ``F.scaled_dot_product_attention`` call gets
+quantized q/k/v/softmax (``questdiff.nn.sdpa``; a softmax computed by hand is named in a warning, its matmuls stay
+FP). diffusers ``Attention`` modules inside the model (if any) get quantized matmuls through their processor. The trace's results are part of ``to_dict`` (checkpoints) and come back with
 ``restore``. Untraced, the adapter falls back to registration order: every quantizable layer, the first and last
 of them as ``first`` / ``last``.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
+import warnings
 from typing import Any, Callable, Iterable, Mapping, Union
 
 from torch import nn
 
 from ..nn.layers import is_quantizable
-from .base import ROLE_NAMES, AttentionInfo, LayerInfo
+from .base import ROLE_NAMES, AttentionCall, AttentionInfo, LayerInfo
 from .trace import reconstruction_blocks, trace_forward
 
 Selector = Union[str, type, Callable[[str, nn.Module], bool]]
@@ -79,7 +82,7 @@ class GenericAdapter:
     def trace(self, model: nn.Module, example: Mapping[str, Any], sample_argument: str) -> None:
         """Read the layers, ``first`` / ``last`` and blocks from one forward of the full-precision ``model`` on
         ``example`` (the keyword arguments of one calibration row); ``example[sample_argument]`` is the noisy sample."""
-        trace = trace_forward(model, example, sample_argument)
+        trace = trace_forward(model, example, sample_argument, skip_attention=self.attentions(model))
         names = sorted(trace.layers, key=lambda n: trace.layers[n].first)
         roles = self._selected_roles(model, names)
         candidates = [n for n in names if not roles[n] & _EMBEDDING_ROLES]
@@ -88,7 +91,15 @@ class GenericAdapter:
             "first": trace.first_layers(candidates),
             "last": trace.last_layers(candidates),
             "blocks": reconstruction_blocks(model, trace.called),
+            "attention": [dataclasses.asdict(call) for call in trace.attention],
         }
+        if trace.softmax:
+            owners = ", ".join(repr(o) if o else "the model's forward" for o in dict.fromkeys(trace.softmax))
+            warnings.warn(
+                f"softmax is computed outside scaled_dot_product_attention in {owners}: if that is attention "
+                "(softmax(q @ k^T) @ v), its two matmuls stay in full precision. Call "
+                "torch.nn.functional.scaled_dot_product_attention(q, k, v) instead to have q, k, v and the "
+                "probabilities quantized", stacklevel=3)
 
     def _selected_roles(self, model: nn.Module, names: Iterable[str]) -> dict[str, set[str]]:
         roles: dict[str, set[str]] = {n: set() for n in names}
@@ -127,6 +138,10 @@ class GenericAdapter:
             for n, m in model.named_modules()
             if isinstance(m, Attention)
         }
+
+    def attention_calls(self, model: nn.Module) -> list[AttentionCall]:
+        """The traced ``F.scaled_dot_product_attention`` calls (none untraced)."""
+        return [AttentionCall(**call) for call in (self.traced or {}).get("attention", [])]
 
     def blocks(self, model: nn.Module) -> list[str]:
         if self.block_selectors is not None:

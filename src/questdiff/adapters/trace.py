@@ -1,16 +1,21 @@
 """One traced forward of a full-precision denoiser: which modules it calls and in what order, which layers read the
-model's input tensor and which produce its output. The generic adapter takes its layers, ``first`` / ``last`` roles
-and reconstruction blocks from it instead of guessing from registration order.
+model's input tensor and which produce its output, and where it computes attention (``F.scaled_dot_product_attention``
+calls, and softmax calls outside them). The generic adapter takes its layers, ``first`` / ``last`` roles,
+reconstruction blocks and quantized attention calls from it instead of guessing from registration order.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Collection, Iterable, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..nn.layers import QuantLayerMixin, holds_quant_layer, is_quantizable
+from ..nn.sdpa import sdpa_arguments
+from .base import AttentionCall
 
 # containers are never called themselves (ModuleList/ModuleDict) or only sequence their children (Sequential): the
 # reconstruction blocks are their children
@@ -32,10 +37,14 @@ class LayerCalls:
 
 @dataclass
 class ForwardTrace:
-    """``called``: every module name by first call (``""`` is the model); ``layers``: the quantizable layers called."""
+    """``called``: every module name by first call (``""`` is the model); ``layers``: the quantizable layers called;
+    ``attention``: the SDPA calls of each module's first run, in call order; ``softmax``: modules that call softmax
+    themselves (outside SDPA), e.g. a hand-written ``softmax(q @ k^T) @ v``."""
 
     called: dict[str, int] = field(default_factory=dict)
     layers: dict[str, LayerCalls] = field(default_factory=dict)
+    attention: list[AttentionCall] = field(default_factory=list)
+    softmax: list[str] = field(default_factory=list)
 
     def first_layers(self, candidates: Iterable[str]) -> list[str]:
         """The candidate layers that read the sample tensor itself; if none does (the forward rescales or
@@ -71,11 +80,36 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
         yield value.sample
 
 
+_SOFTMAX = (torch.softmax, F.softmax, torch.Tensor.softmax)
+
+
+class _RecordAttention(TorchFunctionMode):
+    """Records SDPA and softmax calls with the module running them (the innermost one on ``stack``), except inside
+    the ``skip`` modules (attention modules quantized otherwise) and in runs after a module's first."""
+
+    def __init__(self, trace: ForwardTrace, stack: list[str], runs: dict[str, int], skip: Collection[str]) -> None:
+        super().__init__()
+        self.trace, self.stack, self.runs, self.skip = trace, stack, runs, set(skip)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if (func is F.scaled_dot_product_attention or func in _SOFTMAX) and not self.skip.intersection(self.stack):
+            owner = self.stack[-1] if self.stack else ""
+            if func in _SOFTMAX:
+                self.trace.softmax.append(owner)
+            elif self.runs.get(owner, 1) == 1:
+                a = sdpa_arguments(args, kwargs)
+                self.trace.attention.append(AttentionCall(owner, a["query"].shape[-1], a["key"].shape[-1], a["value"].shape[-1]))
+        return func(*args, **kwargs)
+
+
 @torch.no_grad()
-def trace_forward(model: nn.Module, example: Mapping[str, Any], sample_argument: str) -> ForwardTrace:
+def trace_forward(model: nn.Module, example: Mapping[str, Any], sample_argument: str,
+                  skip_attention: Collection[str] = ()) -> ForwardTrace:
     """Run ``model(**example)`` once with hooks on every module and record a ``ForwardTrace``.
 
-    ``example[sample_argument]`` is the noisy-sample tensor whose readers are the model's first layers."""
+    ``example[sample_argument]`` is the noisy-sample tensor whose readers are the model's first layers; attention
+    inside the ``skip_attention`` modules (quantized by attention processors) is not recorded."""
     if sample_argument not in example:
         raise ValueError(f"the example input has no sample argument {sample_argument!r} (it has {sorted(example)})")
     sample = example[sample_argument]
@@ -84,10 +118,14 @@ def trace_forward(model: nn.Module, example: Mapping[str, Any], sample_argument:
     alive: list[Any] = []  # every recorded tensor stays referenced, so ids are not reused during the forward
     outputs: dict[str, set[int]] = {}
     counter = [0]
+    stack: list[str] = []
+    runs: dict[str, int] = {}
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         name, index = names[id(module)], counter[0]
         counter[0] += 1
+        stack.append(name)
+        runs[name] = runs.get(name, 0) + 1
         trace.called.setdefault(name, index)
         if not (is_quantizable(module) or isinstance(module, QuantLayerMixin)):
             return
@@ -99,7 +137,7 @@ def trace_forward(model: nn.Module, example: Mapping[str, Any], sample_argument:
         trace.layers[name] = LayerCalls(index, index, id(x), x is sample)
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
-        name = names[id(module)]
+        name = stack.pop()
         if name in trace.layers:
             alive.append(output)
             outputs.setdefault(name, set()).update(id(t) for t in _tensors(output))
@@ -108,8 +146,9 @@ def trace_forward(model: nn.Module, example: Mapping[str, Any], sample_argument:
     try:
         for module in model.modules():
             handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            handles.append(module.register_forward_hook(post_hook))
-        result = model(**example)
+            handles.append(module.register_forward_hook(post_hook, always_call=True))
+        with _RecordAttention(trace, stack, runs, skip_attention):
+            result = model(**example)
     finally:
         for h in handles:
             h.remove()
