@@ -5,7 +5,8 @@ Finetunes the weights and biases of the "critical" layers and the active row of 
 the time-embedding layers' (those belong to TLA), against the FP teacher over all timesteps.
 
 Critical layers (``critical``):
-- ``"auto"`` picks the code's per-family lists by what the model conditions on (read from one forward):
+- ``"auto"`` picks the code's per-family lists by what the model conditions on (``detect_family``: its
+  cross-attention context, or its conditioning inputs and ``cond`` layers):
   unconditional UNets with self-attention (LSUN-like): q, k, v of self-attention (the code's ``qkv``);
   class-conditional with cross-attention to one token (ImageNet-like): ``ff``, self/cross q, self k and v;
   text-conditional (SD-like): ``ff``;
@@ -26,17 +27,19 @@ output error at the uncalibrated sampler steps grew. Check CMA on the target mod
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from ..adapters import TIME_EMBEDDING_ROLES
+from ..adapters import TIME_EMBEDDING_ROLES, LayerInfo, ModelAdapter
 from ..config import check_types
 from ..nn import ActQuantizer
-from ..prepare import handle, quant_layers, quant_state
+from ..prepare import handle, is_quantized, quant_layers, quant_state
 from .common import generator, layers_with_roles
 from .data import CalibrationSet
 from .finetune import (
@@ -125,14 +128,36 @@ class CMAConfig:
             object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
 
 
+def conditioning_inputs(calib: CalibrationSet) -> dict[str, torch.Tensor]:
+    """Recorded inputs besides the sample and the timestep that condition the model: integer ones (class labels)
+    and floating ones that vary across rows (embeddings, context tokens); constant tensors and masks are not."""
+    extra = {k: v for k, v in calib.inputs.items() if k not in (calib.sample_key, calib.timestep_key)}
+    return {k: v for k, v in extra.items() if v.dtype != torch.bool
+            and (not v.is_floating_point() or not torch.equal(v, v[:1].expand_as(v)))}
+
+
 @torch.no_grad()
-def model_family(model: nn.Module, calib: CalibrationSet, device: torch.device | str | None = None) -> Family:
-    """``"unconditional"`` (no cross-attention), ``"class"`` (cross-attention to one context token) or ``"text"``
-    (more tokens), read from the context the cross-attention modules see in one forward."""
-    h = handle(model)
-    cross = [name for name, info in h.adapter.attentions(model).items() if info.cross]
-    if not cross:
-        return "unconditional"
+def detect_family(model: nn.Module, adapter: ModelAdapter, layers: Mapping[str, LayerInfo], calib: CalibrationSet,
+                  device: torch.device | str | None = None) -> Family:
+    """What ``model`` conditions on, for CMA's automatic roles.
+
+    With cross-attention (read from the context its attention modules see in one forward): ``"class"`` for one
+    context token (ImageNet LDM), ``"text"`` for more. Without: ``"text"`` if a conditioning input is a sequence of
+    tokens ``[N, L > 1, D]``, ``"class"`` if there is another conditioning input (a class label entering through an
+    embedding, see ``conditioning_inputs``) or a layer plays the adapter's ``cond`` role, else ``"unconditional"``."""
+    cross = [name for name, info in adapter.attentions(model).items() if info.cross]
+    if cross:
+        return _cross_attention_family(model, cross, calib, device)
+    conditioning = conditioning_inputs(calib)
+    if any(v.is_floating_point() and v.ndim == 3 and v.shape[1] > 1 for v in conditioning.values()):
+        return "text"
+    if conditioning or any(info.has_role(("cond",)) for info in layers.values()):
+        return "class"
+    return "unconditional"
+
+
+def _cross_attention_family(model: nn.Module, cross: list[str], calib: CalibrationSet,
+                            device: torch.device | str | None) -> Family:
     device = torch.device(device) if device is not None else next(model.parameters()).device
     tokens: list[int] = []
 
@@ -143,12 +168,18 @@ def model_family(model: nn.Module, calib: CalibrationSet, device: torch.device |
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook, with_kwargs=True) for n in cross]
     try:
-        with quant_state(model, weight=False, act=False):
+        with quant_state(model, weight=False, act=False) if is_quantized(model) else contextlib.nullcontext():
             model(**calib.model_kwargs(torch.arange(1), device))
     finally:
         for handle_ in handles:
             handle_.remove()
     return "class" if tokens and max(tokens) == 1 else "text"
+
+
+def model_family(model: nn.Module, calib: CalibrationSet, device: torch.device | str | None = None) -> Family:
+    """``detect_family`` of a prepared ``model``."""
+    h = handle(model)
+    return detect_family(model, h.adapter, h.layers, calib, device)
 
 
 def critical_layers(model: nn.Module, calib: CalibrationSet, config: CMAConfig, *, device: torch.device,
