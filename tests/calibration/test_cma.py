@@ -81,15 +81,17 @@ def test_cma_config_validation():
         CMAConfig(critical=("time_proj",))
     with pytest.raises(ValueError, match="critical"):
         CMAConfig(critical="everything")
-    with pytest.raises(ValueError, match="no layer"):
-        from builders import CustomUNet
-        model = CustomUNet()
-        calib = synthetic_calibration(2)
-        calib.inputs["noise_level"] = calib.inputs.pop("timestep")
-        calib.timestep_key, calib.sample_key = "noise_level", "x"
-        calib.inputs["x"] = calib.inputs.pop("sample")
-        qd.quantize(model, "W8A8", calib, "rtn", adapter=qd.GenericAdapter("noise_level"), progress=False)
-        critical_layers(model, calib, CMAConfig(), device=torch.device("cpu"))
+
+
+
+def test_roles_no_layer_plays_raise_or_fall_back_to_sensitivity():
+    model, calib, cpu = AttentionDenoiser(), foreign_calibration(), torch.device("cpu")
+    qd.quantize(model, "W8A8", calib, "rtn", adapter=qd.GenericAdapter("t"), progress=False)
+    with pytest.raises(ValueError, match=r"plays the CMA roles \('ff',\): name them, e.g. adapter=GenericAdapter\('t', roles=\{'ff'"):
+        critical_layers(model, calib, CMAConfig(critical=("ff",)), device=cpu)
+    with pytest.warns(UserWarning, match=r"CMA trains the 2 layers most sensitive to 4-bit inputs instead"):
+        family, layers = critical_layers(model, calib, CMAConfig(top_k=2, sensitivity_samples=1), device=cpu)
+    assert family == "unconditional" and len(layers) == 2
 
 
 def _with_input(calib, name, value):

@@ -2,7 +2,7 @@
 from . import diffusers_unet  # noqa: F401  (registers the diffusers UNet adapter)
 from .base import ROLE_NAMES, TIME_EMBEDDING_ROLES, AttentionCall, AttentionInfo, LayerInfo, ModelAdapter, get_adapter, register_adapter, role_matches
 from .diffusers_unet import DiffusersUNetAdapter
-from .generic import GenericAdapter
+from .generic import GenericAdapter, roles_example
 
 __all__ = [
     "ROLE_NAMES",
@@ -16,4 +16,5 @@ __all__ = [
     "get_adapter",
     "register_adapter",
     "role_matches",
+    "roles_example",
 ]

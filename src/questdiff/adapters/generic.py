@@ -50,6 +50,12 @@ def select(model: nn.Module, selectors: Iterable[Selector]) -> list[str]:
     return [n for n, m in model.named_modules() if n and any(_matches(s, n, m) for s in selectors)]
 
 
+def roles_example(adapter: Any, roles: Iterable[str]) -> str:
+    """How to name layers for ``roles``, as code for the error messages of stages that need them."""
+    selectors = ", ".join(f"{role!r}: ['<module name, glob or type>']" for role in roles)
+    return f"adapter=GenericAdapter({getattr(adapter, 'timestep_argument', 't')!r}, roles={{{selectors}}})"
+
+
 class GenericAdapter:
     """Adapter configured by the user.
 

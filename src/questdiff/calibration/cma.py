@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -36,7 +37,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..adapters import TIME_EMBEDDING_ROLES, LayerInfo, ModelAdapter
+from ..adapters import TIME_EMBEDDING_ROLES, LayerInfo, ModelAdapter, roles_example
 from ..config import check_types
 from ..nn import ActQuantizer
 from ..prepare import handle, is_quantized, quant_layers, quant_state
@@ -182,20 +183,38 @@ def model_family(model: nn.Module, calib: CalibrationSet, device: torch.device |
     return detect_family(model, h.adapter, h.layers, calib, device)
 
 
+def critical_roles(model: nn.Module, adapter: ModelAdapter, layers: Mapping[str, LayerInfo], family: Family,
+                   config: CMAConfig) -> tuple[str, ...] | Literal["sensitivity"]:
+    """The roles whose layers CMA trains on ``model`` (``layers``: the adapter's roles), or ``"sensitivity"``.
+
+    ``critical="auto"`` on a model where no layer plays its family's roles (a foreign model without named roles)
+    falls back to the sensitivity ranking, with a warning; explicit roles that no layer plays raise."""
+    if config.critical == "sensitivity":
+        return "sensitivity"
+    roles = CRITICAL_ROLES[family] if config.critical == "auto" else config.critical
+    if any(info.has_role(roles) for info in layers.values()):
+        return roles
+    fix = f"name them, e.g. {roles_example(adapter, roles)}"
+    if config.critical != "auto":
+        raise ValueError(f"no layer of {type(model).__name__} plays the CMA roles {roles}: {fix}, or pass "
+                         "CMAConfig(critical='sensitivity')")
+    warnings.warn(f"no layer of {type(model).__name__} plays CMA's roles for a {family!r} model {roles}: CMA trains the "
+                  f"{config.top_k} layers most sensitive to {config.sensitivity_bits}-bit inputs instead "
+                  f"(critical='sensitivity'); to train the paper's layers, {fix}")  # one location: shown once per run
+    return "sensitivity"
+
+
 def critical_layers(model: nn.Module, calib: CalibrationSet, config: CMAConfig, *, device: torch.device,
                     seed: int = 0, progress: bool = False) -> tuple[Family, list[str]]:
     """``(model family, names of the layers CMA trains)``."""
+    h = handle(model)
     family = model_family(model, calib, device)
-    if config.critical == "sensitivity":
+    roles = critical_roles(model, h.adapter, h.layers, family, config)
+    if roles == "sensitivity":
         ranking = layer_sensitivity(model, calib, bits=config.sensitivity_bits, samples_per_t=config.sensitivity_samples,
                                     exclude_roles=TIME_EMBEDDING_ROLES, device=device, seed=seed, progress=progress)
         return family, [s.name for s in ranking[: config.top_k]]
-    roles = CRITICAL_ROLES[family] if config.critical == "auto" else config.critical
-    names = layers_with_roles(model, roles)
-    if not names:
-        raise ValueError(f"no layer of {type(model).__name__} plays the CMA roles {roles} (model family {family!r}); "
-                         "pass CMAConfig(critical=('ff', ...)) or critical='sensitivity'")
-    return family, names
+    return family, layers_with_roles(model, roles)
 
 
 def cma_objective(model: nn.Module, layers: list[str], family: Family, config: CMAConfig) -> Objective:

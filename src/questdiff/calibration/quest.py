@@ -26,7 +26,7 @@ from ..adapters import TIME_EMBEDDING_ROLES
 from ..config import ConfigError
 from ..prepare import handle
 from .brecq import BrecqConfig, rebuild_adaround, reconstruct
-from .cma import CMAConfig, run_cma
+from .cma import CMAConfig, critical_roles, detect_family, run_cma
 from .common import layers_with_roles
 from .data import CalibrationSet
 from .finetune import keep_teacher_copies, release_teacher_copies
@@ -41,7 +41,7 @@ from .methods import (
     method_stages,
     register_method,
 )
-from .tla import TLAConfig, run_tla
+from .tla import TLAConfig, check_tla_roles, run_tla
 
 __all__ = ["METHOD_OPTIONS", "QuestOptions", "later_stages_pending", "resolve_options"]
 
@@ -149,9 +149,19 @@ def _check_options(info: Preflight) -> None:
     resolve_options(info.ctx.options, info.ctx.method)  # malformed values fail here, before any stage runs
 
 
+def _check_tla(info: Preflight) -> None:
+    check_tla_roles(info.model, info.adapter, info.layers, resolve_options(info.ctx.options, info.ctx.method).tla)
+
+
+def _check_cma(info: Preflight) -> None:
+    config = resolve_options(info.ctx.options, info.ctx.method).cma
+    family = detect_family(info.model, info.adapter, info.layers, info.calib, info.ctx.device)
+    critical_roles(info.model, info.adapter, info.layers, family, config)  # raises, or warns of the sensitivity fallback
+
+
 BRECQ = Stage("brecq", _brecq_stage, rebuild_adaround, _settings_of("brecq"), options=("brecq",), check=_check_options)
-TLA = Stage("tla", _tla_stage, _rebuild_tla, _settings_of("tla"), options=("tla", "global_loss"), check=_check_options)
-CMA = Stage("cma", _cma_stage, settings=_settings_of("cma"), options=("cma", "global_loss"), check=_check_options)
+TLA = Stage("tla", _tla_stage, _rebuild_tla, _settings_of("tla"), options=("tla", "global_loss"), check=_check_tla)
+CMA = Stage("cma", _cma_stage, settings=_settings_of("cma"), options=("cma", "global_loss"), check=_check_cma)
 
 register_method("qdiffusion", [WEIGHT_INIT, BRECQ, ACT_INIT])
 register_method("quest", [WEIGHT_INIT, BRECQ, ACT_INIT, TLA, CMA])
