@@ -43,7 +43,8 @@ def quantize(
         method: ``"rtn"`` (Lp-searched weights, round to nearest, per-timestep activation init) or a registered
             calibration method (see ``questdiff.calibration.methods.available_methods()``).
         adapter: role adapter; defaults to the one registered for the model class (diffusers UNets). Non-diffusers
-            models need ``GenericAdapter(timestep_argument=...)``.
+            models need ``GenericAdapter(timestep_argument=...)``, which reads the layers, first/last roles, blocks
+            and ``F.scaled_dot_product_attention`` calls from one forward on a calibration row.
         device: where calibration runs (default: the model's device).
         work_dir: if given, each finished stage is saved there and a restarted call resumes from it.
         timestep_rule: how sampler timesteps map to calibrated rows (``"at_or_before"`` or ``"nearest"``).

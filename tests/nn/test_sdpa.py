@@ -118,3 +118,13 @@ def test_no_sites_without_attention_quantization():
     qd.quantize(model, qd.presets.W8A8.replace(quantize_attention=False), foreign_calibration(),
                 adapter=qd.GenericAdapter("t"), progress=False)
     assert not hasattr(model, SDPA_ATTR)
+
+
+def test_save_load_restores_every_site(quantized, tmp_path):
+    fp, model, calib = quantized
+    qd.save(model, tmp_path / "q")
+    loaded = qd.load(tmp_path / "q", base=copy.deepcopy(fp), adapter=qd.GenericAdapter("t"))
+    assert getattr(loaded, SDPA_ATTR).owners == getattr(model, SDPA_ATTR).owners
+    kwargs = calib.model_kwargs(slice(0, 3))
+    with torch.no_grad():
+        assert torch.equal(loaded(**kwargs), model(**kwargs))
