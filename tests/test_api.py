@@ -1,5 +1,6 @@
 """End-to-end: collect -> quantize -> sample on tiny offline pipelines."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -178,3 +179,27 @@ def test_quantize_on_cuda(fp_and_calib):
     assert all(p.is_cuda for p in pipe.unet.parameters()) and all(b.is_cuda for b in pipe.unet.buffers())
     images = scheduler_loop(pipe.unet.cpu(), pipe.scheduler, 4)
     assert torch.isfinite(images).all()
+
+
+def test_calibration_set_is_a_required_argument(fp_and_calib):
+    assert inspect.signature(qd.quantize).parameters["calib"].default is inspect.Parameter.empty
+    with pytest.raises(TypeError, match="calib"):
+        qd.quantize(ddim_pipeline().unet, "W8A8")
+    with pytest.raises(TypeError, match="pass the preset"):
+        qd.quantize(ddim_pipeline().unet, fp_and_calib[1], "rtn")
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("rtn", {"tla": {"epochs": 1}}, r"method 'rtn': it accepts no options \(tla is read by method 'quest', 'quest-tla'\)"),
+    ("rtn", {"anything": 1}, r"unknown option\(s\) \['anything'\] for method 'rtn'"),
+    ("qdiffusion", {"cma": {}}, r"it accepts \['brecq'\]"),
+    ("quest", {"tla": {"epochs": 1.5}}, r"TLAConfig.epochs must be int, got 1.5"),
+    ("quest", {"global_loss": "no"}, "global_loss must be True or False"),
+])
+def test_options_a_method_does_not_read_or_malformed_fail_before_any_work(fp_and_calib, method, options, message):
+    unet = ddim_pipeline().unet
+    tiny = {"brecq": {"iters": 1, "batch_size": 2}, "tla": {"epochs": 1}, "cma": {"epochs": 0, "eval_samples_per_t": 0}}
+    tiny = {k: v for k, v in tiny.items() if method == "quest"}  # a fast run if the bad option were ignored
+    with pytest.raises(ValueError, match=message):
+        qd.quantize(unet, "W8A8", fp_and_calib[1], method, progress=False, **{**tiny, **options})
+    assert not qd.is_quantized(unet)  # nothing was prepared: the same model can be quantized right away

@@ -42,3 +42,28 @@ def test_roundtrip_and_version():
     data["version"] = 99
     with pytest.raises(ValueError, match="version 99"):
         QuantConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: QuantConfig(weight={"bits": 4}), "QuantConfig.weight"),
+    (lambda: QuantConfig(activation=WeightSpec()), "QuantConfig.activation"),
+    (lambda: QuantConfig(act_init_samples=2.5), "QuantConfig.act_init_samples"),
+    (lambda: QuantConfig(running_stat="no"), "QuantConfig.running_stat"),
+    (lambda: QuantConfig(first_last_act_bits=8.0), "QuantConfig.first_last_act_bits"),
+    (lambda: ActivationSpec(channelwise="yes"), "ActivationSpec.channelwise"),
+    (lambda: ActivationSpec(symmetric=1), "ActivationSpec.symmetric"),
+    (lambda: WeightSpec(bits=True), "WeightSpec.bits"),
+    (lambda: WeightSpec(granularity="row"), "WeightSpec.granularity"),
+])
+def test_wrong_field_types_fail_naming_the_field(make, field):
+    with pytest.raises(TypeError, match=field) as err:
+        make()
+    assert isinstance(err.value, ValueError)  # callers catching ValueError (the CLI) see it too
+
+
+def test_nested_dict_error_names_the_fix():
+    with pytest.raises(TypeError, match=r"use WeightSpec\(\*\*\{'bits': 4\}\)"):
+        QuantConfig(weight={"bits": 4})
+    with pytest.raises(TypeError, match="QuantConfig.momentum"):
+        presets.W8A8.replace(momentum="0.9")
+    assert QuantConfig(momentum=1 / 2, first_last_act_bits=None).momentum == 0.5  # ints and None where allowed

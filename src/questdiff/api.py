@@ -10,9 +10,9 @@ from torch import nn
 
 from .adapters import ModelAdapter, get_adapter
 from .calibration.data import CalibrationSet
-from .calibration.methods import StageContext, method_stages, run_stages
+from .calibration.methods import StageContext, check_options, method_stages, preflight, run_stages
 from .config import QuantConfig, resolve
-from .prepare import handle, prepare
+from .prepare import handle, prepare, require_full_precision
 from .timestep import Rule, TimestepSchedule, timestep_getter
 
 logger = logging.getLogger(__name__)
@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 
 def quantize(
     denoiser: nn.Module,
-    preset: QuantConfig | str = "W8A8",
-    calib: CalibrationSet | None = None,
+    preset: QuantConfig | str,
+    calib: CalibrationSet,
     method: str = "rtn",
     *,
     adapter: ModelAdapter | None = None,
@@ -43,18 +43,27 @@ def quantize(
         method: ``"rtn"`` (Lp-searched weights, round to nearest, per-timestep activation init) or a registered
             calibration method (see ``questdiff.calibration.methods.available_methods()``).
         adapter: role adapter; defaults to the one registered for the model class (diffusers UNets). Non-diffusers
-            models need ``GenericAdapter(timestep_argument=...)``.
+            models need ``GenericAdapter(timestep_argument=...)``, which reads the layers, first/last roles, blocks
+            and ``F.scaled_dot_product_attention`` calls from one forward on a calibration row.
         device: where calibration runs (default: the model's device).
         work_dir: if given, each finished stage is saved there and a restarted call resumes from it.
         timestep_rule: how sampler timesteps map to calibrated rows (``"at_or_before"`` or ``"nearest"``).
-        method_options: per-method settings (e.g. iterations), passed to the stages.
+        method_options: per-method settings (e.g. ``tla=TLAConfig(...)``); an option no stage of ``method`` reads,
+            or a malformed one, raises before any work.
+
+    Every stage's preconditions (options, the roles TLA/CMA train) are checked before the model is touched.
     """
+    if isinstance(preset, CalibrationSet):
+        raise TypeError("quantize(denoiser, preset, calib): pass the preset (e.g. 'W8A8') before the calibration set")
     config = resolve(preset)
-    if calib is None:
+    if not isinstance(calib, CalibrationSet):
         raise ValueError(
-            "quantize needs calibration data: calib = questdiff.collect_calibration(pipe) (or record_calibration)"
+            f"quantize needs calibration data, got {type(calib).__name__}: calib = questdiff.collect_calibration(pipe) "
+            "(or record_calibration)"
         )
+    require_full_precision(denoiser)
     method_stages(method)  # fail fast on an unknown method
+    check_options(method, method_options)
     adapter = adapter or get_adapter(denoiser)
     timestep_getter(denoiser.forward, adapter.timestep_argument)  # the named argument must exist
     calib.validate(denoiser)
@@ -66,9 +75,15 @@ def quantize(
     first = next(denoiser.parameters(), None)
     device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
     denoiser.to(device).eval()
+    trace = getattr(adapter, "trace", None)
+    if trace is not None:  # adapters that read layers and roles from one forward (GenericAdapter)
+        trace(denoiser, calib.model_kwargs(torch.nonzero(calib.ts == calib.timesteps[0]).flatten()[:1], device),
+              calib.sample_key)
     schedule = TimestepSchedule.from_timesteps(calib.timesteps, timestep_rule)
+    ctx = StageContext(device=device, batch_size=batch_size, progress=progress, seed=seed, options=method_options,
+                       method=method)
+    preflight(denoiser, adapter, calib, method, ctx)
     prepare(denoiser, config, schedule, adapter)
-    ctx = StageContext(device=device, batch_size=batch_size, progress=progress, seed=seed, options=method_options)
     run_stages(denoiser, calib, method, ctx, work_dir)
     handle(denoiser).extra["report"] = ctx.report
     logger.info("quantized %s to %s with %s", type(denoiser).__name__, config.label, method)

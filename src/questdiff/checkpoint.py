@@ -177,6 +177,9 @@ def load(
             f"adapter=GenericAdapter(timestep_argument={meta['adapter'].get('timestep_argument')!r}, ...)"
         )
     adapter = adapter or get_adapter(base)
+    restore = getattr(adapter, "restore", None)
+    if restore is not None:  # adapters that keep what they read from the model (GenericAdapter's trace)
+        restore(meta["adapter"])
     given = json.loads(json.dumps(adapter.to_dict()))
     if given != meta["adapter"]:
         raise ValueError(

@@ -12,12 +12,75 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .primitives import check_bits
 
 CONFIG_VERSION = 1
+
+
+class ConfigError(TypeError, ValueError):
+    """A config field of the wrong type or outside its allowed values (both a ``TypeError`` and a ``ValueError``,
+    so callers catching either see it)."""
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        return f"a tuple of {_type_name(args[0])}" if len(args) == 2 and args[1] is Ellipsis else \
+            f"a tuple ({', '.join(_type_name(a) for a in args)})"
+    if hint is type(None):
+        return "None"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (bool is not an int; an int is a float)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def check_types(config: Any) -> None:
+    """Raise ``ConfigError`` naming the field, the expected type and the fix if a field of the dataclass instance
+    ``config`` does not match its annotation (e.g. ``channelwise="yes"``, ``act_init_samples=2.5``, a dict where
+    a nested config belongs). Called first in every config's ``__post_init__``."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        if _matches(value, hint):
+            continue
+        cls = type(config).__name__
+        fix = ""
+        if isinstance(value, dict) and dataclasses.is_dataclass(hint):
+            fix = f": use {hint.__name__}(**{value!r})"
+        raise ConfigError(f"{cls}.{f.name} must be {_type_name(hint)}, got {value!r} ({type(value).__name__}){fix}")
 
 WeightScaleMethod = Literal["lp", "minmax"]
 ActScaleMethod = Literal["percentile", "minmax"]
@@ -36,6 +99,7 @@ class WeightSpec:
     scale_method: WeightScaleMethod = "lp"
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_bits(self.bits, "weight bit width")
         if self.granularity not in ("tensor", "channel", "group"):
             raise ValueError(f"unknown weight granularity {self.granularity!r}: use 'tensor', 'channel' or 'group'")
@@ -55,6 +119,7 @@ class ActivationSpec:
     scale_method: ActScaleMethod = "percentile"
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_bits(self.bits, "activation bit width")
         if self.scale_method not in ("percentile", "minmax"):
             raise ValueError(f"unknown activation scale method {self.scale_method!r}: use 'percentile' or 'minmax'")
@@ -93,6 +158,7 @@ class QuantConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_bits(self.softmax_bits, "softmax bit width")
         if self.first_last_act_bits is not None:
             check_bits(self.first_last_act_bits, "first/last layer activation bit width")

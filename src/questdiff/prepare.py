@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -18,6 +19,8 @@ from .adapters import LayerInfo, ModelAdapter, get_adapter
 from .config import ActivationSpec, QuantConfig
 from .digest import stats_digest
 from .nn import ActQuantizer, QuantLayerMixin, WeightQuantizer, wrap_layer
+from .nn.layers import is_quantizable, quant_layout
+from .nn.sdpa import AttentionSite, install_sdpa_quantizers
 from .timestep import TimestepSchedule, TimestepState, install_timestep_hook
 
 HANDLE_ATTR = "_questdiff"
@@ -52,6 +55,12 @@ def handle(model: nn.Module) -> QuantHandle:
 
 def is_quantized(model: nn.Module) -> bool:
     return getattr(model, HANDLE_ATTR, None) is not None
+
+
+def require_full_precision(model: nn.Module) -> None:
+    """Raise if ``model`` is already quantized (it must be prepared from the full-precision model)."""
+    if is_quantized(model):
+        raise ValueError("the model is already quantized: start from a fresh copy of the full-precision model")
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -89,7 +98,7 @@ def _wrap(module: nn.Module, info: LayerInfo, config: QuantConfig, rows: int, st
     channel_dim = -1 if isinstance(module, nn.Linear) else 1
     channels = module.in_features if isinstance(module, nn.Linear) else module.in_channels
     split = info.split if config.split_skip else 0
-    weight = module.weight
+    weight = quant_layout(module, module.weight)
     if not split:
         return wrap_layer(
             module,
@@ -107,21 +116,25 @@ def _wrap(module: nn.Module, info: LayerInfo, config: QuantConfig, rows: int, st
     )
 
 
+def _attention_quantizers(config: QuantConfig, rows: int, state: TimestepState, q_dim: int, k_dim: int,
+                          v_dim: int) -> tuple[ActQuantizer, ActQuantizer, ActQuantizer, ActQuantizer]:
+    """q, k, v (per head_dim channel at the activation settings) and softmax-probability quantizers."""
+    probs = ActivationSpec(bits=config.softmax_bits, symmetric=False, channelwise=False)
+    return (
+        ActQuantizer(rows, config.activation, state, q_dim, -1),
+        ActQuantizer(rows, config.activation, state, k_dim, -1),
+        ActQuantizer(rows, config.activation, state, v_dim, -1),
+        ActQuantizer(rows, probs, state, always_zero=True),
+    )
+
+
 def _attention_processor(attn: nn.Module, processor: type[nn.Module], config: QuantConfig, rows: int,
                          state: TimestepState) -> nn.Module:
     """The adapter's quantized ``processor`` class for ``attn``: q/k/v quantizers per head_dim channel, a per-tensor
     zero-point-0 quantizer for the softmax output."""
-    heads = attn.heads
-    q_dim = attn.to_q.out_features // heads
-    kv_dim = attn.to_k.out_features // heads
-    probs = ActivationSpec(bits=config.softmax_bits, symmetric=False, channelwise=False)
-    return processor(
-        ActQuantizer(rows, config.activation, state, q_dim, -1),
-        ActQuantizer(rows, config.activation, state, kv_dim, -1),
-        ActQuantizer(rows, config.activation, state, kv_dim, -1),
-        ActQuantizer(rows, probs, state, always_zero=True),
-        fallback=attn.processor,
-    )
+    q_dim = attn.to_q.out_features // attn.heads
+    kv_dim = attn.to_k.out_features // attn.heads
+    return processor(*_attention_quantizers(config, rows, state, q_dim, kv_dim, kv_dim), fallback=attn.processor)
 
 
 def prepare(
@@ -134,14 +147,13 @@ def prepare(
 
     Raises ``ValueError`` if ``model`` is already quantized or has no quantizable layer.
     """
-    if is_quantized(model):
-        raise ValueError("the model is already quantized: start from a fresh copy of the full-precision model")
+    require_full_precision(model)
     adapter = adapter or get_adapter(model)
     base_fingerprint = fingerprint(model)
     layers = adapter.layers(model)
     if not layers:
         raise ValueError(
-            f"{type(model).__name__} has no Linear/Conv1d/Conv2d layer to quantize; check that you passed the "
+            f"{type(model).__name__} has no Linear/Conv1d/Conv2d layer (nor Conv3d/ConvTranspose) to quantize; check that you passed the "
             "denoiser (e.g. pipe.unet), not the pipeline"
         )
     if not config.timestep_aware:
@@ -154,11 +166,47 @@ def prepare(
         # new quantizer parameters follow the layer's device and dtype
         model.set_submodule(name, _wrap(layer, info, config, rows, state).to(layer.weight.device))
     if config.quantize_attention:
-        for name, info in adapter.attentions(model).items():
+        attentions = adapter.attentions(model)
+        for name, info in attentions.items():
             attn = model.get_submodule(name)
             attn.set_processor(_attention_processor(attn, info.processor, config, rows, state).to(attn.to_q.weight.device))
+        find_calls = getattr(adapter, "attention_calls", None)  # F.scaled_dot_product_attention calls (GenericAdapter)
+        calls = find_calls(model) if find_calls is not None else []
+        if calls:
+            sites = [AttentionSite(*_attention_quantizers(config, rows, state, c.q_dim, c.k_dim, c.v_dim)) for c in calls]
+            install_sdpa_quantizers(model, [c.owner for c in calls], sites, attentions).to(_device(model))
     setattr(model, HANDLE_ATTR, QuantHandle(config, schedule, state, adapter, layers, base_fingerprint, hook))
+    _warn_full_precision(model)
     return model
+
+
+def full_precision_layers(model: nn.Module) -> list[str]:
+    """Modules of a prepared ``model`` that compute with a weight matrix (a parameter named like ``weight`` with 2+
+    dims) but were not wrapped: custom or unsupported layers, subclasses with a forward of their own, layers the
+    adapter left out. Embedding tables (lookups, kept FP everywhere) and norms (1-D weights) are not listed."""
+    return [
+        f"{name or type(model).__name__} ({type(m).__name__}{', not selected by the adapter' if is_quantizable(m) else ''})"
+        for name, m in model.named_modules()
+        if not isinstance(m, (QuantLayerMixin, nn.Embedding, nn.EmbeddingBag))
+        and any("weight" in pname and p.ndim >= 2 for pname, p in m.named_parameters(recurse=False))
+    ]
+
+
+def _warn_full_precision(model: nn.Module, shown: int = 12) -> None:
+    names = full_precision_layers(model)
+    if names:
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        warnings.warn(
+            f"{len(names)} layer(s) with weights stay in full precision: {', '.join(names[:shown])}{more}. questdiff "
+            "quantizes Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d layers (and subclasses without a forward of "
+            "their own) that its adapter selects; the generic adapter selects those its traced forward calls",
+            stacklevel=3,
+        )
+
+
+def _device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:

@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import UNet2DModel
+from foreign_builders import AttentionDenoiser, foreign_calibration
 from quest_helpers import synthetic_calibration
+from torch import nn
 
 import questdiff as qd
 from questdiff.adapters import TIME_EMBEDDING_ROLES
-from questdiff.calibration import BrecqConfig, CMAConfig, run_cma
+from questdiff.calibration import BrecqConfig, CalibrationSet, CMAConfig, run_cma
 from questdiff.calibration.cma import (
     CRITICAL_ROLES,
     cma_objective,
     critical_layers,
+    detect_family,
     model_family,
 )
 from questdiff.prepare import act_quantizers, handle
@@ -77,12 +81,45 @@ def test_cma_config_validation():
         CMAConfig(critical=("time_proj",))
     with pytest.raises(ValueError, match="critical"):
         CMAConfig(critical="everything")
-    with pytest.raises(ValueError, match="no layer"):
-        from builders import CustomUNet
-        model = CustomUNet()
-        calib = synthetic_calibration(2)
-        calib.inputs["noise_level"] = calib.inputs.pop("timestep")
-        calib.timestep_key, calib.sample_key = "noise_level", "x"
-        calib.inputs["x"] = calib.inputs.pop("sample")
-        qd.quantize(model, "W8A8", calib, "rtn", adapter=qd.GenericAdapter("noise_level"), progress=False)
-        critical_layers(model, calib, CMAConfig(), device=torch.device("cpu"))
+
+
+
+def test_roles_no_layer_plays_raise_or_fall_back_to_sensitivity():
+    model, calib, cpu = AttentionDenoiser(), foreign_calibration(), torch.device("cpu")
+    qd.quantize(model, "W8A8", calib, "rtn", adapter=qd.GenericAdapter("t"), progress=False)
+    with pytest.raises(ValueError, match=r"plays the CMA roles \('ff',\): name them, e.g. adapter=GenericAdapter\('t', roles=\{'ff'"):
+        critical_layers(model, calib, CMAConfig(critical=("ff",)), device=cpu)
+    with pytest.warns(UserWarning, match=r"CMA trains the 2 layers most sensitive to 4-bit inputs instead"):
+        family, layers = critical_layers(model, calib, CMAConfig(top_k=2, sensitivity_samples=1), device=cpu)
+    assert family == "unconditional" and len(layers) == 2
+
+
+def _with_input(calib, name, value):
+    return CalibrationSet({**calib.inputs, name: value}, calib.steps, calib.sample_key, calib.timestep_key)
+
+
+def test_class_label_through_an_embedding_is_the_class_family(calib):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, attention_head_dim=8, num_class_embeds=4).eval()
+    labelled = _with_input(calib, "class_labels", torch.arange(len(calib)) % 4)
+    qd.quantize(unet, "W8A8", labelled, progress=False)
+    assert model_family(unet, labelled) == "class"  # no cross-attention: the label enters through nn.Embedding
+    family, layers = critical_layers(unet, labelled, CMAConfig(), device=torch.device("cpu"))
+    roles = set().union(*(handle(unet).layers[n].roles for n in layers))
+    assert family == "class" and roles == {"attn.self.q", "attn.self.k", "attn.self.v"}  # the class roles it has
+
+
+def test_family_of_foreign_models_from_their_inputs_and_roles():
+    model, calib = AttentionDenoiser(), foreign_calibration()
+    adapter = qd.GenericAdapter("t")
+    layers = adapter.layers(model)
+    assert detect_family(model, adapter, layers, calib) == "unconditional"
+    assert detect_family(model, adapter, layers, _with_input(calib, "y", torch.arange(len(calib)))) == "class"
+    constant = torch.ones(len(calib), 3)  # a tensor every row shares conditions nothing
+    assert detect_family(model, adapter, layers, _with_input(calib, "scale", constant)) == "unconditional"
+    assert detect_family(model, adapter, layers, _with_input(calib, "y", torch.randn(len(calib), 8))) == "class"
+    assert detect_family(model, adapter, layers, _with_input(calib, "context", torch.randn(len(calib), 5, 8))) == "text"
+    cond = qd.GenericAdapter("t", roles={"cond": [nn.Linear]})
+    assert detect_family(model, cond, cond.layers(model), calib) == "class"  # a conditioning embedding named by role

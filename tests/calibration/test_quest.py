@@ -4,10 +4,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from builders import ddim_pipeline, tiny_unet2d
+from foreign_builders import AttentionDenoiser, foreign_calibration
 from quest_helpers import outputs_per_timestep
 
 import questdiff as qd
@@ -147,3 +149,29 @@ def test_cli_quantize_quest(tmp_path):
     wrong = subprocess.run(cmd[:6] + ["--method", "rtn", "--recon-iters", "1", "--out", str(out)], capture_output=True,
                            text=True, env=env, timeout=300, check=False)
     assert wrong.returncode == 2 and "does not apply to method 'rtn'" in wrong.stderr
+
+
+def test_quest_without_time_embedding_roles_fails_before_any_stage():
+    model = AttentionDenoiser()
+    with pytest.raises(ValueError, match=r"TLA trains the time-embedding layers \(roles \('time_proj',\)\) but no layer of "
+                                         r"AttentionDenoiser plays them: name them, e.g. adapter=GenericAdapter\('t', roles="):
+        qd.quantize(model, "W4A4", foreign_calibration(), "quest", adapter=qd.GenericAdapter("t"), progress=False, **TINY)
+    assert not qd.is_quantized(model)  # failed in the preflight: nothing prepared, no stage ran
+    named = qd.GenericAdapter("t", roles={"time_embed": ["time"]})
+    with pytest.raises(ValueError, match=r"or train those: tla=TLAConfig\(roles=\('time_embed',\)\)"):
+        qd.quantize(model, "W4A4", foreign_calibration(), "quest", adapter=named, progress=False, **TINY)
+
+
+def test_quest_on_a_model_without_cma_roles_warns_first_and_runs_on_sensitivity():
+    calib, adapter = foreign_calibration(), qd.GenericAdapter("t", roles={"time_embed": ["time"]})
+    options = {**TINY, "tla": TLAConfig(roles=("time_embed",), epochs=1),
+               "cma": CMAConfig(epochs=1, samples_per_t=2, eval_samples_per_t=0, top_k=2, sensitivity_samples=1)}
+    model = AttentionDenoiser()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="CMA trains the 2 layers most sensitive"):
+            qd.quantize(model, "W4A4", calib, "quest", adapter=adapter, progress=False, **options)
+    assert not qd.is_quantized(model)  # the warning came from the preflight, before prepare
+    with pytest.warns(UserWarning, match="CMA trains the 2 layers most sensitive"):
+        qd.quantize(model, "W4A4", calib, "quest", adapter=adapter, progress=False, **options)
+    assert handle(model).stages == ["weight_init", "brecq", "act_init", "tla", "cma"]

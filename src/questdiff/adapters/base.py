@@ -84,6 +84,17 @@ class AttentionInfo:
     processor: type[nn.Module] = QuantAttnProcessor
 
 
+@dataclass
+class AttentionCall:
+    """One ``F.scaled_dot_product_attention`` call of a traced forward: the innermost module that made it (``""``:
+    the model's own forward) and the last dims of its query, key and value."""
+
+    owner: str
+    q_dim: int
+    k_dim: int
+    v_dim: int
+
+
 @runtime_checkable
 class ModelAdapter(Protocol):
     """What the quantizer needs to know about a denoiser family."""
@@ -92,7 +103,8 @@ class ModelAdapter(Protocol):
     timestep_argument: str
 
     def layers(self, model: nn.Module) -> dict[str, LayerInfo]:
-        """Every quantizable (Linear/Conv1d/Conv2d) layer by qualified name, with roles."""
+        """Every layer to quantize (``questdiff.nn.is_quantizable``: Linear/Conv/ConvTranspose) by qualified name,
+        with roles."""
         ...
 
     def attentions(self, model: nn.Module) -> dict[str, AttentionInfo]:
@@ -106,6 +118,13 @@ class ModelAdapter(Protocol):
     def to_dict(self) -> dict:
         """Serializable description (for checkpoints)."""
         ...
+
+    # Optional (looked up with getattr):
+    # - ``trace(model, example_kwargs, sample_argument)``: read layers/roles from one forward; ``quantize`` calls it
+    #   on a calibration row before ``prepare``.
+    # - ``restore(saved)``: take back what ``to_dict`` saved; ``load`` calls it before ``prepare``.
+    # - ``attention_calls(model) -> list[AttentionCall]``: ``F.scaled_dot_product_attention`` calls, in call order
+    #   within each owner module, whose q/k/v/softmax get quantized (``questdiff.nn.sdpa``).
 
 
 _REGISTRY: list[tuple[type[nn.Module], Callable[[], ModelAdapter]]] = []

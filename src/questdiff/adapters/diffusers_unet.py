@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from ..nn.layers import QUANTIZABLE_TYPES
+from ..nn.layers import is_quantizable
 from .base import AttentionInfo, LayerInfo, register_adapter
 
 _ATTN_PROJECTIONS = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "out", "add_k_proj": "k", "add_v_proj": "v"}
@@ -52,7 +52,7 @@ class DiffusersUNetAdapter:
     timestep_argument = "timestep"
 
     def layers(self, model: nn.Module) -> dict[str, LayerInfo]:
-        infos = {n: LayerInfo(n) for n, m in model.named_modules() if type(m) in QUANTIZABLE_TYPES}
+        infos = {n: LayerInfo(n) for n, m in model.named_modules() if is_quantizable(m)}
         for name, module in model.named_modules():
             if isinstance(module, Attention):
                 kind = "cross" if _is_cross(module) else "self"

@@ -2,22 +2,34 @@
 
 The user names the timestep argument of ``forward`` and, optionally, selectors for roles. A selector is a module
 name (exact, or a glob such as ``"blocks.*.time_mlp"``, or a regex written ``"re:<pattern>"``), a module type, or
-a predicate ``(name, module) -> bool``. Without selectors: every Linear/Conv1d/Conv2d is quantized with role
-``other``, the first and last of them outside the time embeddings (registration order) get ``first`` / ``last``, and diffusers ``Attention``
-modules inside the model (if any) get quantized matmuls.
+a predicate ``(name, module) -> bool``.
+
+Everything else comes from one traced forward (``trace``; ``quantize`` runs it on a calibration row before
+``prepare``): the Linear/Conv/ConvTranspose layers the forward calls are quantized (role ``other`` unless
+selected), every layer that reads the model's sample tensor gets ``first`` and the layer(s) producing its output
+get ``last`` (time/conditioning-embedding layers excluded), and the reconstruction blocks are the called modules
+holding layers (children of ``ModuleList``-like containers), and every ``F.scaled_dot_product_attention`` call gets
+quantized q/k/v/softmax (``questdiff.nn.sdpa``; a softmax computed by hand is named in a warning, its matmuls stay
+FP). diffusers ``Attention`` modules inside the model (if any) get quantized matmuls through their processor. The trace's results are part of ``to_dict`` (checkpoints) and come back with
+``restore``. Untraced, the adapter falls back to registration order: every quantizable layer, the first and last
+of them as ``first`` / ``last``.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
+import warnings
 from typing import Any, Callable, Iterable, Mapping, Union
 
 from torch import nn
 
-from ..nn.layers import QUANTIZABLE_TYPES
-from .base import ROLE_NAMES, AttentionInfo, LayerInfo
+from ..nn.layers import is_quantizable
+from .base import ROLE_NAMES, AttentionCall, AttentionInfo, LayerInfo
+from .trace import reconstruction_blocks, trace_forward
 
 Selector = Union[str, type, Callable[[str, nn.Module], bool]]
+_EMBEDDING_ROLES = {"time_embed", "time_proj", "cond"}
 
 
 def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
@@ -38,6 +50,12 @@ def select(model: nn.Module, selectors: Iterable[Selector]) -> list[str]:
     return [n for n, m in model.named_modules() if n and any(_matches(s, n, m) for s in selectors)]
 
 
+def roles_example(adapter: Any, roles: Iterable[str]) -> str:
+    """How to name layers for ``roles``, as code for the error messages of stages that need them."""
+    selectors = ", ".join(f"{role!r}: ['<module name, glob or type>']" for role in roles)
+    return f"adapter=GenericAdapter({getattr(adapter, 'timestep_argument', 't')!r}, roles={{{selectors}}})"
+
+
 class GenericAdapter:
     """Adapter configured by the user.
 
@@ -46,7 +64,7 @@ class GenericAdapter:
         roles: role name -> selectors of the layers (or parents of layers) playing it, e.g.
             ``{"time_embed": ["time_mlp.*"], "time_proj": ["re:.*\\.emb_proj"], "ff": [MyFeedForward]}``.
             Selecting a parent module gives the role to every quantizable layer inside it.
-        blocks: selectors of reconstruction units (default: every direct child holding quantizable layers).
+        blocks: selectors of reconstruction units (default: from the trace, see the module docstring).
     """
 
     name = "generic"
@@ -65,20 +83,52 @@ class GenericAdapter:
         if unknown:
             raise ValueError(f"unknown roles {sorted(unknown)}; valid roles are {list(ROLE_NAMES)}")
         self.block_selectors = list(blocks) if blocks is not None else None
+        self.traced: dict[str, Any] | None = None
 
-    def layers(self, model: nn.Module) -> dict[str, LayerInfo]:
-        infos = {n: LayerInfo(n) for n, m in model.named_modules() if type(m) in QUANTIZABLE_TYPES}
+    def trace(self, model: nn.Module, example: Mapping[str, Any], sample_argument: str) -> None:
+        """Read the layers, ``first`` / ``last`` and blocks from one forward of the full-precision ``model`` on
+        ``example`` (the keyword arguments of one calibration row); ``example[sample_argument]`` is the noisy sample."""
+        trace = trace_forward(model, example, sample_argument, skip_attention=self.attentions(model))
+        names = sorted(trace.layers, key=lambda n: trace.layers[n].first)
+        roles = self._selected_roles(model, names)
+        candidates = [n for n in names if not roles[n] & _EMBEDDING_ROLES]
+        self.traced = {
+            "layers": names,
+            "first": trace.first_layers(candidates),
+            "last": trace.last_layers(candidates),
+            "blocks": reconstruction_blocks(model, trace.called),
+            "attention": [dataclasses.asdict(call) for call in trace.attention],
+        }
+        if trace.softmax:
+            owners = ", ".join(repr(o) if o else "the model's forward" for o in dict.fromkeys(trace.softmax))
+            warnings.warn(
+                f"softmax is computed outside scaled_dot_product_attention in {owners}: if that is attention "
+                "(softmax(q @ k^T) @ v), its two matmuls stay in full precision. Call "
+                "torch.nn.functional.scaled_dot_product_attention(q, k, v) instead to have q, k, v and the "
+                "probabilities quantized", stacklevel=3)
+
+    def _selected_roles(self, model: nn.Module, names: Iterable[str]) -> dict[str, set[str]]:
+        roles: dict[str, set[str]] = {n: set() for n in names}
         for role, selectors in self.roles.items():
             for parent in select(model, selectors):
-                for name in infos:
+                for name in roles:
                     if name == parent or name.startswith(parent + "."):
-                        infos[name].roles.add(role)
-        # default first/last: the first and last layers outside the time/conditioning embeddings
-        names = [n for n, info in infos.items() if not info.roles & {"time_embed", "time_proj", "cond"}]
-        if names and "first" not in self.roles:
-            infos[names[0]].roles.add("first")
-        if names and "last" not in self.roles:
-            infos[names[-1]].roles.add("last")
+                        roles[name].add(role)
+        return roles
+
+    def layers(self, model: nn.Module) -> dict[str, LayerInfo]:
+        traced = self.traced
+        names = traced["layers"] if traced is not None else [n for n, m in model.named_modules() if is_quantizable(m)]
+        infos = {n: LayerInfo(n, roles) for n, roles in self._selected_roles(model, names).items()}
+        if traced is not None:
+            first, last = traced["first"], traced["last"]
+        else:  # registration order: the first and last layers outside the time/conditioning embeddings
+            plain = [n for n, info in infos.items() if not info.roles & _EMBEDDING_ROLES]
+            first, last = plain[:1], plain[-1:]
+        for role, defaults in (("first", first), ("last", last)):
+            if role not in self.roles:
+                for name in defaults:
+                    infos[name].roles.add(role)
         for info in infos.values():
             if not info.roles:
                 info.roles.add("other")
@@ -95,12 +145,26 @@ class GenericAdapter:
             if isinstance(m, Attention)
         }
 
+    def attention_calls(self, model: nn.Module) -> list[AttentionCall]:
+        """The traced ``F.scaled_dot_product_attention`` calls (none untraced)."""
+        return [AttentionCall(**call) for call in (self.traced or {}).get("attention", [])]
+
     def blocks(self, model: nn.Module) -> list[str]:
         if self.block_selectors is not None:
             return select(model, self.block_selectors)
-        return [
-            n for n, child in model.named_children() if any(type(m) in QUANTIZABLE_TYPES for m in child.modules())
-        ]
+        if self.traced is not None:
+            return list(self.traced["blocks"])
+        return reconstruction_blocks(model)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "timestep_argument": self.timestep_argument}
+        return {"name": self.name, "timestep_argument": self.timestep_argument, "traced": self.traced}
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """Take the trace of a checkpoint's adapter (``to_dict``), so a loaded model gets the layers and roles it
+        was quantized with; raises if ``saved`` is another adapter's."""
+        if saved.get("name") != self.name or saved.get("timestep_argument") != self.timestep_argument:
+            raise ValueError(
+                f"the checkpoint was made with adapter {dict(saved)!r}, not a GenericAdapter reading "
+                f"{self.timestep_argument!r}: pass GenericAdapter(timestep_argument={saved.get('timestep_argument')!r}, ...)"
+            )
+        self.traced = saved.get("traced")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import check_types
 from ..nn import QuantLayerMixin, WeightQuantizer
 from ..nn.adaround import GAMMA, ZETA, AdaRoundQuantizer
 
@@ -20,7 +21,6 @@ __all__ = [
     "beta_at",
     "convert_layer",
     "init_alpha",
-    "layer_weight_halves",
     "rounding_regularizer",
 ]
 
@@ -43,6 +43,7 @@ class AdaRoundConfig:
     warmup: float = 0.2
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not (self.zeta > 1.0 and self.gamma < 0.0):
             raise ValueError(f"AdaRound needs zeta > 1 and gamma < 0 (code: 1.1, -0.1), got {self.zeta}, {self.gamma}")
         if self.reg_weight < 0:
@@ -78,13 +79,6 @@ def rounding_regularizer(quantizers: list[AdaRoundQuantizer], beta: float) -> to
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def layer_weight_halves(layer: QuantLayerMixin) -> list[tuple[str, torch.Tensor]]:
-    """``(quantizer attribute, weight slice)`` pairs of a layer: one, or two for split skip convs."""
-    if not layer.split:
-        return [("weight_quantizer", layer.weight)]
-    return [("weight_quantizer", layer.weight[:, : layer.split]), ("weight_quantizer_skip", layer.weight[:, layer.split :])]
-
-
 def convert_layer(layer: QuantLayerMixin, soft: bool, config: AdaRoundConfig | None = None) -> list[AdaRoundQuantizer]:
     """Replace ``layer``'s weight quantizers by ``AdaRoundQuantizer``s (kept if already converted).
 
@@ -93,7 +87,7 @@ def convert_layer(layer: QuantLayerMixin, soft: bool, config: AdaRoundConfig | N
     """
     config = config or AdaRoundConfig()
     out = []
-    for attr, weight in layer_weight_halves(layer):
+    for attr, weight in layer.weight_halves():
         quantizer: WeightQuantizer = getattr(layer, attr)
         if not isinstance(quantizer, AdaRoundQuantizer):
             quantizer = AdaRoundQuantizer.from_quantizer(quantizer, config.zeta, config.gamma)

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
+from ..config import check_types
 from ..nn import QuantLayerMixin
 from ..nn.adaround import AdaRoundQuantizer
 from ..prepare import handle, quant_layers, quant_state
@@ -71,6 +72,9 @@ class BrecqConfig:
     storage_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     def __post_init__(self) -> None:
+        if isinstance(self.adaround, dict):  # from_dict / CLI convenience
+            object.__setattr__(self, "adaround", AdaRoundConfig(**self.adaround))
+        check_types(self)
         if self.iters < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"BrecqConfig needs iters >= 0, batch_size >= 1 and lr > 0 (got {self.iters}, {self.batch_size}, {self.lr})")
         if self.order not in ("iid", "sequential"):
@@ -79,8 +83,6 @@ class BrecqConfig:
             raise ValueError("num_shards and max_samples must be >= 1")
         if self.storage not in ("device", "cpu") or self.storage_dtype not in _DTYPES:
             raise ValueError(f"storage must be 'device' or 'cpu' and storage_dtype one of {sorted(_DTYPES)}")
-        if isinstance(self.adaround, dict):  # from_dict / CLI convenience
-            object.__setattr__(self, "adaround", AdaRoundConfig(**self.adaround))
 
 
 @dataclass

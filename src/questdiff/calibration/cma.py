@@ -5,7 +5,8 @@ Finetunes the weights and biases of the "critical" layers and the active row of 
 the time-embedding layers' (those belong to TLA), against the FP teacher over all timesteps.
 
 Critical layers (``critical``):
-- ``"auto"`` picks the code's per-family lists by what the model conditions on (read from one forward):
+- ``"auto"`` picks the code's per-family lists by what the model conditions on (``detect_family``: its
+  cross-attention context, or its conditioning inputs and ``cond`` layers):
   unconditional UNets with self-attention (LSUN-like): q, k, v of self-attention (the code's ``qkv``);
   class-conditional with cross-attention to one token (ImageNet-like): ``ff``, self/cross q, self k and v;
   text-conditional (SD-like): ``ff``;
@@ -26,16 +27,20 @@ output error at the uncalibrated sampler steps grew. Check CMA on the target mod
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from ..adapters import TIME_EMBEDDING_ROLES
+from ..adapters import TIME_EMBEDDING_ROLES, LayerInfo, ModelAdapter, roles_example
+from ..config import check_types
 from ..nn import ActQuantizer
-from ..prepare import handle, quant_layers, quant_state
+from ..prepare import handle, is_quantized, quant_layers, quant_state
 from .common import generator, layers_with_roles
 from .data import CalibrationSet
 from .finetune import (
@@ -100,8 +105,12 @@ class CMAConfig:
     autocast: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.critical, str):
+        if isinstance(self.critical, list):
             object.__setattr__(self, "critical", tuple(self.critical))
+        if isinstance(self.timesteps, list):
+            object.__setattr__(self, "timesteps", tuple(self.timesteps))
+        check_types(self)
+        if not isinstance(self.critical, str):
             clash = [r for r in self.critical if r in TIME_EMBEDDING_ROLES]
             if not self.critical or clash:
                 raise ValueError(f"CMA critical roles must be non-empty and exclude the time-embedding roles {TIME_EMBEDDING_ROLES} "
@@ -120,14 +129,36 @@ class CMAConfig:
             object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
 
 
+def conditioning_inputs(calib: CalibrationSet) -> dict[str, torch.Tensor]:
+    """Recorded inputs besides the sample and the timestep that condition the model: integer ones (class labels)
+    and floating ones that vary across rows (embeddings, context tokens); constant tensors and masks are not."""
+    extra = {k: v for k, v in calib.inputs.items() if k not in (calib.sample_key, calib.timestep_key)}
+    return {k: v for k, v in extra.items() if v.dtype != torch.bool
+            and (not v.is_floating_point() or not torch.equal(v, v[:1].expand_as(v)))}
+
+
 @torch.no_grad()
-def model_family(model: nn.Module, calib: CalibrationSet, device: torch.device | str | None = None) -> Family:
-    """``"unconditional"`` (no cross-attention), ``"class"`` (cross-attention to one context token) or ``"text"``
-    (more tokens), read from the context the cross-attention modules see in one forward."""
-    h = handle(model)
-    cross = [name for name, info in h.adapter.attentions(model).items() if info.cross]
-    if not cross:
-        return "unconditional"
+def detect_family(model: nn.Module, adapter: ModelAdapter, layers: Mapping[str, LayerInfo], calib: CalibrationSet,
+                  device: torch.device | str | None = None) -> Family:
+    """What ``model`` conditions on, for CMA's automatic roles.
+
+    With cross-attention (read from the context its attention modules see in one forward): ``"class"`` for one
+    context token (ImageNet LDM), ``"text"`` for more. Without: ``"text"`` if a conditioning input is a sequence of
+    tokens ``[N, L > 1, D]``, ``"class"`` if there is another conditioning input (a class label entering through an
+    embedding, see ``conditioning_inputs``) or a layer plays the adapter's ``cond`` role, else ``"unconditional"``."""
+    cross = [name for name, info in adapter.attentions(model).items() if info.cross]
+    if cross:
+        return _cross_attention_family(model, cross, calib, device)
+    conditioning = conditioning_inputs(calib)
+    if any(v.is_floating_point() and v.ndim == 3 and v.shape[1] > 1 for v in conditioning.values()):
+        return "text"
+    if conditioning or any(info.has_role(("cond",)) for info in layers.values()):
+        return "class"
+    return "unconditional"
+
+
+def _cross_attention_family(model: nn.Module, cross: list[str], calib: CalibrationSet,
+                            device: torch.device | str | None) -> Family:
     device = torch.device(device) if device is not None else next(model.parameters()).device
     tokens: list[int] = []
 
@@ -138,7 +169,7 @@ def model_family(model: nn.Module, calib: CalibrationSet, device: torch.device |
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook, with_kwargs=True) for n in cross]
     try:
-        with quant_state(model, weight=False, act=False):
+        with quant_state(model, weight=False, act=False) if is_quantized(model) else contextlib.nullcontext():
             model(**calib.model_kwargs(torch.arange(1), device))
     finally:
         for handle_ in handles:
@@ -146,20 +177,44 @@ def model_family(model: nn.Module, calib: CalibrationSet, device: torch.device |
     return "class" if tokens and max(tokens) == 1 else "text"
 
 
+def model_family(model: nn.Module, calib: CalibrationSet, device: torch.device | str | None = None) -> Family:
+    """``detect_family`` of a prepared ``model``."""
+    h = handle(model)
+    return detect_family(model, h.adapter, h.layers, calib, device)
+
+
+def critical_roles(model: nn.Module, adapter: ModelAdapter, layers: Mapping[str, LayerInfo], family: Family,
+                   config: CMAConfig) -> tuple[str, ...] | Literal["sensitivity"]:
+    """The roles whose layers CMA trains on ``model`` (``layers``: the adapter's roles), or ``"sensitivity"``.
+
+    ``critical="auto"`` on a model where no layer plays its family's roles (a foreign model without named roles)
+    falls back to the sensitivity ranking, with a warning; explicit roles that no layer plays raise."""
+    if config.critical == "sensitivity":
+        return "sensitivity"
+    roles = CRITICAL_ROLES[family] if config.critical == "auto" else config.critical
+    if any(info.has_role(roles) for info in layers.values()):
+        return roles
+    fix = f"name them, e.g. {roles_example(adapter, roles)}"
+    if config.critical != "auto":
+        raise ValueError(f"no layer of {type(model).__name__} plays the CMA roles {roles}: {fix}, or pass "
+                         "CMAConfig(critical='sensitivity')")
+    warnings.warn(f"no layer of {type(model).__name__} plays CMA's roles for a {family!r} model {roles}: CMA trains the "
+                  f"{config.top_k} layers most sensitive to {config.sensitivity_bits}-bit inputs instead "
+                  f"(critical='sensitivity'); to train the paper's layers, {fix}")  # one location: shown once per run
+    return "sensitivity"
+
+
 def critical_layers(model: nn.Module, calib: CalibrationSet, config: CMAConfig, *, device: torch.device,
                     seed: int = 0, progress: bool = False) -> tuple[Family, list[str]]:
     """``(model family, names of the layers CMA trains)``."""
+    h = handle(model)
     family = model_family(model, calib, device)
-    if config.critical == "sensitivity":
+    roles = critical_roles(model, h.adapter, h.layers, family, config)
+    if roles == "sensitivity":
         ranking = layer_sensitivity(model, calib, bits=config.sensitivity_bits, samples_per_t=config.sensitivity_samples,
                                     exclude_roles=TIME_EMBEDDING_ROLES, device=device, seed=seed, progress=progress)
         return family, [s.name for s in ranking[: config.top_k]]
-    roles = CRITICAL_ROLES[family] if config.critical == "auto" else config.critical
-    names = layers_with_roles(model, roles)
-    if not names:
-        raise ValueError(f"no layer of {type(model).__name__} plays the CMA roles {roles} (model family {family!r}); "
-                         "pass CMAConfig(critical=('ff', ...)) or critical='sensitivity'")
-    return family, names
+    return family, layers_with_roles(model, roles)
 
 
 def cma_objective(model: nn.Module, layers: list[str], family: Family, config: CMAConfig) -> Objective:

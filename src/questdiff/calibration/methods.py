@@ -15,11 +15,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+from ..adapters import LayerInfo, ModelAdapter
 from ..checkpoint import load_state, metadata, save_state
 from ..io_utils import atomic_write_text, ensure_writable_dir
 from ..prepare import handle, weights_digest
@@ -40,6 +41,19 @@ class StageContext:
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     report: list[dict[str, Any]] = field(default_factory=list)
+    method: str = ""
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What a stage's ``check`` sees before ``prepare`` touches the model: the FP model, its adapter, the roles the
+    adapter gives its layers, the calibration data and the run's context (``ctx.method``, ``ctx.options``)."""
+
+    model: nn.Module
+    adapter: ModelAdapter
+    layers: dict[str, LayerInfo]
+    calib: CalibrationSet
+    ctx: StageContext
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,10 @@ class Stage:
     rebuild: Callable[[nn.Module], None] | None = None
     # the JSON-able settings its result depends on beyond the run's (e.g. its resolved config), for resume checks
     settings: Callable[[nn.Module, StageContext], dict[str, Any]] | None = None
+    # the ``quantize(**options)`` keys it reads
+    options: tuple[str, ...] = ()
+    # raises (naming the fix) if the stage cannot run on this model and options; runs before the first stage does
+    check: Callable[[Preflight], None] | None = None
 
 
 _METHODS: dict[str, list[Stage]] = {}
@@ -67,6 +85,34 @@ def method_stages(name: str) -> list[Stage]:
 
 def available_methods() -> list[str]:
     return sorted(_METHODS)
+
+
+def method_options(name: str) -> tuple[str, ...]:
+    """The ``quantize(**options)`` keys ``name``'s stages read, in stage order."""
+    return tuple(dict.fromkeys(o for stage in method_stages(name) for o in stage.options))
+
+
+def check_options(method: str, options: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the accepted options (and the methods that take the others) if ``options`` has a
+    key no stage of ``method`` reads."""
+    allowed = method_options(method)
+    unknown = sorted(set(options) - set(allowed))
+    if not unknown:
+        return
+    elsewhere = {o: [m for m in sorted(_METHODS) if o in method_options(m)] for o in unknown}
+    hints = "; ".join(f"{o} is read by method {', '.join(map(repr, ms))}" for o, ms in elsewhere.items() if ms)
+    raise ValueError(f"unknown option(s) {unknown} for method {method!r}: it accepts {list(allowed) or 'no options'}"
+                     + (f" ({hints})" if hints else ""))
+
+
+def preflight(model: nn.Module, adapter: ModelAdapter, calib: CalibrationSet, method: str, ctx: StageContext) -> None:
+    """Check the options and every stage's preconditions of ``method`` on the FP ``model`` before anything runs, so
+    a run fails in seconds instead of after hours of earlier stages."""
+    check_options(method, ctx.options)
+    info = Preflight(model, adapter, adapter.layers(model), calib, ctx)
+    for stage in method_stages(method):
+        if stage.check is not None:
+            stage.check(info)
 
 
 def rebuild_structure(model: nn.Module) -> None:

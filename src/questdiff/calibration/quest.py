@@ -23,30 +23,28 @@ from typing import Any
 from torch import nn
 
 from ..adapters import TIME_EMBEDDING_ROLES
+from ..config import ConfigError
 from ..prepare import handle
 from .brecq import BrecqConfig, rebuild_adaround, reconstruct
-from .cma import CMAConfig, run_cma
+from .cma import CMAConfig, critical_roles, detect_family, run_cma
 from .common import layers_with_roles
 from .data import CalibrationSet
 from .finetune import keep_teacher_copies, release_teacher_copies
 from .methods import (
     ACT_INIT,
     WEIGHT_INIT,
+    Preflight,
     Stage,
     StageContext,
+    check_options,
+    method_options,
     method_stages,
     register_method,
 )
-from .tla import TLAConfig, run_tla
+from .tla import TLAConfig, check_tla_roles, run_tla
 
 __all__ = ["METHOD_OPTIONS", "QuestOptions", "later_stages_pending", "resolve_options"]
 
-METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "qdiffusion": ("brecq",),
-    "quest": ("brecq", "tla", "cma", "global_loss"),
-    "quest-tla": ("brecq", "tla", "global_loss"),
-    "quest-cma": ("brecq", "cma", "global_loss"),
-}
 _CONFIGS = {"brecq": BrecqConfig, "tla": TLAConfig, "cma": CMAConfig}
 
 
@@ -61,10 +59,7 @@ class QuestOptions:
 
 def resolve_options(options: Mapping[str, Any], method: str = "quest") -> QuestOptions:
     """Configs from ``quantize``'s method options; raises ``ValueError`` naming unknown or malformed options."""
-    allowed = METHOD_OPTIONS.get(method, tuple(_CONFIGS) + ("global_loss",))
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {method!r}: it accepts {list(allowed)}")
+    check_options(method, options)
     configs: dict[str, Any] = {}
     for key, cls in _CONFIGS.items():
         value = options.get(key)
@@ -75,13 +70,17 @@ def resolve_options(options: Mapping[str, Any], method: str = "quest") -> QuestO
         elif isinstance(value, Mapping):
             try:
                 configs[key] = cls(**value)
-            except TypeError as err:
+            except ConfigError as err:
+                raise ValueError(f"bad {key} option: {err}") from err
+            except TypeError as err:  # an unknown field
                 names = [f.name for f in dataclasses.fields(cls)]
                 raise ValueError(f"bad {key} options {dict(value)} ({err}); {cls.__name__} fields are {names}") from err
         else:
             raise ValueError(f"option {key} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
     if "global_loss" in options:
-        flag = bool(options["global_loss"])
+        flag = options["global_loss"]
+        if not isinstance(flag, bool):
+            raise ValueError(f"option global_loss must be True or False, got {flag!r} ({type(flag).__name__})")
         configs["tla"] = dataclasses.replace(configs["tla"], global_loss=flag)
         configs["cma"] = dataclasses.replace(configs["cma"], global_loss=flag)
     return QuestOptions(**configs)
@@ -146,11 +145,28 @@ def _settings_of(stage: str) -> Any:
     return settings
 
 
-BRECQ = Stage("brecq", _brecq_stage, rebuild_adaround, _settings_of("brecq"))
-TLA = Stage("tla", _tla_stage, _rebuild_tla, _settings_of("tla"))
-CMA = Stage("cma", _cma_stage, settings=_settings_of("cma"))
+def _check_options(info: Preflight) -> None:
+    resolve_options(info.ctx.options, info.ctx.method)  # malformed values fail here, before any stage runs
+
+
+def _check_tla(info: Preflight) -> None:
+    check_tla_roles(info.model, info.adapter, info.layers, resolve_options(info.ctx.options, info.ctx.method).tla)
+
+
+def _check_cma(info: Preflight) -> None:
+    config = resolve_options(info.ctx.options, info.ctx.method).cma
+    family = detect_family(info.model, info.adapter, info.layers, info.calib, info.ctx.device)
+    critical_roles(info.model, info.adapter, info.layers, family, config)  # raises, or warns of the sensitivity fallback
+
+
+BRECQ = Stage("brecq", _brecq_stage, rebuild_adaround, _settings_of("brecq"), options=("brecq",), check=_check_options)
+TLA = Stage("tla", _tla_stage, _rebuild_tla, _settings_of("tla"), options=("tla", "global_loss"), check=_check_tla)
+CMA = Stage("cma", _cma_stage, settings=_settings_of("cma"), options=("cma", "global_loss"), check=_check_cma)
 
 register_method("qdiffusion", [WEIGHT_INIT, BRECQ, ACT_INIT])
 register_method("quest", [WEIGHT_INIT, BRECQ, ACT_INIT, TLA, CMA])
 register_method("quest-tla", [WEIGHT_INIT, BRECQ, ACT_INIT, TLA])
 register_method("quest-cma", [WEIGHT_INIT, BRECQ, ACT_INIT, CMA])
+
+# the options each method reads (the CLI and benchmarks ask which stage flags apply)
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {m: method_options(m) for m in ("qdiffusion", "quest", "quest-tla", "quest-cma")}

@@ -29,13 +29,15 @@ Defaults and the paper-vs-code choice each one takes:
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from ..adapters import TIME_EMBEDDING_ROLES
+from ..adapters import TIME_EMBEDDING_ROLES, LayerInfo, ModelAdapter, roles_example
+from ..config import check_types
 from ..prepare import handle, quant_layers
 from .common import generator, layers_with_roles
 from .data import CalibrationSet
@@ -89,7 +91,11 @@ class TLAConfig:
     cache_teacher: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "roles", tuple(self.roles))
+        if isinstance(self.roles, list):
+            object.__setattr__(self, "roles", tuple(self.roles))
+        if isinstance(self.timesteps, list):
+            object.__setattr__(self, "timesteps", tuple(self.timesteps))
+        check_types(self)
         bad = [r for r in self.roles if r not in TIME_EMBEDDING_ROLES]
         if not self.roles or bad:
             raise ValueError(f"TLA roles must be a non-empty subset of {TIME_EMBEDDING_ROLES} (got {self.roles}); "
@@ -104,11 +110,24 @@ class TLAConfig:
             object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
 
 
+def check_tla_roles(model: nn.Module, adapter: ModelAdapter, layers: Mapping[str, LayerInfo], config: TLAConfig) -> None:
+    """Raise naming the fix if no layer plays the roles TLA trains (``layers``: the adapter's roles of ``model``)."""
+    if any(info.has_role(config.roles) for info in layers.values()):
+        return
+    other = [r for r in TIME_EMBEDDING_ROLES if r not in config.roles and any(i.has_role((r,)) for i in layers.values())]
+    alternative = f", or train those: tla=TLAConfig(roles={tuple(other)})" if other else ""
+    raise ValueError(
+        f"TLA trains the time-embedding layers (roles {config.roles}) but no layer of {type(model).__name__} plays them: "
+        f"name them, e.g. {roles_example(adapter, TIME_EMBEDDING_ROLES)} (time_embed: the timestep MLP, time_proj: the "
+        f"per-block projections of its output){alternative}; or use a method without TLA (quest-cma, qdiffusion)"
+    )
+
+
 def tla_objective(model: nn.Module, config: TLAConfig) -> Objective:
     """The layers, scales and loss weights TLA trains on ``model``."""
+    h = handle(model)
+    check_tla_roles(model, h.adapter, h.layers, config)
     names = layers_with_roles(model, config.roles)
-    if not names:
-        raise ValueError(f"no layer of {type(model).__name__} plays the TLA roles {config.roles}; check the adapter's roles")
     layers = quant_layers(model)
     quantizer_names = {id(q): n for n, q in model.named_modules()}
     scales = {quantizer_names[id(q)]: q for n in names for q in layers[n].act_quantizers()}

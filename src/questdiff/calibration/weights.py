@@ -6,7 +6,7 @@ import logging
 import torch
 from torch import nn
 
-from ..nn import QuantLayerMixin, WeightQuantizer
+from ..nn import WeightQuantizer
 from ..primitives import search_lp_shrink, search_minmax
 from ..prepare import quant_layers
 
@@ -29,22 +29,12 @@ def init_weight_quantizer(quantizer: WeightQuantizer, weight: torch.Tensor) -> N
     quantizer.set_qparams(scale, zero_point)
 
 
-def _halves(layer: QuantLayerMixin) -> list[tuple[WeightQuantizer, torch.Tensor]]:
-    if not layer.split:
-        return [(layer.weight_quantizer, layer.weight)]
-    assert layer.weight_quantizer_skip is not None
-    return [
-        (layer.weight_quantizer, layer.weight[:, : layer.split]),
-        (layer.weight_quantizer_skip, layer.weight[:, layer.split :]),
-    ]
-
-
 @torch.no_grad()
 def init_weights(model: nn.Module) -> int:
     """Initialise every weight quantizer of a prepared ``model``; returns the number of layers."""
     layers = quant_layers(model)
     for layer in layers.values():
-        for quantizer, weight in _halves(layer):
-            init_weight_quantizer(quantizer, weight)
+        for attr, weight in layer.weight_halves():
+            init_weight_quantizer(getattr(layer, attr), weight)
     logger.info("initialised weight quantizers of %d layers", len(layers))
     return len(layers)

@@ -1,7 +1,18 @@
 """Modules that apply quantization parameters (they never produce them)."""
 from .attention import QuantAttnProcessor
 from .attention_joint import QuantFluxAttnProcessor, QuantJointAttnProcessor
-from .layers import QuantConv1d, QuantConv2d, QuantLayerMixin, QuantLinear, is_quantizable, wrap_layer
+from .layers import (
+    QuantConv1d,
+    QuantConv2d,
+    QuantConv3d,
+    QuantConvTranspose1d,
+    QuantConvTranspose2d,
+    QuantConvTranspose3d,
+    QuantLayerMixin,
+    QuantLinear,
+    is_quantizable,
+    wrap_layer,
+)
 from .quantizer import ActQuantizer, WeightQuantizer
 
 __all__ = [
@@ -9,6 +20,10 @@ __all__ = [
     "QuantAttnProcessor",
     "QuantConv1d",
     "QuantConv2d",
+    "QuantConv3d",
+    "QuantConvTranspose1d",
+    "QuantConvTranspose2d",
+    "QuantConvTranspose3d",
     "QuantFluxAttnProcessor",
     "QuantJointAttnProcessor",
     "QuantLayerMixin",

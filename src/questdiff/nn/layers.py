@@ -1,19 +1,26 @@
-"""Fake-quant Conv1d / Conv2d / Linear: quantize the input activation and the weight, then run the original op.
+"""Fake-quant Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d: quantize the input activation and the weight, then
+run the original op.
 
 They subclass the torch layers (so ``isinstance(m, nn.Linear)`` stays true for diffusers/LoRA code) and reuse
 the original Parameter objects. With both quantizers disabled the forward is the torch layer's own forward,
-bit for bit.
+bit for bit. Subclasses of these torch layers are wrapped too when they keep the torch forward (their math is the
+torch layer's); a subclass with a forward of its own is not (replacing it would change what it computes).
+
+Weight quantizers see the weight output channels first, ``[C_out, C_in/groups, *k]`` (``quant_layout``): that is
+how Linear and Conv store it; a transposed conv stores ``[C_in, C_out/groups, *k]`` and is viewed with its in/out
+axes swapped, so "per output channel" means the same for every layer.
 
 Split inputs (spec §2.3): a skip conv of an up block sees ``cat([decoder_feature, skip_feature], dim=1)``; with
 ``split > 0`` the channels ``[:split]`` and ``[split:]`` get separate activation and weight quantizers.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from .quantizer import ActQuantizer, WeightQuantizer
 
@@ -93,21 +100,28 @@ class QuantLayerMixin:
         assert self.act_quantizer_skip is not None
         return torch.cat([self.act_quantizer(x[:, : self.split]), self.act_quantizer_skip(x[:, self.split :])], dim=1)
 
-    def quantized_weight(self) -> torch.Tensor:
+    def weight_halves(self) -> list[tuple[str, torch.Tensor]]:
+        """``(quantizer attribute, weight part)`` pairs, each part in the quantizer's layout (``quant_layout``): the
+        whole weight, or for a split layer its input channels ``[:split]`` and ``[split:]``."""
+        w = quant_layout(self, self.weight)  # type: ignore[arg-type]
         if not self.split:
-            return self.weight_quantizer(self.weight)
-        assert self.weight_quantizer_skip is not None
-        w = self.weight
-        return torch.cat([self.weight_quantizer(w[:, : self.split]), self.weight_quantizer_skip(w[:, self.split :])], dim=1)
+            return [("weight_quantizer", w)]
+        return [("weight_quantizer", w[:, : self.split]), ("weight_quantizer_skip", w[:, self.split :])]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight in the layer's own storage layout."""
+        parts = [getattr(self, attr)(w) for attr, w in self.weight_halves()]
+        return quant_layout(self, parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``args``/``kwargs``: the torch layer's extra forward arguments (a transposed conv's ``output_size``)."""
         x = self.quantize_input(x)
         if self.weight_quantizer.enabled:
             weight = self.frozen_qweight if self.frozen_qweight is not None else self.quantized_weight()
-            return self._run(x, weight, self.bias)
+            return self._run(x, weight, self.bias, *args, **kwargs)
         if self.fp_weight is not None:
-            return self._run(x, self.fp_weight, self.fp_bias)
-        return self._run(x, self.weight, self.bias)
+            return self._run(x, self.fp_weight, self.fp_bias, *args, **kwargs)
+        return self._run(x, self.weight, self.bias, *args, **kwargs)
 
     def _run(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -120,31 +134,96 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return F.linear(x, weight, bias)
 
 
-class QuantConv2d(QuantLayerMixin, nn.Conv2d):
-    """Fake-quant ``nn.Conv2d``; the activation channel is dim 1."""
+class _QuantConv(QuantLayerMixin):
+    """Fake-quant ``nn.ConvNd``; the activation channel is dim 1."""
 
     def _run(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return self._conv_forward(x, weight, bias)
+        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
 
 
-class QuantConv1d(QuantLayerMixin, nn.Conv1d):
-    """Fake-quant ``nn.Conv1d``; the activation channel is dim 1."""
+class QuantConv1d(_QuantConv, nn.Conv1d):
+    pass
 
-    def _run(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return self._conv_forward(x, weight, bias)
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    pass
+
+
+class QuantConv3d(_QuantConv, nn.Conv3d):
+    pass
+
+
+class _QuantConvTranspose(QuantLayerMixin):
+    """Fake-quant ``nn.ConvTransposeNd`` (up-sampling); the activation channel is dim 1."""
+
+    _op: Any
+
+    def _run(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             output_size: Optional[list[int]] = None) -> torch.Tensor:
+        # the torch forward's own output-padding rule, for the same output_size argument
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,  # type: ignore[attr-defined]
+                                              len(self.kernel_size), self.dilation)  # type: ignore[attr-defined]
+        return type(self)._op(x, weight, bias, self.stride, self.padding, output_padding, self.groups, self.dilation)  # type: ignore[attr-defined]
+
+
+class QuantConvTranspose1d(_QuantConvTranspose, nn.ConvTranspose1d):
+    _op = F.conv_transpose1d
+
+
+class QuantConvTranspose2d(_QuantConvTranspose, nn.ConvTranspose2d):
+    _op = F.conv_transpose2d
+
+
+class QuantConvTranspose3d(_QuantConvTranspose, nn.ConvTranspose3d):
+    _op = F.conv_transpose3d
 
 
 QUANT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: QuantLinear,
-    nn.Conv2d: QuantConv2d,
     nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.Conv3d: QuantConv3d,
+    nn.ConvTranspose1d: QuantConvTranspose1d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
+    nn.ConvTranspose3d: QuantConvTranspose3d,
 }
 QUANTIZABLE_TYPES = tuple(QUANT_CLASSES)
 
 
+def quant_class(module: nn.Module) -> type[nn.Module] | None:
+    """The fake-quant class for ``module``: that of its torch base class when ``module`` is a Linear/Conv/ConvTranspose
+    or a subclass keeping the torch forward; ``None`` for anything else, a subclass with a forward of its own, or a
+    layer already wrapped."""
+    if isinstance(module, QuantLayerMixin):
+        return None
+    for base in type(module).__mro__:
+        if base in QUANT_CLASSES:
+            return QUANT_CLASSES[base] if type(module).forward is base.forward else None
+    return None
+
+
 def is_quantizable(module: nn.Module) -> bool:
-    """Plain torch Linear/Conv1d/Conv2d (not already wrapped)."""
-    return type(module) in QUANT_CLASSES
+    """Whether ``wrap_layer`` can wrap ``module`` (see ``quant_class``)."""
+    return quant_class(module) is not None
+
+
+def holds_quant_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is, or contains, a layer that is quantizable or already wrapped."""
+    return any(isinstance(m, QuantLayerMixin) or is_quantizable(m) for m in module.modules())
+
+
+def _swap_io(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[A, B/groups, *k]`` <-> ``[B, A/groups, *k]`` (a transposed conv's weight <-> its output-major view)."""
+    return weight.unflatten(0, (groups, -1)).transpose(1, 2).flatten(0, 1)
+
+
+def quant_layout(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` of ``module`` in the weight quantizer's layout, output channels first ``[C_out, C_in/groups, *k]``,
+    or back: the identity, except for transposed convs (whose in/out axes it swaps; applying it twice restores the
+    weight)."""
+    if isinstance(module, _ConvNd) and module.transposed:
+        return _swap_io(weight, module.groups)
+    return weight
 
 
 def wrap_layer(
@@ -155,10 +234,14 @@ def wrap_layer(
     weight_quantizer_skip: WeightQuantizer | None = None,
     act_quantizer_skip: ActQuantizer | None = None,
 ) -> QuantLayerMixin:
-    """Fake-quant twin of ``module`` sharing its Parameters (no weight copy)."""
-    cls = QUANT_CLASSES.get(type(module))
+    """Fake-quant twin of ``module`` sharing its Parameters (no weight copy). ``weight_quantizer`` is shaped for
+    ``quant_layout(module, module.weight)``."""
+    cls = quant_class(module)
     if cls is None:
-        raise TypeError(f"cannot quantize {type(module).__name__}: only Linear, Conv1d and Conv2d are supported")
+        raise TypeError(
+            f"cannot quantize {type(module).__name__}: only Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d (or "
+            "subclasses that keep their forward) are supported"
+        )
     twin = cls.__new__(cls)
     nn.Module.__init__(twin)
     internals = set(vars(twin))
