@@ -54,6 +54,36 @@ def _sync_time(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(times)
 
 
+def graphed(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], Any]:
+    """One denoiser call captured in a CUDA graph (``replay`` runs it with no CPU launch cost). The timestep hook
+    reads the timestep on the host, which a capture forbids: the row is fixed beforehand and the hook taken off
+    (benchmark only: the replay serves that one timestep)."""
+    h = getattr(model, "_questdiff", None)
+    with torch.no_grad():
+        model(**inputs)  # autotunes the kernels and sets the row
+        if h is not None:
+            h.hook.remove()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(**inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(**inputs)
+    if h is not None:
+        h.hook = _reinstall(model)
+    return graph.replay
+
+
+def _reinstall(model: nn.Module) -> Any:
+    from questdiff.prepare import HANDLE_ATTR
+    from questdiff.timestep import install_timestep_hook
+
+    h = getattr(model, HANDLE_ATTR)
+    return install_timestep_hook(model, h.adapter.timestep_argument, HANDLE_ATTR)
+
+
 def _bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
@@ -118,24 +148,30 @@ def run_sd15(args: argparse.Namespace, save: Callable[[list[dict[str, Any]]], No
         else:
             model = quantized_sd15(label)
         weight_mib = _bytes(model) / 2**20
-        for compiled in [False] * args.eager + [True] * args.compile:
-            run = torch.compile(model) if compiled else model
-            for batch in args.compile_batches if compiled and args.compile_batches else args.batches:
+        modes = ["eager"] * args.eager + ["cuda-graph"] * args.cuda_graph + ["compile"] * args.compile
+        for mode in modes:
+            run = torch.compile(model) if mode == "compile" else model
+            for batch in args.compile_batches if mode == "compile" and args.compile_batches else args.batches:
                 inputs = sd15_inputs(batch)
                 torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
-                with torch.no_grad():
-                    run(**inputs)
-                    torch.cuda.synchronize()
-                    first = time.perf_counter() - start
-                    ms = _sync_time(lambda: run(**inputs), args.reps)
-                row = {"model": label, "compiled": compiled, "batch": batch, "ms": ms, "weight_mib": weight_mib,
+                try:
+                    with torch.no_grad():
+                        call = graphed(run, inputs) if mode == "cuda-graph" else (lambda: run(**inputs))
+                        call()
+                        torch.cuda.synchronize()
+                        first = time.perf_counter() - start
+                        ms = _sync_time(call, args.reps)
+                except Exception as err:  # noqa: BLE001 - record the failure, time the rest
+                    rows.append({"model": label, "mode": mode, "batch": batch, "error": repr(err)})
+                    print(f"sd15 {label} {mode} batch {batch}: FAILED {err!r}", flush=True)
+                    continue
+                row = {"model": label, "mode": mode, "batch": batch, "ms": ms, "weight_mib": weight_mib,
                        "peak_mib": torch.cuda.max_memory_allocated() / 2**20, "first_call_s": first}
                 rows.append(row)
                 save(rows)
-                print(f"sd15 {label:5s} {'compile' if compiled else 'eager  '} batch {batch}: {ms:7.2f} ms  "
-                      f"weights {weight_mib:7.1f} MiB  peak {row['peak_mib']:7.0f} MiB  (first call {first:.1f} s)",
-                      flush=True)
+                print(f"sd15 {label:5s} {mode:10s} batch {batch}: {ms:7.2f} ms  weights {weight_mib:7.1f} MiB  "
+                      f"peak {row['peak_mib']:7.0f} MiB  (first call {first:.1f} s)", flush=True)
         if args.profile:
             kinds = profile_kinds(model, sd15_inputs(max(args.batches)))
             rows.append({"model": label, "profile_batch": max(args.batches), "kinds_ms": kinds})
@@ -189,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--no-sd15", dest="sd15", action="store_false", help="skip the SD-1.5 latency table")
     parser.add_argument("--no-eager", dest="eager", action="store_false", help="skip the eager timings")
+    parser.add_argument("--cuda-graph", action="store_true", help="also time CUDA-graph replays of the eager models")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--compile-batches", type=int, nargs="+", default=None,
                         help="batches for the compiled models (default: --batches)")
