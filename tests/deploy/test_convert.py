@@ -107,3 +107,30 @@ def test_triton_backend_through_the_interpreter_matches_reference(deployed_pair,
                 m.processor.backend = "triton"
         out = deployed(x, torch.tensor(500)).sample
     assert _psnr(out, ref) > 60
+
+
+def test_layers_without_a_deployed_form_stay_fake_quant_and_are_named(tmp_path):
+    class Upsampler(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.up = torch.nn.ConvTranspose2d(4, 1, 2, stride=2)
+
+        def forward(self, x, t):
+            return self.up(torch.relu(self.inp(x)) + t.float().view(-1, 1, 1, 1) / 1000)
+
+    model = Upsampler()
+    with qd.record_calibration(model, "t") as rec:
+        for t in (900, 100):
+            model(torch.randn(2, 1, 8, 8), torch.full((2,), t))
+    qd.quantize(model, "W8A8", rec.result(), adapter=qd.GenericAdapter("t"), progress=False)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x, torch.full((2,), 100))
+    with pytest.warns(UserWarning, match="stay in fake quantization.*up"):
+        qd.convert(model)
+    assert isinstance(model.inp, DeployedLayer)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, torch.full((2,), 100)), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot pack yet"):
+        qd.save_deployed(model, tmp_path)

@@ -26,7 +26,7 @@ from ..io_utils import atomic_path, atomic_write_text, ensure_writable_dir
 from ..prepare import HANDLE_ATTR, QuantHandle, handle
 from ..timestep import TimestepSchedule, TimestepState, install_timestep_hook
 from .attention import OPERANDS, DeployedAttnProcessor
-from .convert import DEPLOYED_KEY, is_deployed
+from .convert import DEPLOYED_KEY, fake_quant_leftovers, is_deployed
 from .layers import Backend, DeployedConv, DeployedLayer, DeployedLinear
 from .operand import ActTable, QuantizedOperand
 
@@ -81,6 +81,10 @@ def save_deployed(model: nn.Module, directory: str | Path) -> Path:
     if not is_deployed(model):
         raise ValueError("save_deployed takes a converted model: run questdiff.convert(model) first "
                          "(questdiff.save stores fake-quant models)")
+    kept = fake_quant_leftovers(model)
+    if kept:
+        raise ValueError(f"the model still has fake-quant modules that convert cannot pack yet ({', '.join(kept[:5])}); "
+                         "save it with questdiff.save (fake-quant checkpoint) instead")
     h = handle(model)
     directory = ensure_writable_dir(directory)
     weights = directory / WEIGHTS_NAME

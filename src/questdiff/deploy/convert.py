@@ -114,14 +114,8 @@ def deploy_layer(layer: QuantLayerMixin, state: TimestepState, backend: Backend,
     if not all(q.enabled for q in quantizers):
         raise ValueError(f"layer {name} has quantization switched off; switch it on "
                          "(questdiff.set_quant_state(model, True, True)) before convert")
-    w = layer.weight.detach()
-    if layer.split:
-        assert layer.weight_quantizer_skip is not None and layer.act_quantizer_skip is not None
-        segments = [(w[:, : layer.split], layer.weight_quantizer, layer.act_quantizer),
-                    (w[:, layer.split:], layer.weight_quantizer_skip, layer.act_quantizer_skip)]
-    else:
-        segments = [(w, layer.weight_quantizer, layer.act_quantizer)]
-    operands = [_operand(seg, wq, aq, state, name) for seg, wq, aq in segments]
+    acts = {"weight_quantizer": layer.act_quantizer, "weight_quantizer_skip": layer.act_quantizer_skip}
+    operands = [_operand(w.detach(), getattr(layer, attr), acts[attr], state, name) for attr, w in layer.weight_halves()]
     bias = None if layer.bias is None else layer.bias.detach().clone()
     common = {"operands": operands, "split": layer.split, "bias": bias, "backend": backend}
     if isinstance(layer, QuantLinear):
@@ -130,7 +124,14 @@ def deploy_layer(layer: QuantLayerMixin, state: TimestepState, backend: Backend,
         return DeployedConv(2 if isinstance(layer, QuantConv2d) else 1, layer.in_channels, layer.out_channels,
                             layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups,
                             layer.padding_mode, **common)
-    raise ValueError(f"layer {name}: convert does not support {type(layer).__name__} yet")
+    raise NotImplementedError(f"layer {name}: convert does not pack {type(layer).__name__} yet")
+
+
+def fake_quant_leftovers(model: nn.Module) -> list[str]:
+    """Modules of ``model`` that still fake-quantize (they hold activation quantizers): what convert kept."""
+    owners = {name.rsplit(".", 1)[0] if "." in name else "" for name, m in model.named_modules()
+              if isinstance(m, ActQuantizer)}
+    return sorted(o for o in owners if not any(p != o and o.startswith(p + ".") for p in owners))
 
 
 def _table(quantizer: ActQuantizer, state: TimestepState) -> ActTable:
@@ -171,7 +172,10 @@ def convert(model: nn.Module, backend: Backend = "auto") -> nn.Module:
     _check_backend(model, backend)
     simulated: list[str] = []
     for name, layer in quant_layers(model).items():
-        deployed = deploy_layer(layer, h.state, backend, name)
+        try:
+            deployed = deploy_layer(layer, h.state, backend, name)
+        except NotImplementedError:
+            continue  # stays a fake-quant layer: listed with the other leftovers below
         model.set_submodule(name, deployed)
         if not deployed.runs_kernels:
             simulated.append(name)
@@ -183,6 +187,11 @@ def convert(model: nn.Module, backend: Backend = "auto") -> nn.Module:
             if not deployed_attn.runs_kernels:
                 simulated.append(f"{name} (attention)")
     h.extra[DEPLOYED_KEY] = {"backend": backend}
+    kept = fake_quant_leftovers(model)
+    if kept:
+        warnings.warn(f"{len(kept)} modules have no deployed form yet and stay in fake quantization (exact, neither "
+                      f"packed nor faster; save_deployed refuses such a model): {', '.join(kept[:8])}"
+                      f"{' ...' if len(kept) > 8 else ''}", stacklevel=2)
     if simulated:
         warnings.warn(f"{len(simulated)} layers have no low-bit kernel for their quantization grids and run "
                       f"simulated (exact, not faster): {', '.join(simulated[:8])}{' ...' if len(simulated) > 8 else ''}",
