@@ -32,9 +32,10 @@ def load_pipeline(model: str | None, device: str | torch.device | None = None) -
             pipe = DiffusionPipeline.from_pretrained(path, low_cpu_mem_usage=False)
         name = path.name
     else:
-        names = [e.name for e in zoo.list_models()]
+        names = [e.name for e in zoo.list_models() if e.kind != zoo.FEATURES]
         if model not in names:
-            raise ValueError(f"--model {model!r} is neither a pipeline folder nor a zoo model (zoo models: {names})")
+            raise ValueError(f"--model {model!r} is neither a pipeline folder nor a zoo diffusion model (zoo models: "
+                             f"{', '.join(names)})")
         pipe = zoo.load(model)
         name = model
     if device is not None:
@@ -54,7 +55,7 @@ def resolve_device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = "unknown device type" if "Expected one of" in str(err) else str(err).splitlines()[0]
         raise ValueError(f"--device {name!r} is not a torch device ({reason}); use cpu, cuda or cuda:N") from None
     if device.type == "cpu":
         return device

@@ -117,7 +117,11 @@ def _check_args(args: argparse.Namespace) -> str:
         raise ValueError(f"--num-samples must be >= {IS_SPLITS} (IS uses {IS_SPLITS} splits), got {args.num_samples}")
     if args.num_reference is not None and args.num_reference < 2:
         raise ValueError(f"--num-reference must be >= 2 (FID needs a covariance), got {args.num_reference}")
-    if get_spec(args.model).kind == FEATURES:
+    try:
+        kind = get_spec(args.model).kind
+    except ValueError as err:
+        raise ValueError(f"--model: {err}") from None
+    if kind == FEATURES:
         raise ValueError(f"--model {args.model!r} is a feature network; pass a diffusion model of the zoo")
     for option, path in (("--data", args.data), ("--inception-weights", args.inception_weights)):
         if path is not None and not Path(path).exists():
