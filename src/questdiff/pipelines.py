@@ -99,9 +99,13 @@ def call_kwargs(
     return kwargs
 
 
+# tqdm format for a bar that counts images in fractions (``step_progress``): "12.4/64 [00:31<02:10, 0.4img/s]"
+IMAGE_BAR_FORMAT = "{l_bar}{bar}| {n:.1f}/{total:.0f} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
 @contextlib.contextmanager
 def step_progress(pipe: Any, bar: Any, count: int) -> Iterator[None]:
-    """Advance the image-counting tqdm ``bar`` by ``count / steps`` at each denoiser call of one ``pipe(...)``
+    """Advance the image-counting tqdm ``bar`` (best shown with ``IMAGE_BAR_FORMAT``) by ``count / steps`` at each denoiser call of one ``pipe(...)``
     call that makes ``count`` images, so it moves every sampler step instead of once per batch; afterwards it
     stands exactly ``count`` further. ``steps`` is the scheduler's timestep count (one denoiser call each); a
     pipeline without a ``unet``/``transformer`` module moves the bar once, at the end."""

@@ -23,13 +23,14 @@ class RecordingBar:
     made: list["RecordingBar"] = []
 
     def __init__(self, iterable=None, total=None, **kwargs):
-        self.total, self.updates, self.iterable = total, [], iterable
+        self.total, self.updates, self.iterable, self.n = total, [], iterable, 0
         RecordingBar.made.append(self)
 
     def __iter__(self):
         return iter(self.iterable)
 
     def update(self, n=1):
+        self.n += n
         self.updates.append(n)
 
     def set_postfix_str(self, *args, **kwargs):
@@ -48,7 +49,9 @@ def test_brecq_estimates_first_and_its_bar_moves_every_iteration(unet, calib, mo
     with caplog.at_level(logging.INFO, logger="questdiff.calibration.brecq"):
         reconstruct(unet, calib, BrecqConfig(iters=5, batch_size=8), batch_size=32)
     bar, = RecordingBar.made
-    assert bar.total == units * 5 and bar.updates == [1] * (units * 5)  # one tick per iteration, inside each unit
+    # per unit: one move after its capture, one per iteration, one top-up to exactly one unit
+    assert bar.total == units and len(bar.updates) == units * (1 + 5 + 1)
+    assert sum(bar.updates) == pytest.approx(units) and all(u > 0 for u in bar.updates[:6])
     messages = [r.getMessage() for r in caplog.records]
     first = next(i for i, m in enumerate(messages) if "on this device" in m)
     assert re.match(rf"BRECQ/AdaRound: {units} units x 5 iterations on {len(calib)} rows: about \d", messages[first])

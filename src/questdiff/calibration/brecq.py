@@ -402,12 +402,16 @@ def reconstruct(
                 "iterations %s; from timed passes of the model)", len(units), config.iters, sum(len(p) for p in parts),
                 format_seconds(estimate), format_seconds(capture_s), format_seconds(iterations_s))
     results: list[UnitResult] = []
-    # one tick per AdaRound iteration (per unit when there are none): the bar moves inside a unit too
-    bar = tqdm(total=len(units) * max(config.iters, 1), desc="BRECQ/AdaRound", unit="it", disable=not progress)
+    # the bar counts units and moves inside each: its capture, then every iteration, weighted by the estimate's
+    # split, so its rate and remaining time follow the real work (capture dominates on large calibration sets)
+    capture_share = capture_s / estimate if estimate > 0 else 0.5
+    step_share = (1 - capture_share) / max(config.iters, 1)
+    bar = tqdm(total=len(units), desc="BRECQ/AdaRound", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.2f}/{total} units [{elapsed}<{remaining}{postfix}]")
     with quant_state(model, weight=True, act=False):
         for position, (number, name) in enumerate(units):
             unit = model.get_submodule(name)
-            bar.set_postfix_str(f"unit {position + 1}/{len(units)} {name}: capturing")
+            bar.set_postfix_str(f"{name}: capturing")
             start = time.perf_counter()
             kwargs = {"device": device, "batch_size": capture_bs, "storage": storage, "dtype": dtype}
             inputs = capture(model, unit, calib, parts, what="input", **kwargs)
@@ -415,15 +419,15 @@ def reconstruct(
                 targets = capture(model, unit, calib, parts, what="output", **kwargs)
             synchronize(device)
             captured = time.perf_counter() - start
-            bar.set_postfix_str(f"unit {position + 1}/{len(units)} {name}")
+            bar.update(capture_share)
+            bar.set_postfix_str(f"{name}: {config.iters} iterations")
             result = reconstruct_unit(unit, inputs, targets, config, device=device, seed=seed + number, name=name,
-                                      on_step=bar.update)
-            if not result.iters:
-                bar.update(max(config.iters, 1))
+                                      on_step=lambda: bar.update(step_share))
+            bar.update(position + 1 - bar.n)  # exactly one unit further, whatever the rounding
             result.capture_seconds = captured
             result.seconds = time.perf_counter() - start
             results.append(result)
-            bar.set_postfix_str(f"unit {position + 1}/{len(units)} {name}: {result.rtn_loss:.3g} -> {result.loss:.3g}")
+            bar.set_postfix_str(f"{name}: {result.rtn_loss:.3g} -> {result.loss:.3g}")
             del inputs, targets
     bar.close()
     logger.info("BRECQ/AdaRound: took %s (estimated %s)", format_seconds(time.perf_counter() - started),

@@ -40,7 +40,8 @@ def collect_calibration(
     denoiser = pipelines.denoiser_of(pipe)
     batch_size = batch_size or min(num_samples, 64)
     pipelines.quiet(pipe)
-    bar = tqdm(total=num_samples, desc="calibration samples", unit="img", unit_scale=True, disable=not progress)
+    bar = tqdm(total=num_samples, desc="calibration samples", unit="img", bar_format=pipelines.IMAGE_BAR_FORMAT,
+               disable=not progress)
     with record_calibration(denoiser, timestep_argument) as recorder:
         for start in range(0, num_samples, batch_size):
             count = min(batch_size, num_samples - start)

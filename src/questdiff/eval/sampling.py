@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..pipelines import as_image_tensor, call_kwargs, is_class_conditional, step_progress
+from ..pipelines import IMAGE_BAR_FORMAT, as_image_tensor, call_kwargs, is_class_conditional, step_progress
 
 
 def class_labels(pipe: Any, num_images: int, num_classes: int = 10) -> torch.Tensor | None:
@@ -40,7 +40,7 @@ def generate(
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
     chunks = []
-    with tqdm(total=num_images, desc=desc, unit="img", unit_scale=True) as bar:
+    with tqdm(total=num_images, desc=desc, unit="img", bar_format=IMAGE_BAR_FORMAT) as bar:
         for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
             kwargs = call_kwargs(
