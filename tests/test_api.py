@@ -203,3 +203,31 @@ def test_options_a_method_does_not_read_or_malformed_fail_before_any_work(fp_and
     with pytest.raises(ValueError, match=message):
         qd.quantize(unet, "W8A8", fp_and_calib[1], method, progress=False, **{**tiny, **options})
     assert not qd.is_quantized(unet)  # nothing was prepared: the same model can be quantized right away
+
+
+def test_failed_quantize_leaves_the_model_as_it_was(fp_and_calib):
+    """A stage that fails after finetuning changed a weight in place: the model comes back FP, bit for bit, and a
+    retry quantizes it instead of refusing an "already quantized" model."""
+    from questdiff.calibration.methods import WEIGHT_INIT, Stage, register_method
+    from questdiff.prepare import quant_layers
+
+    def train_then_fail(model, calib, ctx):
+        next(iter(quant_layers(model).values())).weight.data.add_(1.0)  # like TLA/CMA: trains shared weights
+        raise RuntimeError("stage failed")
+
+    register_method("test-fails-late", [WEIGHT_INIT, Stage("fails", train_then_fail)])
+    calib = fp_and_calib[1]
+    unet = ddim_pipeline().unet
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    kwargs = calib.model_kwargs(torch.arange(4))
+    with torch.no_grad():
+        before = unet(**kwargs).sample
+    with pytest.raises(RuntimeError, match="stage failed"):
+        qd.quantize(unet, "W8A8", calib, "test-fails-late", progress=False)
+    assert not qd.is_quantized(unet)
+    assert unet.state_dict().keys() == state.keys() and all(torch.equal(unet.state_dict()[k], v) for k, v in state.items())
+    assert not any(type(m).__name__.startswith("Quant") for m in unet.modules())
+    with torch.no_grad():
+        assert torch.equal(unet(**kwargs).sample, before)
+    qd.quantize(unet, "W8A8", calib, progress=False)  # the retry works
+    assert qd.is_quantized(unet)

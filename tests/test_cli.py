@@ -67,7 +67,7 @@ def test_quantize_a_dit_pipeline_folder(tmp_path, capsys):
 
 def test_bad_arguments_give_one_line_errors(pipeline_folder, tmp_path):
     result = _run("quantize", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), check=False)
-    assert result.returncode == 2 and "neither a pipeline folder nor a zoo model" in result.stderr
+    assert result.returncode == 2 and "neither a pipeline folder nor a zoo diffusion model" in result.stderr
     blocker = tmp_path / "file"
     blocker.write_text("")
     result = _run("quantize", "--model", str(pipeline_folder), "--out", str(blocker / "o"), check=False)

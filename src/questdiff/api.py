@@ -1,9 +1,11 @@
 """Public entry point ``quantize``: prepare -> the method's calibration stages -> a fake-quantized denoiser."""
 from __future__ import annotations
 
+import functools
 import logging
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -18,6 +20,34 @@ from .timestep import Rule, TimestepSchedule, timestep_getter
 logger = logging.getLogger(__name__)
 
 
+def _unchanged_on_failure(quantize: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Wrap ``quantize`` so that if it fails (or is interrupted) the denoiser is put back as it was: its module
+    tree, hooks, attention processors and attributes (every module's own dicts, shallow-copied) and its tensor
+    values (a CPU copy: finetuning trains the shared weights in place). A failed call thus leaves the FP model, not
+    a half-wrapped one that a retry would call "already quantized"."""
+
+    @functools.wraps(quantize)
+    def run(denoiser: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        saved = [(m, {k: v.copy() if type(v) in (dict, OrderedDict) else v for k, v in vars(m).items()})
+                 for m in denoiser.modules()]
+        values = {k: v.detach().to("cpu", copy=True) for k, v in denoiser.state_dict().items()
+                  if isinstance(v, torch.Tensor)}
+        try:
+            return quantize(denoiser, *args, **kwargs)
+        except BaseException:
+            for module, attributes in saved:
+                vars(module).clear()
+                vars(module).update(attributes)
+            with torch.no_grad():
+                current = denoiser.state_dict()
+                for key, value in values.items():
+                    current[key].copy_(value)
+            raise
+
+    return run
+
+
+@_unchanged_on_failure
 def quantize(
     denoiser: nn.Module,
     preset: QuantConfig | str,
@@ -33,7 +63,7 @@ def quantize(
     seed: int = 0,
     **method_options: Any,
 ) -> nn.Module:
-    """Quantize ``denoiser`` in place and return it.
+    """Quantize ``denoiser`` in place and return it; if it fails (or is interrupted), ``denoiser`` is left as it was.
 
     Args:
         denoiser: the FP denoiser (e.g. ``pipe.unet``); it is modified in place and stays usable in its pipeline.

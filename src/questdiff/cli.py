@@ -2,58 +2,74 @@
 
 Every command takes ``--model`` (a diffusers pipeline folder or a zoo name; default: the embedded zoo model),
 shows progress bars, prints a summary table at the end and writes its files into ``--out``.
+
+Every input is checked before any long work: a bad one ends the command with exit code 2 and one line
+``questdiff <command>: error: ...`` naming the option and the fix; a failed command leaves no empty ``--out``.
+Heavy modules (calibration, diffusers models, evaluation) are imported only by the command that needs them, so
+``questdiff --help`` and ``questdiff zoo list`` start fast.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-import torch
+from .cli_common import (
+    CommandParser,
+    Interrupted,
+    checkpoint_label,
+    finite_float,
+    folder,
+    load_quantized,
+    non_negative_int,
+    positive_int,
+    run_command,
+)
+from .io_utils import atomic_write_text, ensure_writable_dir, output_dir
 
-from . import checkpoint, pipelines
-from .io_utils import atomic_write_text, ensure_writable_dir
-from .loading import default_device, load_pipeline
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("questdiff")
 
+SUBCOMMAND_MODULES = ("questdiff.eval.cli", "questdiff.zoo.cli")  # each has register(subparsers)
 
+
+# -- checks that need no model -------------------------------------------------------------------------------------
 def _read_prompts(path: str | None) -> list[str] | None:
     """Prompts from a text file (one per line) or a TSV with a ``Prompt`` column (e.g. PartiPrompts.tsv)."""
     if path is None:
         return None
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"--prompts {path} is a folder; pass the prompts file (one prompt per line, or a TSV with a Prompt column)")
+    if not file.is_file():
+        raise ValueError(f"--prompts {path}: no such prompts file; pass a text file with one prompt per line")
+    try:
+        lines = [line for line in file.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--prompts {path} cannot be read as text ({err}); pass a UTF-8 text file") from None
     if lines and "\t" in lines[0] and lines[0].split("\t")[0].lower() == "prompt":
-        return [line.split("\t")[0] for line in lines[1:]]
+        lines = [line.split("\t")[0] for line in lines[1:]]
+    if not lines:
+        raise ValueError(f"--prompts {path} holds no prompt; write one prompt per line")
     return lines
 
 
-def _table(rows: list[tuple[str, Any]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+def _preset(name: str) -> Any:
+    """The ``QuantConfig`` of ``--preset``; raises naming the option."""
+    from .config import resolve
 
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="diffusers pipeline folder or zoo model name (default: the embedded zoo model)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompts", default=None, help="prompts file for text-to-image pipelines (one per line, or a TSV with a Prompt column)")
-    p.add_argument("--batch-size", type=int, default=64)
-
-
-def _packed_size_mib(model: torch.nn.Module) -> tuple[float, float]:
-    """(FP32 size, size with weights at their quantized bit width) of a quantized denoiser, in MiB."""
-    from .prepare import quant_layers
-
-    fp = sum(p.numel() for n, p in model.named_parameters() if "_quantizer." not in n) * 4
-    packed = fp
-    for layer in quant_layers(model).values():
-        packed -= layer.weight.numel() * (4 - layer.weight_quantizer.bits / 8)
-    return fp / 2**20, packed / 2**20
+    try:
+        return resolve(name)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--preset {name!r}: {err}") from None  # the config's message names the fix
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -78,19 +94,129 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+# -- checks against the loaded pipeline (cheap: before any sampling) -----------------------------------------------
+def _sampler_steps(pipe: Any, steps: int | None) -> int | None:
+    """Denoising steps the pipeline will run: ``--steps``, else its configured or ``__call__`` default."""
+    if steps is not None:
+        return steps
+    config = getattr(pipe, "config", None) or {}
+    default = config.get("default_num_inference_steps")
+    if default is None:
+        parameter = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+        default = parameter.default if parameter is not None else None
+    return default if isinstance(default, int) else None
+
+
+def _check_pipeline_options(pipe: Any, args: argparse.Namespace, prompts: list[str] | None) -> None:
+    """Refuse options the pipeline would silently ignore or that contradict it."""
+    from .pipelines import call_parameters
+
+    params = call_parameters(pipe)
+    kind = type(pipe).__name__
+    if "prompt" in params and prompts is None:
+        raise ValueError(f"--prompts is needed: {kind} is text-conditioned; pass a file with one prompt per line")
+    if "prompt" not in params and prompts is not None:
+        what = "class-conditional" if "class_labels" in params else "not text-conditioned"
+        raise ValueError(f"--prompts does not apply: {kind} is {what} and takes no prompt; leave out --prompts")
+    if args.guidance is not None and "guidance_scale" not in params:
+        raise ValueError(f"--guidance does not apply: {kind} has no classifier-free guidance; leave out --guidance")
+    if args.steps is not None and "num_inference_steps" not in params:
+        raise ValueError(f"--steps does not apply: {kind} takes no num_inference_steps; leave out --steps")
+    calib_steps = getattr(args, "calib_steps", None)
+    steps = _sampler_steps(pipe, args.steps)
+    if calib_steps is not None and steps is not None and calib_steps > steps:
+        source = "--steps" if args.steps is not None else f"{kind}'s default"
+        raise ValueError(f"--calib-steps {calib_steps} is more than the sampler's {steps} steps ({source}); use "
+                         f"--calib-steps {steps} or fewer, or --steps {calib_steps} or more")
+
+
+def _check_reused_calibration(calib: Any, unet: Any, path: Path, args: argparse.Namespace,
+                              device: torch.device) -> None:
+    """Calibration data found in ``--out`` must come from this model and match the asked timestep count: one
+    forward on one row catches another model's data (shapes, channels, dtype) before any stage runs."""
+    import torch
+
+    if args.calib_steps is not None and len(calib.timesteps) != args.calib_steps:
+        raise ValueError(f"{path} holds {len(calib.timesteps)} calibrated timesteps but --calib-steps is "
+                         f"{args.calib_steps}; pass --recollect to sample new calibration data, or use another --out")
+    try:
+        calib.validate(unet)
+        with torch.no_grad():
+            unet(**calib.model_kwargs(torch.arange(1), device))
+    except (ValueError, RuntimeError, TypeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} does not fit this model ({reason}); pass --recollect to sample new calibration "
+                         "data, or use another --out") from None
+
+
+# -- quantize ------------------------------------------------------------------------------------------------------
+def _packed_size_mib(model: torch.nn.Module) -> tuple[float, float]:
+    """(FP32 size, size with weights at their quantized bit width) of a quantized denoiser, in MiB."""
+    from .prepare import quant_layers
+
+    fp = sum(p.numel() for n, p in model.named_parameters() if "_quantizer." not in n) * 4
+    packed = fp
+    for layer in quant_layers(model).values():
+        packed -= layer.weight.numel() * (4 - layer.weight_quantizer.bits / 8)
+    return fp / 2**20, packed / 2**20
+
+
+def _command_line(*words: str | None) -> str:
+    return " ".join(shlex.quote(w) for w in words if w is not None)
+
+
+def next_commands(args: argparse.Namespace, out: Path, model_name: str, zoo_model: bool) -> list[str]:
+    """The exact commands that use what ``quantize`` wrote (same model and device)."""
+    model = ["--model", args.model] if args.model is not None else []
+    device = ["--device", args.device] if args.device is not None else []
+    commands = [_command_line("questdiff", "sample", *model, "--quantized", str(out), *device,
+                              "--out", str(out / "samples"))]
+    if zoo_model:  # `questdiff eval` measures zoo models against their dataset
+        commands.append(_command_line("questdiff", "eval", *(["--model", model_name] if args.model else []),
+                                      "--quantized", str(out), *device, "--out", str(out / "eval")))
+    return commands
+
+
+def _kept_for_resume(out: Path) -> str:
+    stages = sorted((out / "work" / "stages").glob("*.json")) if (out / "work" / "stages").is_dir() else []
+    kept = (["calibration data"] if (out / "calibration.safetensors").is_file() else []) + \
+        ([f"{len(stages)} finished stage(s) ({', '.join(p.stem.split('-', 1)[1] for p in stages)})"] if stages else [])
+    if not kept:
+        return "nothing had finished yet, nothing was kept"
+    return f"kept {' and '.join(kept)} in {out}; run the same command again to resume from there"
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .api import quantize
-    from .calibration import CalibrationSet, collect_calibration
-    from .prepare import act_quantizers, handle, quant_layers
+    from .loading import resolve_device
 
     start = time.perf_counter()
-    options = _method_options(args)  # fail before any long work
-    device = args.device or default_device()
-    out = ensure_writable_dir(args.out)
+    config = _preset(args.preset)
+    options = _method_options(args)
+    prompts = _read_prompts(args.prompts)
+    device = resolve_device(args.device)
+    with output_dir(args.out) as out:
+        try:
+            return _quantize(args, config, options, prompts, device, out, start)
+        except KeyboardInterrupt:
+            raise Interrupted(_kept_for_resume(out)) from None
+
+
+def _quantize(args: argparse.Namespace, config: Any, options: dict[str, Any], prompts: list[str] | None,
+              device: torch.device, out: Path, start: float) -> int:
+    from . import checkpoint, zoo
+    from .api import quantize
+    from .calibration import CalibrationSet, collect_calibration
+    from .loading import load_pipeline
+    from .pipelines import denoiser_of
+    from .prepare import act_quantizers, handle, quant_layers
+
     pipe, name = load_pipeline(args.model, device)
+    _check_pipeline_options(pipe, args, prompts)
+    unet = denoiser_of(pipe)
     calib_path = out / "calibration.safetensors"
     if calib_path.is_file() and not args.recollect:
         calib = CalibrationSet.load(calib_path)
+        _check_reused_calibration(calib, unet, calib_path, args, device)
         logger.info("reusing calibration data %s (%d rows); --recollect to sample again", calib_path, len(calib))
     else:
         calib = collect_calibration(
@@ -102,11 +228,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
             guidance_scale=args.guidance,
-            prompts=_read_prompts(args.prompts),
+            prompts=prompts,
         )
         calib.save(calib_path)
-    unet = pipelines.denoiser_of(pipe)
-    quantize(unet, args.preset, calib, args.method, device=device, batch_size=args.batch_size, work_dir=out / "work",
+    quantize(unet, config, calib, args.method, device=device, batch_size=args.batch_size, work_dir=out / "work",
              seed=args.seed, **options)
     checkpoint.save(unet, out)
     h = handle(unet)
@@ -124,30 +249,43 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "wall time": f"{time.perf_counter() - start:.1f} s",
         "output": str(out),
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    print("questdiff quantize: done\n" + _table(list(summary.items())))
+    commands = next_commands(args, out, name, zoo_model=name in {e.name for e in zoo.list_models()})
+    atomic_write_text(out / "summary.json", json.dumps({**summary, "next": commands}, indent=2))
+    print("questdiff quantize: done\n" + _table(list(summary.items())) + "\nnext:\n" +
+          "\n".join(f"  {c}" for c in commands))
     return 0
 
 
+# -- sample --------------------------------------------------------------------------------------------------------
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .loading import resolve_device
+
+    prompts = _read_prompts(args.prompts)
+    device = resolve_device(args.device)
+    label = checkpoint_label(args.quantized) if args.quantized else "FP"
+    with output_dir(args.out) as out:
+        return _sample(args, prompts, device, label, out)
+
+
+def _sample(args: argparse.Namespace, prompts: list[str] | None, device: torch.device, label: str, out: Path) -> int:
     from .eval.report import save_grid
     from .eval.sampling import generate
+    from .loading import load_pipeline
+    from .pipelines import denoiser_of, quiet, set_denoiser, set_scheduler
 
     start = time.perf_counter()
-    device = args.device or default_device()
-    out = ensure_writable_dir(args.out)
     pipe, name = load_pipeline(args.model, device)
-    label = "FP"
+    _check_pipeline_options(pipe, args, prompts)
     if args.quantized:
-        unet = checkpoint.load(args.quantized, base=pipelines.denoiser_of(pipe))
-        pipelines.set_denoiser(pipe, unet)
-        label = checkpoint.read_metadata(args.quantized)["quant_config"].get("name") or "quantized"
+        set_denoiser(pipe, load_quantized(args.quantized, denoiser_of(pipe)))
+    else:
+        print("questdiff sample: no --quantized given: sampling the full-precision (FP) model")
     if args.scheduler:
-        pipelines.set_scheduler(pipe, args.scheduler)
-    pipelines.quiet(pipe)
+        set_scheduler(pipe, args.scheduler)
+    quiet(pipe)
     images = generate(
         pipe, args.num_images, seed=args.seed, batch_size=args.batch_size, num_inference_steps=args.steps,
-        guidance_scale=args.guidance, prompts=_read_prompts(args.prompts), desc=f"sampling {label}",
+        guidance_scale=args.guidance, prompts=prompts, desc=f"sampling {label}",
     )
     grid = save_grid(images, out / "grid.png", nrow=min(8, args.num_images))
     image_dir = ensure_writable_dir(out / "images")
@@ -155,7 +293,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         save_grid(image[None], image_dir / f"{i:05d}.png", nrow=1)
     summary = {
         "model": name,
-        "weights": label,
+        "weights": label if args.quantized else "FP (no --quantized given)",
         "scheduler": type(pipe.scheduler).__name__,
         "images": f"{len(images)} x {tuple(images.shape[1:])}",
         "seed": args.seed,
@@ -166,61 +304,80 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _table(rows: list[tuple[str, Any]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+# -- parser --------------------------------------------------------------------------------------------------------
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="diffusers pipeline folder or zoo model name (default: the embedded zoo model)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--prompts", default=None, help="prompts file, only for text-to-image pipelines: one prompt per line, or "
+                                                   "a TSV with a Prompt column (default: none)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images (calibration rows) per batch")
+
+
+def _quantize_args(q: argparse.ArgumentParser) -> None:
     from .calibration.finetune import ORDERS
     from .calibration.methods import available_methods
 
-    parser = argparse.ArgumentParser(prog="questdiff", description="QuEST-style low-bit quantization of diffusion models")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    q = sub.add_parser("quantize", help="quantize a pipeline's denoiser (data-free calibration from its own samples)")
     _model_args(q)
     q.add_argument("--preset", default="W8A8", help="W8A8, W4A8, W4A4 or any W<bits>A<bits>")
-    q.add_argument("--method", default="rtn", choices=available_methods())
-    q.add_argument("--calib-samples", type=int, default=64, help="sampling trajectories for calibration data")
-    q.add_argument("--calib-steps", type=int, default=None, help="calibrated timesteps, uniformly strided (default: every sampler step)")
-    q.add_argument("--samples-per-step", type=int, default=None, help="cap on calibration rows per timestep")
-    q.add_argument("--steps", type=int, default=None, help="sampler steps for calibration (default: the pipeline's)")
-    q.add_argument("--guidance", type=float, default=None, help="CFG scale for calibration (default: the pipeline's)")
+    q.add_argument("--method", default="rtn", choices=available_methods(), help="calibration method")
+    q.add_argument("--calib-samples", type=positive_int, default=64, help="sampling trajectories for calibration data")
+    q.add_argument("--calib-steps", type=positive_int, default=None,
+                   help="calibrated timesteps, uniformly strided, at most the sampler's steps (default: every sampler step)")
+    q.add_argument("--samples-per-step", type=positive_int, default=None, help="cap on calibration rows per timestep (default: no cap)")
+    q.add_argument("--steps", type=positive_int, default=None, help="sampler steps for calibration (default: the pipeline's)")
+    q.add_argument("--guidance", type=finite_float, default=None, help="CFG scale for calibration (default: the pipeline's)")
     q.add_argument("--recollect", action="store_true", help="sample calibration data again even if OUT has it")
-    q.add_argument("--recon-iters", type=int, default=None, help="BRECQ/AdaRound iterations per block (default 20000)")
-    q.add_argument("--tla-epochs", type=int, default=None, help="TLA epochs per timestep (default 200)")
-    q.add_argument("--cma-epochs", type=int, default=None, help="CMA epochs over all timesteps (default 20)")
+    q.add_argument("--recon-iters", type=non_negative_int, default=None, help="BRECQ/AdaRound iterations per block (default: 20000)")
+    q.add_argument("--tla-epochs", type=non_negative_int, default=None, help="TLA epochs per timestep (default: 200)")
+    q.add_argument("--cma-epochs", type=non_negative_int, default=None, help="CMA epochs over all timesteps (default: 20)")
     q.add_argument("--order", default=None, choices=ORDERS,
-                   help="TLA/CMA batch order (default 'shuffled', one timestep per step as in the paper; 'mixed' puts "
+                   help="TLA/CMA batch order (default: 'shuffled', one timestep per step as in the paper; 'mixed' puts "
                         "every timestep in each step: the same rows and epochs in far fewer steps, for GPUs)")
-    q.add_argument("--out", default="runs/quantized", help="output folder (checkpoint, calibration data, stage checkpoints)")
+    q.add_argument("--out", type=folder, default="runs/quantized", help="output folder (checkpoint, calibration data, stage checkpoints)")
     q.set_defaults(func=cmd_quantize)
 
-    s = sub.add_parser("sample", help="sample images from an FP or quantized pipeline")
+
+def _sample_args(s: argparse.ArgumentParser) -> None:
+    from .pipelines import SCHEDULERS
+
     _model_args(s)
-    s.add_argument("--quantized", default=None, help="folder written by 'questdiff quantize' (default: FP model)")
-    s.add_argument("--num-images", type=int, default=16)
-    s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--guidance", type=float, default=None)
-    s.add_argument("--scheduler", default=None, choices=sorted(pipelines.SCHEDULERS), help="swap the sampler")
-    s.add_argument("--out", default="runs/samples")
+    s.add_argument("--quantized", default=None,
+                   help="folder written by 'questdiff quantize' (default: none, the full-precision model is sampled)")
+    s.add_argument("--num-images", type=positive_int, default=16, help="images to sample")
+    s.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the pipeline's)")
+    s.add_argument("--guidance", type=finite_float, default=None, help="CFG scale (default: the pipeline's)")
+    s.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="swap the sampler (default: the pipeline's)")
+    s.add_argument("--out", type=folder, default="runs/samples", help="output folder (grid.png, images/)")
     s.set_defaults(func=cmd_sample)
 
-    for module in ("questdiff.eval.cli", "questdiff.zoo.cli"):
-        try:
-            register: Callable[[Any], None] = __import__(module, fromlist=["register"]).register
-        except (ImportError, AttributeError):
-            continue
-        register(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``questdiff`` parser; each command's options are added when that command is parsed or its help shown."""
+    import importlib
+
+    parser = CommandParser(prog="questdiff", description="QuEST-style low-bit quantization of diffusion models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of unexpected errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
+    sub.add_parser("quantize", help="quantize a pipeline's denoiser (data-free calibration from its own samples)",
+                   add_arguments=_quantize_args)
+    sub.add_parser("sample", help="sample images from the FP model, or a quantized one with --quantized",
+                   add_arguments=_sample_args)
+    for module in SUBCOMMAND_MODULES:  # a broken subpackage must fail here, not vanish from --help
+        importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError, OSError, ImportError) as err:
-        print(f"questdiff {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    prog = " ".join(["questdiff", args.command] + ([args.zoo_command] if getattr(args, "zoo_command", None) else []))
+    return run_command(prog, args.func, args, verbose=args.verbose)
 
 
 if __name__ == "__main__":

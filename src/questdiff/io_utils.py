@@ -1,4 +1,5 @@
-"""Small file-system helpers: atomic writes and writability checks (no work is lost on a crash or bad path)."""
+"""Small file-system helpers: atomic writes, writability checks and output folders that a failed command does not
+leave behind (no work is lost on a crash or bad path, and nothing half-made stays)."""
 from __future__ import annotations
 
 import contextlib
@@ -20,15 +21,58 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
+def _missing_ancestors(path: Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_empty_tree(top: Path) -> None:
+    """Remove every empty folder under ``top`` (and ``top``), bottom-up; files are never touched."""
+    for folder, _, _ in os.walk(top, topdown=False):
+        with contextlib.suppress(OSError):  # not empty (or gone): keep it
+            os.rmdir(folder)
+
+
+@contextlib.contextmanager
+def output_dir(path: str | Path) -> Iterator[Path]:
+    """``ensure_writable_dir(path)`` for the duration of a command: if the block raises (or is interrupted), the
+    folders this call created are removed again when they hold no file, so a failed command leaves no empty
+    ``--out`` behind. A folder that existed before is left as it is."""
+    path = Path(path)
+    created = _missing_ancestors(path.absolute())
+    ensure_writable_dir(path)
+    try:
+        yield path
+    except BaseException:
+        if created:
+            _remove_empty_tree(created[-1])
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    The result gets the permissions of a normally created file (``0666`` minus the umask), not the private ``0600``
+    of the temporary file."""
     path = Path(path)
     ensure_writable_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

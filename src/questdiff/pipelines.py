@@ -3,8 +3,9 @@ for unconditional (``batch_size``), class-conditional (``class_labels``) and tex
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from diffusers import (
@@ -96,6 +97,35 @@ def call_kwargs(
             kwargs[key] = value
     kwargs.update(extra or {})
     return kwargs
+
+
+# tqdm format for a bar that counts images in fractions (``step_progress``): "12.4/64 [00:31<02:10, 0.4img/s]"
+IMAGE_BAR_FORMAT = "{l_bar}{bar}| {n:.1f}/{total:.0f} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
+@contextlib.contextmanager
+def step_progress(pipe: Any, bar: Any, count: int) -> Iterator[None]:
+    """Advance the image-counting tqdm ``bar`` (best shown with ``IMAGE_BAR_FORMAT``) by ``count / steps`` at each denoiser call of one ``pipe(...)``
+    call that makes ``count`` images, so it moves every sampler step instead of once per batch; afterwards it
+    stands exactly ``count`` further. ``steps`` is the scheduler's timestep count (one denoiser call each); a
+    pipeline without a ``unet``/``transformer`` module moves the bar once, at the end."""
+    end = bar.n + count
+
+    def hook(*_: Any) -> None:
+        timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+        steps = len(timesteps) if timesteps is not None else 0
+        bar.update(min(count / max(steps, 1), end - bar.n))
+
+    try:
+        handle = denoiser_of(pipe).register_forward_hook(hook)
+    except ValueError:  # a duck-typed pipeline without a denoiser module
+        handle = None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        bar.update(end - bar.n)
 
 
 def quiet(pipe: Any) -> None:

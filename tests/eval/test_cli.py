@@ -11,7 +11,7 @@ from PIL import Image
 
 import questdiff
 from questdiff import zoo
-from questdiff.eval import cli
+from questdiff.eval import cli, generative
 from questdiff.zoo import data as zoo_data
 from questdiff.zoo.architectures import build_class_embedder, build_cond_unet, build_scheduler, build_vae
 from questdiff.zoo.pipelines import ClassConditionalLDMPipeline
@@ -22,7 +22,8 @@ COMMON = ["--num-samples", "20", "--batch-size", "8", "--steps", "2", "--device"
 @pytest.fixture
 def tiny_zoo(monkeypatch, feature_net, make_images):
     """``zoo.load`` -> a tiny random pipeline, ``load_feature_net`` -> the test feature net, 64 synthetic test
-    images, and ``questdiff.load`` -> the FP denoiser with perturbed weights (a stand-in quantized model)."""
+    images, and ``questdiff.load`` -> the FP denoiser with perturbed weights (a stand-in quantized model, whose
+    questdiff.json is not read)."""
 
     def load(name, device=None):
         torch.manual_seed(0)
@@ -45,6 +46,7 @@ def tiny_zoo(monkeypatch, feature_net, make_images):
     monkeypatch.setattr(zoo, "load_feature_net", lambda name, device=None: feature_net)
     monkeypatch.setattr(zoo_data, "load_split", load_split)
     monkeypatch.setattr(questdiff, "load", load_quantized, raising=False)
+    monkeypatch.setattr(cli, "checkpoint_label", lambda path: "stand-in")  # no questdiff.json to read
 
 
 def test_eval_fp_and_quantized_writes_metrics_and_images(tiny_zoo, tmp_path, capsys) -> None:
@@ -70,18 +72,18 @@ def test_eval_fp_and_quantized_writes_metrics_and_images(tiny_zoo, tmp_path, cap
 
 def test_eval_without_quantized_writes_fp_outputs_only(tiny_zoo, tmp_path, monkeypatch) -> None:
     # the metrics themselves ran for real above; a stub keeps this orchestration check fast
-    monkeypatch.setattr(cli, "generative_metrics", lambda fake, real, seed, device: {"FID (FMNIST features)": 1.0})
+    monkeypatch.setattr(generative, "generative_metrics", lambda fake, real, seed, device: {"FID (FMNIST features)": 1.0})
     metrics = cli.evaluate(cli.main_parser().parse_args([*COMMON, "--out", str(tmp_path)]))
     assert "quantized" not in metrics and "quantized_vs_fp" not in metrics
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "metrics.json"]
     assert json.loads((tmp_path / "metrics.json").read_text())["fp"] == metrics["fp"]  # floats round-trip exactly
 
 
-def test_bad_arguments_fail_with_one_line(tiny_zoo, tmp_path, caplog) -> None:
-    assert cli.main(["--num-samples", "5", "--out", str(tmp_path)]) == 1
-    assert "--num-samples must be >= 10" in caplog.text
-    assert cli.main(["--model", "nope", "--out", str(tmp_path)]) == 1
-    assert "unknown zoo model 'nope'" in caplog.text
+def test_bad_arguments_fail_with_one_line(tiny_zoo, tmp_path, capsys) -> None:
+    assert cli.main(["--num-samples", "5", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "questdiff eval: error: --num-samples must be >= 10 (IS uses 10 splits), got 5\n"
+    assert cli.main(["--model", "nope", "--out", str(tmp_path)]) == 2
+    assert "questdiff eval: error: --model: unknown zoo model 'nope'" in capsys.readouterr().err
 
 
 def test_register_adds_the_eval_subcommand() -> None:

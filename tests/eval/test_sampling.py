@@ -51,3 +51,28 @@ def test_text_pipelines_get_cycled_prompts_and_one_generator_per_sample() -> Non
 def test_bad_counts_raise(pipe) -> None:
     with pytest.raises(ValueError, match=">= 1"):
         generate(pipe, 0)
+
+
+def test_progress_bar_moves_every_sampler_step(pipe, monkeypatch) -> None:
+    from questdiff.eval import sampling
+
+    class Bar:
+        def __init__(self, total=None, **kwargs):
+            self.n, self.updates = 0, []
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            self.n += n
+            self.updates.append(n)
+
+    bars: list[Bar] = []
+    monkeypatch.setattr(sampling, "tqdm", Bar)
+    generate(pipe, 4, batch_size=2, num_inference_steps=3)
+    bar, = bars
+    assert len(bar.updates) >= 6 and bar.n == pytest.approx(4)  # 2 batches x 3 steps, not 2 batch ticks

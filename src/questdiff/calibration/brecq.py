@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from ..prepare import handle, quant_layers, quant_state
 from .adaround import AdaRoundConfig, beta_at, convert_layer, rounding_regularizer
 from .common import generator, output_tensor, rows_by_quantizer_row, trainable_only
 from .data import CalibrationSet
+from .timing import format_seconds, synchronize, timed
 
 logger = logging.getLogger(__name__)
 
@@ -278,10 +279,12 @@ def reconstruct_unit(
     device: torch.device,
     seed: int = 0,
     name: str = "",
+    on_step: Callable[[], Any] | None = None,
 ) -> UnitResult:
     """AdaRound every quantized layer of ``unit`` on captured ``inputs`` -> ``targets``; ends hard-rounded.
 
-    Weight quantization must be on and activation quantization off (see ``quant_state``)."""
+    Weight quantization must be on and activation quantization off (see ``quant_state``). ``on_step`` is called
+    after every iteration (progress bars)."""
     layers = [m for m in unit.modules() if isinstance(m, QuantLayerMixin)]
     rtn_loss = unit_loss(unit, inputs, targets, device)
     quantizers: list[AdaRoundQuantizer] = [q for layer in layers for q in convert_layer(layer, True, config.adaround)]
@@ -302,8 +305,9 @@ def reconstruct_unit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+                if on_step is not None:
+                    on_step()
+    synchronize(device)
     train_seconds = time.perf_counter() - start
     for q in quantizers:
         q.harden()
@@ -331,6 +335,63 @@ def rebuild_adaround(model: nn.Module) -> None:
         convert_layer(layer, soft=False)
 
 
+def estimate_seconds(model: nn.Module, calib: CalibrationSet, units: list[str], parts: list[torch.Tensor],
+                     config: BrecqConfig, device: torch.device, capture_batch_size: int) -> tuple[float, float]:
+    """``(capture, iterations)``: seconds ``reconstruct`` will spend capturing each unit's inputs and targets (and
+    measuring its loss) and running its AdaRound iterations, on this device.
+
+    Measured, not modelled from FLOPs: one timed forward of a capture batch with a hook at the start and end of
+    every unit gives each unit's capture cost (a capture runs the model up to the unit's input, or its output), and
+    timed forward/backward passes of the whole model at the reconstruction batch size stand for one iteration of
+    all units together (each unit's forward and backward, once)."""
+    if not units:
+        return 0.0, 0.0
+    rows = sum(len(p) for p in parts)
+    first = parts[0]
+    batch = first[:capture_batch_size]
+    marks: dict[str, list[float]] = {}
+    hooks = []
+    clock = [0.0]
+
+    def mark(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            synchronize(device)
+            marks.setdefault(name, []).append(time.perf_counter() - clock[0])
+        return hook
+
+    for name in units:
+        module = model.get_submodule(name)
+        hooks += [module.register_forward_pre_hook(mark(name)), module.register_forward_hook(mark(name))]
+    kwargs = calib.model_kwargs(batch, device)
+    per_batch = float("inf")
+    try:
+        with torch.no_grad(), quant_state(model, weight=True, act=False):
+            model(**kwargs)  # warm-up
+            for _ in range(3):  # the fastest of three: a busy machine's hiccups must not inflate the estimate
+                marks.clear()
+                synchronize(device)
+                clock[0] = time.perf_counter()
+                model(**kwargs)
+                # inputs: forward up to the unit's start; targets: up to its end; the loss before and after: the
+                # unit twice
+                per_batch = min(per_batch, sum(m[0] + m[-1] + 2 * (m[-1] - m[0]) for m in marks.values()))
+    finally:
+        for h in hooks:
+            h.remove()
+    capture = per_batch * rows / len(batch)
+
+    sample = calib.model_kwargs(first[: config.batch_size], device)
+    x = sample[calib.sample_key].detach().clone().requires_grad_(True)
+
+    def step() -> None:
+        out = output_tensor(model(**{**sample, calib.sample_key: x}))
+        torch.autograd.grad(out.float().pow(2).mean(), x)
+
+    with quant_state(model, weight=True, act=False), torch.enable_grad():
+        iteration = timed(step, device)
+    return capture, iteration * config.iters
+
+
 def reconstruct(
     model: nn.Module,
     calib: CalibrationSet,
@@ -352,29 +413,46 @@ def reconstruct(
     dtype = _DTYPES[config.storage_dtype]
     capture_bs = config.capture_batch_size or batch_size
     parts = _select_rows(model, calib, config.max_samples, seed)
-    units = reconstruction_units(model, calib, device)
+    # (seed offset, name) of the units with quantized layers; the offset counts every unit, as it always has
+    units = [(number, name) for number, name in enumerate(reconstruction_units(model, calib, device))
+             if any(isinstance(m, QuantLayerMixin) for m in model.get_submodule(name).modules())]
+    started = time.perf_counter()
+    capture_s, iterations_s = estimate_seconds(model, calib, [n for _, n in units], parts, config, device, capture_bs)
+    estimate = capture_s + iterations_s
+    logger.info("BRECQ/AdaRound: %d units x %d iterations on %d rows: about %s on this device (capturing %s, "
+                "iterations %s; from timed passes of the model)", len(units), config.iters, sum(len(p) for p in parts),
+                format_seconds(estimate), format_seconds(capture_s), format_seconds(iterations_s))
     results: list[UnitResult] = []
-    bar = tqdm(units, desc="BRECQ/AdaRound", unit="unit", disable=not progress)
-
+    # the bar counts units and moves inside each: its capture, then every iteration, weighted by the estimate's
+    # split, so its rate and remaining time follow the real work (capture dominates on large calibration sets)
+    capture_share = capture_s / estimate if estimate > 0 else 0.5
+    step_share = (1 - capture_share) / max(config.iters, 1)
+    bar = tqdm(total=len(units), desc="BRECQ/AdaRound", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.2f}/{total} units [{elapsed}<{remaining}{postfix}]")
     with quant_state(model, weight=True, act=False):
-        for number, name in enumerate(bar):
+        for position, (number, name) in enumerate(units):
             unit = model.get_submodule(name)
-            if not any(isinstance(m, QuantLayerMixin) for m in unit.modules()):
-                continue
+            bar.set_postfix_str(f"{name}: capturing")
             start = time.perf_counter()
             kwargs = {"device": device, "batch_size": capture_bs, "storage": storage, "dtype": dtype}
             inputs = capture(model, unit, calib, parts, what="input", **kwargs)
             with quant_state(model, weight=False, act=False):
                 targets = capture(model, unit, calib, parts, what="output", **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             captured = time.perf_counter() - start
-            result = reconstruct_unit(unit, inputs, targets, config, device=device, seed=seed + number, name=name)
+            bar.update(capture_share)
+            bar.set_postfix_str(f"{name}: {config.iters} iterations")
+            result = reconstruct_unit(unit, inputs, targets, config, device=device, seed=seed + number, name=name,
+                                      on_step=lambda: bar.update(step_share))
+            bar.update(position + 1 - bar.n)  # exactly one unit further, whatever the rounding
             result.capture_seconds = captured
             result.seconds = time.perf_counter() - start
             results.append(result)
             bar.set_postfix_str(f"{name}: {result.rtn_loss:.3g} -> {result.loss:.3g}")
             del inputs, targets
+    bar.close()
+    logger.info("BRECQ/AdaRound: took %s (estimated %s)", format_seconds(time.perf_counter() - started),
+                format_seconds(estimate))
     remaining = harden_remaining(model, config.adaround)
     if remaining:
         logger.info("%d layers were not called by the forward: nearest rounding", remaining)

@@ -43,7 +43,8 @@ def collect_calibration(
     denoiser = pipelines.denoiser_of(pipe)
     batch_size = batch_size or min(num_samples, 64)
     pipelines.quiet(pipe)
-    bar = tqdm(total=num_samples, desc="calibration samples", unit="img", disable=not progress)
+    bar = tqdm(total=num_samples, desc="calibration samples", unit="img", bar_format=pipelines.IMAGE_BAR_FORMAT,
+               disable=not progress)
     with record_calibration(denoiser, timestep_argument) as recorder:
         for start in range(0, num_samples, batch_size):
             count = min(batch_size, num_samples - start)
@@ -57,13 +58,13 @@ def collect_calibration(
                 prompts=prompts,
                 extra=call_kwargs,
             )
-            pipe(**kwargs)
+            with pipelines.step_progress(pipe, bar, count):  # the bar moves every sampler step
+                pipe(**kwargs)
             if start == 0:  # the first run tells how many denoiser calls a trajectory takes
                 keep = stride_filter(recorder.calls_per_run, calib_steps)
                 recorder.drop_rows(keep)
                 recorder.keep_step = keep
                 logger.info("sampler makes %d denoiser calls per trajectory", recorder.calls_per_run)
-            bar.update(count)
     bar.close()
     calib = recorder.result()
     if samples_per_step is not None:

@@ -31,6 +31,7 @@ from ..prepare import act_quantizers, handle, quant_layers, weight_quantizers
 from .common import autocast, frozen_quantized_weights, output_tensor, trainable_only
 from .data import CalibrationSet
 from .row_adam import RowAdam
+from .timing import StepClock
 
 logger = logging.getLogger(__name__)
 
@@ -307,6 +308,7 @@ def finetune(
     losses: list[torch.Tensor] = []  # kept on the device: no host sync per step
     last_visit = -1
     bar = tqdm(plan, desc=desc, unit="step", disable=not progress)
+    clock = StepClock(desc, len(plan))
     with contextlib.closing(_Forwards(model, calib, objective, device, use_autocast, cache_teacher)) as f, \
             trainable_only(model, weights + scales), frozen_quantized_weights(model, objective.weight_layers), \
             torch.enable_grad():
@@ -325,6 +327,8 @@ def finetune(
             if scale_opt is not None:
                 scale_opt.step(batch.rows)
             losses.append(loss.detach())
+            clock.tick(step, device)
             if progress and step % 25 == 0:
                 bar.set_postfix(loss=f"{float(losses[-1]):.4g}")
+    clock.done()
     return torch.stack(losses).tolist() if losses else []

@@ -2,15 +2,36 @@
 against the FP samples of the same seeds, class accuracy, reports, and per-sample-seeded sampling.
 
 Inception-v3 FID and CLIP score with user-supplied weights live in ``questdiff.eval.standard``; the
-``questdiff eval`` command in ``questdiff.eval.cli``.
+``questdiff eval`` command in ``questdiff.eval.cli``. The names below are imported on first use: torchmetrics and
+scipy load only when a metric is computed, not when the command line starts.
 """
-from .accuracy import class_accuracy
-from .feature_net import FeatureNet
-from .features import FeatureSet, extract_features, feature_label, validate_images
-from .fidelity import feature_distance, fidelity_metrics, psnr, ssim
-from .generative import frechet_distance, generative_metrics, inception_score, kernel_distance
-from .report import make_grid, save_grid, save_side_by_side, write_metrics_json
-from .sampling import class_labels, generate
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_ATTRIBUTES = {
+    "class_accuracy": "accuracy",
+    "FeatureNet": "feature_net",
+    "FeatureSet": "features",
+    "extract_features": "features",
+    "feature_label": "features",
+    "validate_images": "features",
+    "feature_distance": "fidelity",
+    "fidelity_metrics": "fidelity",
+    "psnr": "fidelity",
+    "ssim": "fidelity",
+    "frechet_distance": "generative",
+    "generative_metrics": "generative",
+    "inception_score": "generative",
+    "kernel_distance": "generative",
+    "make_grid": "report",
+    "save_grid": "report",
+    "save_side_by_side": "report",
+    "write_metrics_json": "report",
+    "class_labels": "sampling",
+    "generate": "sampling",
+}
 
 __all__ = [
     "FeatureNet",
@@ -34,3 +55,24 @@ __all__ = [
     "validate_images",
     "write_metrics_json",
 ]
+
+if TYPE_CHECKING:
+    from .accuracy import class_accuracy
+    from .feature_net import FeatureNet
+    from .features import FeatureSet, extract_features, feature_label, validate_images
+    from .fidelity import feature_distance, fidelity_metrics, psnr, ssim
+    from .generative import frechet_distance, generative_metrics, inception_score, kernel_distance
+    from .report import make_grid, save_grid, save_side_by_side, write_metrics_json
+    from .sampling import class_labels, generate
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _ATTRIBUTES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_ATTRIBUTES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

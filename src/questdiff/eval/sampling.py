@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..pipelines import as_image_tensor, call_kwargs, is_class_conditional
+from ..pipelines import IMAGE_BAR_FORMAT, as_image_tensor, call_kwargs, is_class_conditional, step_progress
 
 
 def class_labels(pipe: Any, num_images: int, num_classes: int = 10) -> torch.Tensor | None:
@@ -30,7 +30,8 @@ def generate(
     desc: str = "sampling",
     **extra: Any,
 ) -> torch.Tensor:
-    """Sample ``num_images`` images from a diffusers-style pipeline in batches, with a progress bar.
+    """Sample ``num_images`` images from a diffusers-style pipeline in batches, with a progress bar that moves at
+    every sampler step.
 
     ``None`` settings mean the pipeline's defaults. Class-conditional pipelines get class ``i % 10`` and
     text-conditioned ones ``prompts[i % len(prompts)]`` for sample ``i``; ``extra`` goes to every call as is.
@@ -39,7 +40,7 @@ def generate(
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
     chunks = []
-    with tqdm(total=num_images, desc=desc, unit="img") as bar:
+    with tqdm(total=num_images, desc=desc, unit="img", bar_format=IMAGE_BAR_FORMAT) as bar:
         for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
             kwargs = call_kwargs(
@@ -47,6 +48,6 @@ def generate(
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, prompts=prompts,
                 output_type="pt", extra=extra,
             )
-            chunks.append(as_image_tensor(pipe(**kwargs).images))
-            bar.update(count)
+            with step_progress(pipe, bar, count):
+                chunks.append(as_image_tensor(pipe(**kwargs).images))
     return torch.cat(chunks)

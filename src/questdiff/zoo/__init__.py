@@ -7,17 +7,47 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import torch
-from diffusers import DiffusionPipeline
-
-from .loading import PIPELINE_CLASSES, ZooWeightsError, check_weights, load_feature_net_from, load_pipeline
-from .pipelines import ClassConditionalDiTPipeline, ClassConditionalLDMPipeline, ClassEmbedder, LatentDiffusionPipeline, PixelDiffusionPipeline
 from .registry import FEATURES, SPECS, SamplerDefaults, ZooEntry, entry, get_spec, is_shipped, weights_dir
 
 if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
+
     from ..eval.feature_net import FeatureNet
+    from .loading import PIPELINE_CLASSES, ZooWeightsError, check_weights, load_pipeline
+    from .pipelines import (
+        ClassConditionalDiTPipeline,
+        ClassConditionalLDMPipeline,
+        ClassEmbedder,
+        LatentDiffusionPipeline,
+        PixelDiffusionPipeline,
+    )
+
+# loaded on first use (they import diffusers' pipelines): `questdiff zoo list` needs only the registry
+_LAZY = {
+    "PIPELINE_CLASSES": "loading",
+    "ZooWeightsError": "loading",
+    "check_weights": "loading",
+    "load_feature_net_from": "loading",
+    "load_pipeline": "loading",
+    "ClassConditionalDiTPipeline": "pipelines",
+    "ClassConditionalLDMPipeline": "pipelines",
+    "ClassEmbedder": "pipelines",
+    "LatentDiffusionPipeline": "pipelines",
+    "PixelDiffusionPipeline": "pipelines",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -61,6 +91,8 @@ def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype
     spec = get_spec(name)
     if spec.kind == FEATURES:
         raise ValueError(f"{name!r} is a feature network, not a pipeline; use questdiff.zoo.load_feature_net({name!r})")
+    from .loading import load_pipeline
+
     return load_pipeline(weights_dir(name), spec.kind, device, dtype)
 
 
@@ -72,4 +104,6 @@ def load_feature_net(name: str = "fmnist-features", device: str | torch.device |
     spec = get_spec(name)
     if spec.kind != FEATURES:
         raise ValueError(f"{name!r} is a diffusion pipeline, not a feature network; use questdiff.zoo.load({name!r})")
+    from .loading import load_feature_net_from
+
     return load_feature_net_from(weights_dir(name), device)

@@ -125,7 +125,10 @@ def _class_labels(class_labels: Sequence[int] | torch.Tensor | None, batch_size:
     if class_labels is None:
         labels = torch.arange(1 if batch_size is None else batch_size) % num_classes
     else:
-        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        given = torch.as_tensor(class_labels).reshape(-1)
+        if given.is_floating_point() and not bool((given == given.round()).all()):
+            raise ValueError(f"class_labels must be whole class indices, got {class_labels!r}")
+        labels = given.long()
         if batch_size is not None and batch_size != labels.numel():
             raise ValueError(f"batch_size={batch_size} but {labels.numel()} class_labels were given; pass one")
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):

@@ -1,0 +1,172 @@
+"""What the ``questdiff`` commands share: a parser that shows every default, adds a command's options only when
+that command runs (so ``questdiff --help`` imports nothing heavy) and reports a bad option in one line; option
+types that refuse bad values while parsing; and ``run_command``, which turns every failure into one line
+``questdiff <command>: error: ...`` (exit code 2 for bad input, 1 for anything else, 130 for Ctrl-C).
+
+Nothing here imports torch or diffusers at module level.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import math
+import sys
+from typing import Any, Callable, NoReturn
+
+logger = logging.getLogger("questdiff")
+
+USAGE_ERROR, FAILURE, INTERRUPTED = 2, 1, 130
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` to every option; an option whose default is ``None`` says in its own help what
+    it falls back to (``default: the pipeline's``), so it is not shown as ``None``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose options are added by ``add_arguments(parser)`` on first use (parsing or help),
+    and whose errors are one line ``<prog>: error: <message>`` (exit code 2), without the usage block."""
+
+    def __init__(self, *args: Any, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._add_arguments = add_arguments
+
+    def _populate(self) -> None:
+        if self._add_arguments is not None:
+            add, self._add_arguments = self._add_arguments, None
+            add(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        self._populate()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._populate()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._populate()
+        return super().format_usage()
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# -- option types: argparse reports "argument --name: <message>" --------------------------------------------------
+def _number(text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = _number(text, float)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def folder(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string (use . for the current folder)")
+    return text
+
+
+# -- quantized checkpoints given as --quantized ----------------------------------------------------------------------
+def _missing_key(path: str, err: KeyError) -> ValueError:
+    from .checkpoint import CONFIG_NAME
+
+    return ValueError(f"--quantized {path}: {CONFIG_NAME} has no {err} entry (edited by hand or written by another "
+                      "questdiff version); quantize the model again")
+
+
+def checkpoint_label(path: str) -> str:
+    """The preset name of the checkpoint in ``--quantized``: read before any model loads, so a wrong folder fails
+    first."""
+    from .checkpoint import read_metadata
+
+    try:
+        return read_metadata(path)["quant_config"].get("name") or "quantized"
+    except KeyError as err:
+        raise _missing_key(path, err) from None
+    except (ValueError, OSError) as err:
+        raise ValueError(f"--quantized {path}: {err}") from None
+
+
+def load_quantized(path: str, base: Any) -> Any:
+    """``questdiff.load(path, base)`` with a malformed ``questdiff.json`` reported as a one-line ``ValueError``."""
+    from . import load
+
+    try:
+        return load(path, base=base)
+    except KeyError as err:
+        raise _missing_key(path, err) from None
+
+
+# -- running a command ---------------------------------------------------------------------------------------------
+class Interrupted(Exception):
+    """Raised by a command to replace the generic Ctrl-C message with one that says what was kept."""
+
+
+def _describe(err: BaseException) -> tuple[str, int]:
+    """One line and the exit code for an exception that ended a command."""
+    from safetensors import SafetensorError
+
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+    if isinstance(err, SafetensorError):
+        full = full or "No space left" in text or "StorageFull" in text
+        if not full:
+            return f"could not read or write a safetensors file ({text})", USAGE_ERROR
+    if full:
+        where = f" while writing {err.filename}" if isinstance(err, OSError) and err.filename else ""
+        return f"the disk is full{where}; free some space or choose another --out folder", USAGE_ERROR
+    if isinstance(err, (ValueError, OSError, ImportError)):
+        return text, USAGE_ERROR
+    return f"{type(err).__name__}: {text} (run with -v for the traceback)", FAILURE
+
+
+def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+                verbose: bool = False) -> int:
+    """``command(args)`` with every failure reported as one line ``<prog>: error: ...`` on stderr.
+
+    Exit codes: 2 for bad input and environment (``ValueError``, ``OSError``, ``ImportError``, a full disk), 1 for
+    anything else (with ``verbose`` its traceback is raised instead), 130 for Ctrl-C."""
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except Interrupted as note:
+        print(f"{prog}: interrupted: {note}", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - the command line reports every failure in one line
+        message, code = _describe(err)
+        if verbose and code == FAILURE:
+            raise
+        logger.debug("%s failed", prog, exc_info=True)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return code
