@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from questdiff.zoo.architectures import build_class_embedder, build_cond_unet, build_scheduler, build_vae
-from questdiff.zoo.pipelines import ClassConditionalLDMPipeline
+from questdiff.zoo.pipelines import ClassConditionalLDMPipeline, _class_labels
 
 
 @pytest.fixture(scope="module")
@@ -23,5 +23,5 @@ def test_fractional_class_labels_are_refused(pipe, labels) -> None:
         pipe(class_labels=labels, num_inference_steps=1, output_type="pt")
 
 
-def test_whole_float_labels_are_classes(pipe) -> None:
-    torch.testing.assert_close(pipe._labels([3.0, 1], None), torch.tensor([3, 1]))
+def test_whole_float_labels_are_classes() -> None:
+    torch.testing.assert_close(_class_labels([3.0, 1], None, 10, torch.device("cpu")), torch.tensor([3, 1]))
