@@ -30,6 +30,7 @@ from .cli_common import (
     non_negative_int,
     positive_int,
     run_command,
+    table,
 )
 from .io_utils import atomic_write_text, ensure_writable_dir, output_dir
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("questdiff")
 
-SUBCOMMAND_MODULES = ("questdiff.eval.cli", "questdiff.zoo.cli")  # each has register(subparsers)
+SUBCOMMAND_MODULES = ("questdiff.convert_cli", "questdiff.eval.cli", "questdiff.zoo.cli")  # each has register(subparsers)
 
 
 # -- checks that need no model -------------------------------------------------------------------------------------
@@ -170,7 +171,9 @@ def next_commands(args: argparse.Namespace, out: Path, model_name: str, zoo_mode
     model = ["--model", args.model] if args.model is not None else []
     device = ["--device", args.device] if args.device is not None else []
     commands = [_command_line("questdiff", "sample", *model, "--quantized", str(out), *device,
-                              "--out", str(out / "samples"))]
+                              "--out", str(out / "samples")),
+                _command_line("questdiff", "convert", *model, "--quantized", str(out), *device,
+                              "--out", str(out / "deployed"))]
     if zoo_model:  # `questdiff eval` measures zoo models against their dataset
         commands.append(_command_line("questdiff", "eval", *(["--model", model_name] if args.model else []),
                                       "--quantized", str(out), *device, "--out", str(out / "eval")))
@@ -251,7 +254,7 @@ def _quantize(args: argparse.Namespace, config: Any, options: dict[str, Any], pr
     }
     commands = next_commands(args, out, name, zoo_model=name in {e.name for e in zoo.list_models()})
     atomic_write_text(out / "summary.json", json.dumps({**summary, "next": commands}, indent=2))
-    print("questdiff quantize: done\n" + _table(list(summary.items())) + "\nnext:\n" +
+    print("questdiff quantize: done\n" + table(list(summary.items())) + "\nnext:\n" +
           "\n".join(f"  {c}" for c in commands))
     return 0
 
@@ -300,13 +303,8 @@ def _sample(args: argparse.Namespace, prompts: list[str] | None, device: torch.d
         "grid": str(grid),
         "wall time": f"{time.perf_counter() - start:.1f} s",
     }
-    print("questdiff sample: done\n" + _table(list(summary.items())))
+    print("questdiff sample: done\n" + table(list(summary.items())))
     return 0
-
-
-def _table(rows: list[tuple[str, Any]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 # -- parser --------------------------------------------------------------------------------------------------------
@@ -348,7 +346,8 @@ def _sample_args(s: argparse.ArgumentParser) -> None:
 
     _model_args(s)
     s.add_argument("--quantized", default=None,
-                   help="folder written by 'questdiff quantize' (default: none, the full-precision model is sampled)")
+                   help="folder written by 'questdiff quantize' or 'questdiff convert' (default: none, the full-precision model "
+                        "is sampled)")
     s.add_argument("--num-images", type=positive_int, default=16, help="images to sample")
     s.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the pipeline's)")
     s.add_argument("--guidance", type=finite_float, default=None, help="CFG scale (default: the pipeline's)")

@@ -104,12 +104,15 @@ def _missing_key(path: str, err: KeyError) -> ValueError:
 
 
 def checkpoint_label(path: str) -> str:
-    """The preset name of the checkpoint in ``--quantized``: read before any model loads, so a wrong folder fails
-    first."""
+    """The preset name of the checkpoint in ``--quantized`` (a fake-quant folder from ``questdiff quantize`` or a
+    deployed one from ``questdiff convert``): read before any model loads, so a wrong folder fails first."""
     from .checkpoint import read_metadata
+    from .deploy.checkpoint import is_deployed_checkpoint, read_deployed_metadata
 
+    deployed = is_deployed_checkpoint(path)
     try:
-        return read_metadata(path)["quant_config"].get("name") or "quantized"
+        meta = read_deployed_metadata(path, verify=False) if deployed else read_metadata(path)
+        return (meta["quant_config"].get("name") or "quantized") + (" deployed" if deployed else "")
     except KeyError as err:
         raise _missing_key(path, err) from None
     except (ValueError, OSError) as err:
@@ -117,13 +120,25 @@ def checkpoint_label(path: str) -> str:
 
 
 def load_quantized(path: str, base: Any) -> Any:
-    """``questdiff.load(path, base)`` with a malformed ``questdiff.json`` reported as a one-line ``ValueError``."""
+    """The denoiser in ``--quantized``: ``questdiff.load(path, base)`` for a fake-quant folder, or
+    ``questdiff.load_deployed`` (on ``base``'s device; ``base``'s weights unused) for a deployed one; a malformed
+    json is reported as a one-line ``ValueError``."""
     from . import load
+    from .deploy import is_deployed_checkpoint, load_deployed
 
     try:
+        if is_deployed_checkpoint(path):
+            device = next(base.parameters()).device
+            return load_deployed(path, device=device)
         return load(path, base=base)
     except KeyError as err:
         raise _missing_key(path, err) from None
+
+
+def table(rows: list[tuple[str, Any]]) -> str:
+    """Aligned ``key  value`` lines of a command's summary."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 # -- running a command ---------------------------------------------------------------------------------------------
