@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..kernels import ops
+from ..nn.attention import attention_frame
 from .layers import BACKENDS, Backend
 from .operand import ActTable
 
@@ -53,27 +54,10 @@ class DeployedAttnProcessor(nn.Module):
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch_size, sequence_length, _ = context.shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        return attention_frame(attn, hidden_states, encoder_hidden_states, attention_mask, temb, self._core)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
+    def _core(self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None) -> torch.Tensor:
         heads = attn.heads
         q, k, v = (t.view(t.shape[0], t.shape[1], heads, t.shape[2] // heads) for t in (query, key, value))
         if getattr(attn, "norm_q", None) is not None:
@@ -84,14 +68,7 @@ class DeployedAttnProcessor(nn.Module):
             out = self._kernel(q, k, v, attn.scale)
         else:
             out = self._simulated(q, k, v, attn.scale, attention_mask, heads)
-        hidden_states = out.reshape(out.shape[0], out.shape[1], -1).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return out.reshape(out.shape[0], out.shape[1], -1).to(query.dtype)
 
     def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
         use_triton = ops.triton_runs_on(q.device, self.backend)

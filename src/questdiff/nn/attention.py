@@ -86,27 +86,10 @@ class QuantAttnProcessor(nn.Module):
         temb: torch.Tensor | None,
     ) -> torch.Tensor:
         """diffusers' ``AttnProcessor`` math with quantizers on the matmul operands."""
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch_size, sequence_length, _ = context.shape
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        return attention_frame(attn, hidden_states, encoder_hidden_states, attention_mask, temb, self._core)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
+    def _core(self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None) -> torch.Tensor:
         query = attn.head_to_batch_dim(query)
         key = attn.head_to_batch_dim(key)
         value = attn.head_to_batch_dim(value)
@@ -124,14 +107,46 @@ class QuantAttnProcessor(nn.Module):
             hidden_states = checkpoint(_attend, attn, query, key, value, attention_mask, quantizers, use_reentrant=False)
         else:
             hidden_states = _attend(attn, query, key, value, attention_mask, quantizers)
-        hidden_states = attn.batch_to_head_dim(hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return attn.batch_to_head_dim(hidden_states)
+
+
+Core = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def attention_frame(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                    attention_mask: torch.Tensor | None, temb: torch.Tensor | None, core: Core) -> torch.Tensor:
+    """diffusers' ``AttnProcessor`` around ``core(attn, query, key, value, attention_mask)``: the norms, the q/k/v
+    projections (``[B, tokens, heads * head_dim]``), the output projection, residual and rescale. ``core`` returns
+    the attended values in the projections' layout; the fake-quant and the deployed processors differ only there."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    batch_size, sequence_length, _ = context.shape
+    attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+
+    hidden_states = core(attn, query, key, value, attention_mask)
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if input_ndim == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
 
 
 def _attend(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
