@@ -35,9 +35,7 @@ def _check_backend(model: nn.Module, backend: Backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
     if backend == "triton":
-        device = next((b.device for b in model.buffers()), torch.device("cpu"))
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else device
+        device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
         if not ops.triton_runs_on(device, backend):
             raise ValueError(f"backend='triton' needs a CUDA device and the triton package (the model is on {device}); "
                              "move the model to a GPU, or use backend='auto' (Triton on GPU, reference elsewhere)")
@@ -196,6 +194,6 @@ def convert(model: nn.Module, backend: Backend = "auto") -> nn.Module:
         warnings.warn(f"{len(simulated)} layers have no low-bit kernel for their quantization grids and run "
                       f"simulated (exact, not faster): {', '.join(simulated[:8])}{' ...' if len(simulated) > 8 else ''}",
                       stacklevel=2)
-    logger.info("converted %s: %d layers, %d simulated", type(model).__name__, len(quant_layers(model)) or
-                sum(isinstance(m, DeployedLayer) for m in model.modules()), len(simulated))
+    logger.info("converted %s: %d deployed layers, %d simulated, %d kept fake-quant", type(model).__name__,
+                sum(isinstance(m, DeployedLayer) for m in model.modules()), len(simulated), len(kept))
     return model
