@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -45,7 +47,8 @@ def make_quantized():
 def deployed_pair():
     """``(fake_quant, deployed)`` twins of a tiny model at a preset."""
 
-    def make(build, preset):  # quantization is deterministic: the second model is the first one's twin
-        return quantize_tiny(build, preset), qd.convert(quantize_tiny(build, preset))
+    def make(build, preset):
+        fake = quantize_tiny(build, preset)
+        return fake, qd.convert(copy.deepcopy(fake))  # a deep copy routes its own timesteps (DESIGN §3)
 
     return make
