@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import checkpoint, pipelines
+from . import checkpoint, distributed, launch, pipelines
 from .io_utils import atomic_write_text, ensure_writable_dir
 from .loading import default_device, load_pipeline
 
@@ -89,7 +89,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = ensure_writable_dir(args.out)
     pipe, name = load_pipeline(args.model, device)
     calib_path = out / "calibration.safetensors"
-    if calib_path.is_file() and not args.recollect:
+    if distributed.on_main(lambda: calib_path.is_file() and not args.recollect):
         calib = CalibrationSet.load(calib_path)
         logger.info("reusing calibration data %s (%d rows); --recollect to sample again", calib_path, len(calib))
     else:
@@ -104,11 +104,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance,
             prompts=_read_prompts(args.prompts),
         )
-        calib.save(calib_path)
+        distributed.on_main(lambda: calib.save(calib_path))
     unet = pipelines.denoiser_of(pipe)
     quantize(unet, args.preset, calib, args.method, device=device, batch_size=args.batch_size, work_dir=out / "work",
              seed=args.seed, **options)
-    checkpoint.save(unet, out)
+    distributed.on_main(lambda: checkpoint.save(unet, out))
     h = handle(unet)
     fp_mib, packed_mib = _packed_size_mib(unet)
     summary = {
@@ -124,8 +124,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "wall time": f"{time.perf_counter() - start:.1f} s",
         "output": str(out),
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    print("questdiff quantize: done\n" + _table(list(summary.items())))
+    if distributed.is_main():
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        print("questdiff quantize: done\n" + _table(list(summary.items())))
     return 0
 
 
@@ -191,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TLA/CMA batch order (default 'shuffled', one timestep per step as in the paper; 'mixed' puts "
                         "every timestep in each step: the same rows and epochs in far fewer steps, for GPUs)")
     q.add_argument("--out", default="runs/quantized", help="output folder (checkpoint, calibration data, stage checkpoints)")
+    launch.add_argument(q)
     q.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("sample", help="sample images from an FP or quantized pipeline")
@@ -214,12 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        if launch.requested(args):  # --nproc N: the same command on N ranks under torchrun
+            return launch.run_torchrun(argv, args.nproc)
+        with launch.rank_context(args):
+            return args.func(args)
     except (ValueError, FileNotFoundError, PermissionError, OSError, ImportError) as err:
-        print(f"questdiff {args.command}: error: {err}", file=sys.stderr)
+        print(f"questdiff {args.command}: error{launch.rank_prefix()}: {err}", file=sys.stderr)
         return 2
 
 

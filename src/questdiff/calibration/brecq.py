@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..config import check_types
 from ..nn import QuantLayerMixin
 from ..nn.adaround import AdaRoundQuantizer
@@ -293,14 +294,21 @@ def reconstruct_unit(
         warm = config.adaround.warmup * config.iters
         with trainable_only(unit, alphas), torch.enable_grad():
             for step in range(config.iters):
-                index = _batch_index(step, config, inputs.count, g)
-                rec = reconstruction_loss(_unit_forward(unit, inputs, index, device), targets.take(index, device))
-                loss = rec
+                # this rank's block of the batch (all of it in one process); gradients are summed over ranks
+                index, weight = distributed.batch_share(_batch_index(step, config, inputs.count, g))
+                loss = None
+                if len(index):
+                    loss = reconstruction_loss(_unit_forward(unit, inputs, index, device), targets.take(index, device))
+                    if weight != 1.0:
+                        loss = loss * weight
                 if step >= warm and config.adaround.reg_weight > 0:
                     beta = beta_at(step, config.iters, config.adaround)
-                    loss = rec + config.adaround.reg_weight * rounding_regularizer(quantizers, beta)
+                    reg = config.adaround.reg_weight * distributed.replicated(rounding_regularizer(quantizers, beta))
+                    loss = reg if loss is None else loss + reg
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if loss is not None:
+                    loss.backward()
+                distributed.reduce_gradients(alphas)
                 optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .. import zoo
+from .. import distributed, launch, zoo
 from ..io_utils import ensure_writable_dir
 from ..pipelines import denoiser_of, quiet, set_denoiser
 from ..zoo import data as zoo_data
@@ -65,6 +65,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "eval", help="FID/sFID/IS/KID, PSNR/SSIM vs FP and class accuracy of a zoo model", description=DESCRIPTION
     )
     add_arguments(parser)
+    launch.add_argument(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -134,6 +135,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if quantized is not None:
         set_denoiser(pipe, quantized)
         images["quantized"] = generate(pipe, desc="quantized samples", **sample)
+    if not distributed.is_main():  # every rank sampled its share; rank 0 has all images and does the rest
+        return {}
 
     metrics: dict[str, Any] = {
         "model": args.model,

@@ -1,0 +1,128 @@
+"""Jobs the distributed tests run on two gloo ranks (``ranks.run_ranks``) and in the test's own process, to compare:
+calibration collection, one BRECQ unit, TLA + CMA steps, evaluation sampling and ``questdiff eval``."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from builders import ddim_pipeline, tiny_unet2d
+
+import questdiff as qd
+from questdiff.calibration import BrecqConfig, CalibrationSet, CMAConfig, TLAConfig
+from questdiff.calibration.activations import init_activations
+from questdiff.calibration.brecq import capture, reconstruct_unit
+from questdiff.calibration.cma import run_cma
+from questdiff.calibration.tla import run_tla
+from questdiff.calibration.weights import init_weights
+from questdiff.config import preset
+from questdiff.nn.adaround import AdaRoundQuantizer
+from questdiff.prepare import prepare, quant_state
+from questdiff.timestep import TimestepSchedule
+
+CPU = torch.device("cpu")
+
+
+def _count_rows(model: torch.nn.Module) -> list[int]:
+    """A list that counts the rows ``model`` runs from now on (its first argument's batch sizes)."""
+    count = [0]
+    model.register_forward_pre_hook(lambda _m, args, kwargs: count.__setitem__(0, count[0] + (args or [*kwargs.values()])[0].shape[0]),
+                                    with_kwargs=True)
+    return count
+
+
+def collect(**kwargs: Any) -> dict[str, Any]:
+    """``collect_calibration`` of the tiny DDIM pipeline: its rows, steps and digest, and the denoiser rows this
+    process ran."""
+    pipe = ddim_pipeline()
+    ran = _count_rows(pipe.unet)
+    calib = qd.collect_calibration(pipe, progress=False, **kwargs)
+    return {"inputs": calib.inputs, "steps": calib.steps, "digest": calib.digest(), "shape": calib.timestep_shape,
+            "rows_run": ran[0]}
+
+
+def _prepared(calib: CalibrationSet, name: str = "W4A8") -> torch.nn.Module:
+    unet = tiny_unet2d()
+    prepare(unet, preset(name), TimestepSchedule.from_timesteps(calib.timesteps))
+    init_weights(unet)
+    return unet
+
+
+def brecq_unit(calib: CalibrationSet, unit_name: str, config: BrecqConfig) -> dict[str, Any]:
+    """AdaRound of one unit of the tiny UNet: its soft ``alpha``s just before hardening and its losses."""
+    unet = _prepared(calib)
+    unit = unet.get_submodule(unit_name)
+    rows = [torch.arange(len(calib))]
+    kwargs = {"device": CPU, "batch_size": 16, "storage": CPU}
+    alphas: list[torch.Tensor] = []
+    harden = AdaRoundQuantizer.harden
+
+    def spy(q: AdaRoundQuantizer) -> None:
+        alphas.append(q.alpha.detach().clone())
+        harden(q)
+
+    AdaRoundQuantizer.harden = spy  # (this process only; the test's own run patches it with monkeypatch)
+    try:
+        with quant_state(unet, weight=True, act=False):
+            inputs = capture(unet, unit, calib, rows, what="input", **kwargs)
+            with quant_state(unet, weight=False, act=False):
+                targets = capture(unet, unit, calib, rows, what="output", **kwargs)
+            result = reconstruct_unit(unit, inputs, targets, config, device=CPU, seed=3, name=unit_name)
+    finally:
+        AdaRoundQuantizer.harden = harden
+    return {"alphas": alphas, "rtn_loss": result.rtn_loss, "loss": result.loss}
+
+
+def finetune(calib: CalibrationSet, tla: TLAConfig, cma: CMAConfig) -> dict[str, Any]:
+    """TLA then CMA on the W4A8 tiny UNet after RTN init: the per-step losses and the trained state."""
+    unet = _prepared(calib)
+    init_activations(unet, calib, device=CPU, progress=False)
+    tla_result = run_tla(unet, calib, tla, device=CPU, progress=False, seed=1)
+    cma_result = run_cma(unet, calib, cma, device=CPU, progress=False, seed=2)
+    return {"tla": tla_result.losses, "cma": cma_result.losses, "state": unet.state_dict()}
+
+
+def sample(**kwargs: Any) -> torch.Tensor:
+    """``eval.sampling.generate`` on the tiny DDIM pipeline."""
+    from questdiff.eval.sampling import generate
+
+    return generate(ddim_pipeline(), desc="test", **kwargs)
+
+
+def install_tiny_zoo(feature_net: torch.nn.Module, real: torch.Tensor,
+                     setattr_: Callable[[Any, str, Any], None] = setattr) -> None:
+    """Stand-ins for the zoo (a tiny random class-conditional pipeline, ``feature_net``, ``real`` as the test set
+    ``[N, H, W]`` uint8, and a perturbed copy of the FP denoiser as the quantized one) for ``questdiff eval``."""
+    from questdiff import zoo
+    from questdiff.zoo import data as zoo_data
+    from questdiff.zoo.architectures import build_class_embedder, build_cond_unet, build_scheduler, build_vae
+    from questdiff.zoo.pipelines import ClassConditionalLDMPipeline
+
+    def load(name: str, device: Any = None) -> Any:
+        torch.manual_seed(0)
+        pipe = ClassConditionalLDMPipeline(vae=build_vae(tiny=True), unet=build_cond_unet(tiny=True),
+                                           class_embedder=build_class_embedder(tiny=True), scheduler=build_scheduler("ldm"))
+        return pipe.to(device)
+
+    def load_quantized(directory: str, base: torch.nn.Module) -> torch.nn.Module:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in base.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+        return base
+
+    setattr_(zoo, "load", load)
+    setattr_(zoo, "load_feature_net", lambda name, device=None: feature_net)
+    setattr_(zoo_data, "load_split", lambda name, split="train", data_dir=None: (real, torch.arange(len(real)) % 10))
+    setattr_(qd, "load", load_quantized)
+
+
+def evaluate(feature_net: torch.nn.Module, real: torch.Tensor, argv: list[str]) -> dict[str, Any]:
+    """``questdiff eval argv`` with the tiny zoo: the metrics (rank 0; ``{}`` elsewhere)."""
+    from questdiff.eval import cli
+
+    install_tiny_zoo(feature_net, real)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return cli.evaluate(parser.parse_args(argv))
