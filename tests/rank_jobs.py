@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from builders import ddim_pipeline, tiny_unet2d
 
 import questdiff as qd
+from questdiff import distributed
 from questdiff.calibration import BrecqConfig, CalibrationSet, CMAConfig, TLAConfig
 from questdiff.calibration.activations import init_activations
 from questdiff.calibration.brecq import capture, reconstruct_unit
 from questdiff.calibration.cma import run_cma
+from questdiff.calibration.finetune import Batch, _Forwards
 from questdiff.calibration.tla import run_tla
 from questdiff.calibration.weights import init_weights
 from questdiff.config import preset
@@ -22,6 +25,7 @@ from questdiff.prepare import prepare, quant_state
 from questdiff.timestep import TimestepSchedule
 
 CPU = torch.device("cpu")
+LOSS = _Forwards.loss
 
 
 def _count_rows(model: torch.nn.Module) -> list[int]:
@@ -62,32 +66,66 @@ def brecq_unit(calib: CalibrationSet, unit_name: str, config: BrecqConfig) -> di
         alphas.append(q.alpha.detach().clone())
         harden(q)
 
-    AdaRoundQuantizer.harden = spy  # (this process only; the test's own run patches it with monkeypatch)
+    AdaRoundQuantizer.harden = spy
     try:
         with quant_state(unet, weight=True, act=False):
             inputs = capture(unet, unit, calib, rows, what="input", **kwargs)
             with quant_state(unet, weight=False, act=False):
                 targets = capture(unet, unit, calib, rows, what="output", **kwargs)
+            ran = _count_rows(unit)
             result = reconstruct_unit(unit, inputs, targets, config, device=CPU, seed=3, name=unit_name)
     finally:
         AdaRoundQuantizer.harden = harden
-    return {"alphas": alphas, "rtn_loss": result.rtn_loss, "loss": result.loss}
+    return {"alphas": alphas, "rtn_loss": result.rtn_loss, "loss": result.loss, "rows_run": ran[0]}
 
 
-def finetune(calib: CalibrationSet, tla: TLAConfig, cma: CMAConfig) -> dict[str, Any]:
-    """TLA then CMA on the W4A8 tiny UNet after RTN init: the per-step losses and the trained state."""
+def blockwise_loss(world: int) -> Callable[[Any, Batch], torch.Tensor]:
+    """A ``finetune._Forwards.loss`` for one process that runs each batch as ``world`` ranks do: one forward per
+    rank's block (``distributed.shard``), the block losses weighted by their share and summed. The summed gradient
+    is then the one ``world`` ranks all-reduce, with the same floating-point operations."""
+    loss = _Forwards.loss
+
+    def blockwise(self: _Forwards, batch: Batch) -> torch.Tensor:
+        total = None
+        for r in range(world):
+            index = batch.index[distributed.shard(len(batch.index), r, world)]
+            if len(index):
+                term = loss(self, replace(batch, index=index))
+                term = term * (len(index) / len(batch.index)) if len(index) != len(batch.index) else term
+                total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    return blockwise
+
+
+def finetune(calib: CalibrationSet, tla: TLAConfig, cma: CMAConfig, blockwise: int | None = None) -> dict[str, Any]:
+    """TLA then CMA on the W4A8 tiny UNet after RTN init: the per-step losses, the trained state and the denoiser
+    rows this process ran. ``blockwise=N``: one process computing every batch as N ranks' blocks."""
+    if blockwise is not None:
+        _Forwards.loss = blockwise_loss(blockwise)
+    try:
+        return _finetune(calib, tla, cma)
+    finally:
+        _Forwards.loss = LOSS
+
+
+def _finetune(calib: CalibrationSet, tla: TLAConfig, cma: CMAConfig) -> dict[str, Any]:
     unet = _prepared(calib)
+    ran = _count_rows(unet)
     init_activations(unet, calib, device=CPU, progress=False)
     tla_result = run_tla(unet, calib, tla, device=CPU, progress=False, seed=1)
     cma_result = run_cma(unet, calib, cma, device=CPU, progress=False, seed=2)
-    return {"tla": tla_result.losses, "cma": cma_result.losses, "state": unet.state_dict()}
+    return {"tla": tla_result.losses, "cma": cma_result.losses, "state": unet.state_dict(), "rows_run": ran[0]}
 
 
-def sample(**kwargs: Any) -> torch.Tensor:
-    """``eval.sampling.generate`` on the tiny DDIM pipeline."""
+def sample(**kwargs: Any) -> dict[str, Any]:
+    """``eval.sampling.generate`` on the tiny DDIM pipeline: the images and the denoiser rows this process ran."""
     from questdiff.eval.sampling import generate
 
-    return generate(ddim_pipeline(), desc="test", **kwargs)
+    pipe = ddim_pipeline()
+    ran = _count_rows(pipe.unet)
+    return {"images": generate(pipe, desc="test", **kwargs), "rows_run": ran[0]}
 
 
 def install_tiny_zoo(feature_net: torch.nn.Module, real: torch.Tensor,

@@ -170,7 +170,8 @@ def replicated(loss: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_gradients(params: Sequence[torch.Tensor], loss: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Sum ``params``' gradients over ranks (one all-reduce) and return the summed ``loss`` (detached).
+    """Sum ``params``' gradients over ranks (one all-reduce) and return the summed ``loss`` (detached; a rank
+    without rows passes ``None``, which counts as 0).
 
     A parameter without a gradient on some rank (its rows were not in that rank's block) counts as zero there; one
     without a gradient on every rank keeps ``grad = None`` (optimizers skip it, as in one process). One process:
@@ -196,7 +197,7 @@ def reduce_gradients(params: Sequence[torch.Tensor], loss: torch.Tensor | None =
             else:
                 p.grad.copy_(summed)
         offset += p.numel()
-    return flat[0] if loss is not None else None
+    return flat[0]
 
 
 def sum_over_ranks(values: Iterable[float], device: torch.device | str = "cpu") -> list[float]:

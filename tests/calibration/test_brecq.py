@@ -4,11 +4,14 @@ from __future__ import annotations
 import math
 
 import pytest
+import rank_jobs
 import torch
 from builders import tiny_unet2d
+from ranks import run_ranks
 
 import questdiff as qd
 from questdiff.calibration import brecq
+from questdiff.calibration.adaround import AdaRoundConfig
 from questdiff.calibration.brecq import (
     BrecqConfig,
     _batch_index,
@@ -122,3 +125,20 @@ def test_units_with_two_streams_reconstruct_the_image_stream(tmp_path, name, blo
         with torch.no_grad():
             unit.ff.net[2].bias.add_(0.1)  # the image stream's feed-forward only
         assert unit_loss(unit, inputs, targets, device) > 1e-3
+
+
+def test_two_ranks_reconstruct_a_unit_as_one_process(calib):
+    # batches of 7 rows: rank 0 runs 3 of each, rank 1 the other 4; the regulariser is on after 3 of 12 iterations
+    config = BrecqConfig(iters=12, batch_size=7, lr=1e-2, adaround=AdaRoundConfig(warmup=0.25))
+    alone = rank_jobs.brecq_unit(calib, "down_blocks.1.resnets.0", config)
+    ranks = run_ranks(rank_jobs.brecq_unit, calib, "down_blocks.1.resnets.0", config)
+    evaluation = 2 * len(calib)  # the RTN and final unit losses run every row on every rank
+    assert alone["rows_run"] == evaluation + 12 * 7
+    assert [r["rows_run"] for r in ranks] == [evaluation + 12 * 3, evaluation + 12 * 4]  # each rank its block
+    assert len(alone["alphas"]) == 4
+    for a, b, c in zip(alone["alphas"], ranks[0]["alphas"], ranks[1]["alphas"]):
+        assert torch.equal(b, c)  # the replicas stay in step: every rank applies the same summed gradient
+        # one process sums the batch's 7 rows at once, two ranks 3 + 4: the same gradient up to addition order
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        assert torch.equal(b >= 0, a >= 0)  # the same rounding decisions
+    assert ranks[0]["loss"] == pytest.approx(alone["loss"], rel=1e-6)
