@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -164,3 +165,27 @@ def evaluate(feature_net: torch.nn.Module, real: torch.Tensor, argv: list[str]) 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     return cli.evaluate(parser.parse_args(argv))
+
+
+def quantize_twice(calib: CalibrationSet, work_dir: str) -> dict[str, Any]:
+    """RTN through ``quantize`` with a work dir, twice (the second run resumes): the stage reports, the stage files
+    this process wrote and the final state."""
+    from questdiff.calibration import methods
+
+    written: list[str] = []
+    save_state = methods.save_state
+
+    def spy(model: torch.nn.Module, path: Any) -> None:
+        written.append(Path(path).name)
+        save_state(model, path)
+
+    methods.save_state = spy
+    try:
+        reports = []
+        for _ in range(2):
+            unet = tiny_unet2d()
+            qd.quantize(unet, "W4A8", calib, "rtn", device="cpu", work_dir=work_dir, progress=False)
+            reports.append(qd.handle(unet).extra["report"])
+    finally:
+        methods.save_state = save_state
+    return {"reports": reports, "written": written, "state": unet.state_dict()}

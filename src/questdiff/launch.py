@@ -44,9 +44,25 @@ def requested(args: argparse.Namespace) -> bool:
 
 
 def torchrun_command(argv: Sequence[str], nproc: int) -> list[str]:
-    """The ``torchrun`` command line that runs ``questdiff <argv>`` on ``nproc`` local processes."""
+    """The ``torchrun`` command line that runs ``questdiff <argv>`` (less ``--nproc``, which torchrun's own parser
+    would take for ``--nproc-per-node``) on ``nproc`` local processes."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "questdiff.cli", *argv]
+            "-m", "questdiff.cli", *_without_nproc(argv)]
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N`` (or an abbreviation argparse accepted, e.g. ``--np``)."""
+    out: list[str] = []
+    skip = False
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(name) > 2 and "--nproc".startswith(name):
+            skip = "=" not in token
+        else:
+            out.append(token)
+    return out
 
 
 def run_torchrun(argv: Sequence[str], nproc: int) -> int:
