@@ -55,7 +55,8 @@ def _prepared(calib: CalibrationSet, name: str = "W4A8") -> torch.nn.Module:
 
 
 def brecq_unit(calib: CalibrationSet, unit_name: str, config: BrecqConfig) -> dict[str, Any]:
-    """AdaRound of one unit of the tiny UNet: its soft ``alpha``s just before hardening and its losses."""
+    """AdaRound of one unit of the tiny UNet: its captured inputs and targets, its soft ``alpha``s just before
+    hardening, its losses, and the rows this process ran through the denoiser (capture) and the unit (AdaRound)."""
     unet = _prepared(calib)
     unit = unet.get_submodule(unit_name)
     rows = [torch.arange(len(calib))]
@@ -68,6 +69,7 @@ def brecq_unit(calib: CalibrationSet, unit_name: str, config: BrecqConfig) -> di
         harden(q)
 
     AdaRoundQuantizer.harden = spy
+    captured = _count_rows(unet)
     try:
         with quant_state(unet, weight=True, act=False):
             inputs = capture(unet, unit, calib, rows, what="input", **kwargs)
@@ -77,7 +79,8 @@ def brecq_unit(calib: CalibrationSet, unit_name: str, config: BrecqConfig) -> di
             result = reconstruct_unit(unit, inputs, targets, config, device=CPU, seed=3, name=unit_name)
     finally:
         AdaRoundQuantizer.harden = harden
-    return {"alphas": alphas, "rtn_loss": result.rtn_loss, "loss": result.loss, "rows_run": ran[0]}
+    return {"alphas": alphas, "rtn_loss": result.rtn_loss, "loss": result.loss, "rows_run": ran[0],
+            "rows_captured": captured[0], "inputs": inputs.leaves, "targets": targets.leaves}
 
 
 def blockwise_loss(world: int) -> Callable[[Any, Batch], torch.Tensor]:

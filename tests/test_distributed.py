@@ -82,6 +82,17 @@ def test_two_ranks_sum_the_gradient_of_the_batch_mean_loss(batch):
         assert result["loss"] == pytest.approx(loss.item() + 2.0, rel=1e-6)
 
 
+def gathered_blocks(counts: list[int]) -> torch.Tensor:
+    block = torch.full((counts[distributed.rank()], 2), float(distributed.rank()))
+    return distributed.gather_blocks(block, counts)
+
+
+@pytest.mark.parametrize("counts", [[2, 3], [0, 3]])
+def test_gather_blocks_joins_uneven_blocks_in_rank_order(counts):
+    expected = torch.cat([torch.full((n, 2), float(r)) for r, n in enumerate(counts)])
+    assert all(torch.equal(result, expected) for result in run_ranks(gathered_blocks, counts))
+
+
 def failing_main_work() -> str:
     def work() -> None:
         raise ValueError("the output folder is full")

@@ -18,6 +18,7 @@ This module imports nothing from questdiff, so every layer may call it without a
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
 import os
 import pickle
@@ -108,6 +109,20 @@ def gather(obj: T) -> list[T]:
         return [obj]
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_blocks(block: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Every rank's block ``[counts[r], ...]`` of one tensor concatenated in rank order, on every rank (one
+    broadcast per rank into the result: no padding, no second copy). ``block`` in one process."""
+    if not active():
+        return block
+    offsets = [0, *itertools.accumulate(counts)]
+    out = block.new_empty((offsets[-1], *block.shape[1:]))
+    out[offsets[rank()] : offsets[rank() + 1]].copy_(block)
+    for r in range(world_size()):
+        if counts[r]:
+            dist.broadcast(out[offsets[r] : offsets[r + 1]], src=r)
     return out
 
 
