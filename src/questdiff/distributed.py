@@ -17,7 +17,6 @@ This module imports nothing from questdiff, so every layer may call it without a
 """
 from __future__ import annotations
 
-import datetime
 import itertools
 import logging
 import os
@@ -56,26 +55,26 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_env(timeout_s: float | None = None) -> bool:
+def init_from_env(cuda: bool | None = None) -> bool:
     """Join the process group ``torchrun`` describes in the environment; a no-op (False) outside one.
 
-    Each rank gets its node-local GPU (``LOCAL_RANK``) as the current CUDA device, so ``"cuda"`` means that GPU.
-    GPU tensors go through NCCL, CPU tensors and pickled objects through gloo.
+    With ``cuda`` (default: when a GPU is present) each rank gets its node-local GPU (``LOCAL_RANK``) as the current
+    CUDA device, so ``"cuda"`` means that GPU; GPU tensors go through NCCL, CPU tensors and pickled objects through
+    gloo. Without, everything goes through gloo.
     """
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return False
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed: run one process (no torchrun / --nproc)")
     backend = "gloo"
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if cuda is None else cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
             raise ValueError(f"torchrun started rank {local} on this node but it has {torch.cuda.device_count()} GPU(s): "
                              "use --nproc-per-node <= the GPU count")
         torch.cuda.set_device(local)
         backend = "cpu:gloo,cuda:nccl"
-    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
-    dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+    dist.init_process_group(backend=backend, init_method="env://")
     return True
 
 

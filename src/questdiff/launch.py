@@ -37,10 +37,15 @@ def requested(args: argparse.Namespace) -> bool:
         return False
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+    if _on_gpus(args) and nproc > torch.cuda.device_count():
         raise ValueError(f"--nproc {nproc} asks for more processes than the {torch.cuda.device_count()} GPU(s) here: "
                          "use at most one process per GPU")
     return nproc > 1
+
+
+def _on_gpus(args: argparse.Namespace) -> bool:
+    """Whether the command runs on GPUs (a GPU is present and ``--device`` does not say otherwise)."""
+    return torch.cuda.is_available() and not str(getattr(args, "device", None) or "cuda").startswith("cpu")
 
 
 def torchrun_command(argv: Sequence[str], nproc: int) -> list[str]:
@@ -90,7 +95,7 @@ def rank_context(args: argparse.Namespace) -> Iterator[None]:
     if device is not None and ":" in str(device):
         raise ValueError(f"--device {device} would put every rank on one GPU: pass --device cuda (each rank takes its "
                          "own GPU) or leave it out")
-    distributed.init_from_env()
+    distributed.init_from_env(cuda=_on_gpus(args))
     if not distributed.is_main():
         logging.getLogger().setLevel(logging.WARNING)
         warnings.filterwarnings("ignore")
