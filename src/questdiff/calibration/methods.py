@@ -1,11 +1,12 @@
 """Quantization methods as ordered, resumable stages.
 
 A method is a list of ``Stage(name, run)``; ``run(model, calib, ctx)`` fills parameters of a prepared model.
-With a ``work_dir`` every finished stage's state is saved by rank 0 (``work_dir/stages/<nn>-<name>.safetensors``) and a
-restarted run loads it instead of recomputing, so a killed calibration resumes where it stopped. Each saved stage
-carries a signature (base weights, calibration set, quantization config, seed, and the settings of it and every
-stage before it): resuming from a folder made with other settings is refused instead of silently mixing runs. Each
-stage logs its wall time and peak memory. New methods (QuEST) register more stages with ``register_method``.
+With a ``work_dir`` every finished stage's state is saved (``work_dir/stages/<nn>-<name>.safetensors``, by rank 0
+when several processes run) and a restarted run loads it instead of recomputing, so a killed calibration resumes
+where it stopped. Each saved stage carries a signature (base weights, calibration set, quantization config, seed,
+and the settings of it and every stage before it): resuming from a folder made with other settings is refused
+instead of silently mixing runs. Each stage logs its wall time and peak memory. New methods (QuEST) register more
+stages with ``register_method``.
 """
 from __future__ import annotations
 
