@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from builders import ddim_pipeline
 
@@ -89,3 +90,29 @@ def test_order_flag_reaches_both_finetuning_stages():
     assert _method_options(parser.parse_args(["quantize", "--method", "quest-tla", "--order", "mixed"])) == {"tla": {"order": "mixed"}}
     with pytest.raises(ValueError, match="--order does not apply to method 'rtn'"):
         _method_options(parser.parse_args(["quantize", "--method", "rtn", "--order", "mixed"]))
+
+
+def _tensors(path):
+    """(tensors, metadata) of a safetensors file (its header's key order varies from process to process)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        return load_file(str(path)), f.metadata()
+
+
+def test_quantize_on_two_processes_writes_the_one_process_result(pipeline_folder, tmp_path, capsys):
+    """``--nproc 2`` starts torchrun (gloo on CPU): each rank samples one of the two calibration batches and rank 0
+    writes the files and the summary (resuming on several ranks: tests/calibration/test_methods.py). RTN is
+    deterministic, so the files hold the one-process tensors bit for bit."""
+    from questdiff.cli import main
+
+    common = ["quantize", "--model", str(pipeline_folder), "--preset", "W4A8", "--calib-samples", "4", "--batch-size",
+              "2", "--calib-steps", "3", "--steps", "6", "--device", "cpu"]
+    two = _run(*common, "--nproc", "2", "--out", str(tmp_path / "two"))
+    assert two.stdout.count("questdiff quantize: done") == 1  # rank 0 alone reports
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    for name in ("calibration.safetensors", "model.safetensors", "work/stages/01-act_init.safetensors"):
+        two_file, one_file = _tensors(tmp_path / "two" / name), _tensors(tmp_path / "one" / name)
+        assert two_file[1] == one_file[1] and two_file[0].keys() == one_file[0].keys(), name
+        assert all(torch.equal(v, one_file[0][k]) for k, v in two_file[0].items()), name

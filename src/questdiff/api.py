@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import distributed
 from .adapters import ModelAdapter, get_adapter
 from .calibration.data import CalibrationSet
 from .calibration.methods import StageContext, check_options, method_stages, preflight, run_stages
@@ -82,6 +83,8 @@ def quantize(
             or a malformed one, raises before any work.
 
     Every stage's preconditions (options, the roles TLA/CMA train) are checked before the model is touched.
+    In a process group (``torchrun``) every rank calls it with the same arguments: BRECQ/TLA/CMA split each batch
+    over the ranks, rank 0 writes the stage files and shows progress, and every rank ends with rank 0's model.
     """
     if isinstance(preset, CalibrationSet):
         raise TypeError("quantize(denoiser, preset, calib): pass the preset (e.g. 'W8A8') before the calibration set")
@@ -110,8 +113,8 @@ def quantize(
         trace(denoiser, calib.model_kwargs(torch.nonzero(calib.ts == calib.timesteps[0]).flatten()[:1], device),
               calib.sample_key)
     schedule = TimestepSchedule.from_timesteps(calib.timesteps, timestep_rule)
-    ctx = StageContext(device=device, batch_size=batch_size, progress=progress, seed=seed, options=method_options,
-                       method=method)
+    ctx = StageContext(device=device, batch_size=batch_size, progress=progress and distributed.is_main(), seed=seed,
+                       options=method_options, method=method)
     preflight(denoiser, adapter, calib, method, ctx)
     prepare(denoiser, config, schedule, adapter)
     run_stages(denoiser, calib, method, ctx, work_dir)

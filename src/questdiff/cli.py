@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import json
 import logging
 import shlex
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cli_common import (
+    add_nproc_argument,
     CommandParser,
     Interrupted,
     checkpoint_label,
@@ -206,7 +208,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _quantize(args: argparse.Namespace, config: Any, options: dict[str, Any], prompts: list[str] | None,
               device: torch.device, out: Path, start: float) -> int:
-    from . import checkpoint, zoo
+    from . import checkpoint, distributed, zoo
     from .api import quantize
     from .calibration import CalibrationSet, collect_calibration
     from .loading import load_pipeline
@@ -217,7 +219,7 @@ def _quantize(args: argparse.Namespace, config: Any, options: dict[str, Any], pr
     _check_pipeline_options(pipe, args, prompts)
     unet = denoiser_of(pipe)
     calib_path = out / "calibration.safetensors"
-    if calib_path.is_file() and not args.recollect:
+    if distributed.on_main(lambda: calib_path.is_file() and not args.recollect):
         calib = CalibrationSet.load(calib_path)
         _check_reused_calibration(calib, unet, calib_path, args, device)
         logger.info("reusing calibration data %s (%d rows); --recollect to sample again", calib_path, len(calib))
@@ -233,10 +235,10 @@ def _quantize(args: argparse.Namespace, config: Any, options: dict[str, Any], pr
             guidance_scale=args.guidance,
             prompts=prompts,
         )
-        calib.save(calib_path)
+        distributed.on_main(lambda: calib.save(calib_path))
     quantize(unet, config, calib, args.method, device=device, batch_size=args.batch_size, work_dir=out / "work",
              seed=args.seed, **options)
-    checkpoint.save(unet, out)
+    distributed.on_main(lambda: checkpoint.save(unet, out))
     h = handle(unet)
     fp_mib, packed_mib = _packed_size_mib(unet)
     summary = {
@@ -253,9 +255,10 @@ def _quantize(args: argparse.Namespace, config: Any, options: dict[str, Any], pr
         "output": str(out),
     }
     commands = next_commands(args, out, name, zoo_model=name in {e.name for e in zoo.list_models()})
-    atomic_write_text(out / "summary.json", json.dumps({**summary, "next": commands}, indent=2))
-    print("questdiff quantize: done\n" + table(list(summary.items())) + "\nnext:\n" +
-          "\n".join(f"  {c}" for c in commands))
+    if distributed.is_main():
+        atomic_write_text(out / "summary.json", json.dumps({**summary, "next": commands}, indent=2))
+        print("questdiff quantize: done\n" + table(list(summary.items())) + "\nnext:\n" +
+              "\n".join(f"  {c}" for c in commands))
     return 0
 
 
@@ -338,6 +341,7 @@ def _quantize_args(q: argparse.ArgumentParser) -> None:
                    help="TLA/CMA batch order (default: 'shuffled', one timestep per step as in the paper; 'mixed' puts "
                         "every timestep in each step: the same rows and epochs in far fewer steps, for GPUs)")
     q.add_argument("--out", type=folder, default="runs/quantized", help="output folder (checkpoint, calibration data, stage checkpoints)")
+    add_nproc_argument(q)
     q.set_defaults(func=cmd_quantize)
 
 
@@ -373,10 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     prog = " ".join(["questdiff", args.command] + ([args.zoo_command] if getattr(args, "zoo_command", None) else []))
-    return run_command(prog, args.func, args, verbose=args.verbose)
+    if getattr(args, "nproc", None) is None and "WORLD_SIZE" not in os.environ:
+        return run_command(prog, args.func, args, verbose=args.verbose)
+    from . import launch  # imports torch: only for multi-process runs
+
+    if launch.requested(args):  # --nproc N: the same command on N ranks under torchrun
+        return launch.run_torchrun(argv, args.nproc)
+    with launch.rank_context(args):
+        return run_command(prog + launch.rank_prefix(), args.func, args, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,12 @@ def folder(text: str) -> str:
     return text
 
 
+def add_nproc_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--nproc`` option of a command that can run on several processes (``questdiff.launch`` starts them)."""
+    parser.add_argument("--nproc", type=positive_int, default=None, metavar="N",
+                        help="run on N processes (one per GPU; gloo on CPU) started by torchrun; ignored under torchrun")
+
+
 # -- quantized checkpoints given as --quantized ----------------------------------------------------------------------
 def _missing_key(path: str, err: KeyError) -> ValueError:
     from .checkpoint import CONFIG_NAME

@@ -6,9 +6,12 @@ import math
 import pytest
 import torch
 from builders import tiny_unet2d
+from rank_jobs import brecq_unit
+from ranks import run_ranks
 
 import questdiff as qd
 from questdiff.calibration import brecq
+from questdiff.calibration.adaround import AdaRoundConfig
 from questdiff.calibration.brecq import (
     BrecqConfig,
     _batch_index,
@@ -122,3 +125,26 @@ def test_units_with_two_streams_reconstruct_the_image_stream(tmp_path, name, blo
         with torch.no_grad():
             unit.ff.net[2].bias.add_(0.1)  # the image stream's feed-forward only
         assert unit_loss(unit, inputs, targets, device) > 1e-3
+
+
+def test_two_ranks_reconstruct_a_unit_as_one_process(calib):
+    # capture: 64 rows in batches of 16, two batches per rank; AdaRound: batches of 7 rows, 3 on rank 0 and 4 on
+    # rank 1; the regulariser is on after 3 of 12 iterations; the unit losses: 32 rows per rank
+    config = BrecqConfig(iters=12, batch_size=7, lr=1e-2, adaround=AdaRoundConfig(warmup=0.25))
+    alone = brecq_unit(calib, "down_blocks.1.resnets.0", config)
+    ranks = run_ranks(brecq_unit, calib, "down_blocks.1.resnets.0", config)
+    assert alone["rows_captured"] == 2 * 64 and [r["rows_captured"] for r in ranks] == [64, 64]
+    assert alone["rows_run"] == 2 * 64 + 12 * 7
+    assert [r["rows_run"] for r in ranks] == [2 * 32 + 12 * 3, 2 * 32 + 12 * 4]
+    for result in ranks:  # every rank holds every captured row, bit for bit
+        for key in ("inputs", "targets"):
+            assert len(result[key]) == len(alone[key])
+            assert all(torch.equal(a, b) for a, b in zip(result[key], alone[key]) if isinstance(a, torch.Tensor))
+    assert len(alone["alphas"]) == 4
+    for a, b, c in zip(alone["alphas"], ranks[0]["alphas"], ranks[1]["alphas"]):
+        assert torch.equal(b, c)  # the replicas stay in step: every rank applies the same summed gradient
+        # one process sums a batch's 7 rows at once, two ranks 3 + 4: the same gradient up to addition order
+        # (BRECQ quantizes no activations, so no rounding boundary turns last bits into steps; measured 6e-7)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        assert torch.equal(b >= 0, a >= 0)  # the same rounding decisions
+    assert ranks[0]["loss"] == ranks[1]["loss"] == pytest.approx(alone["loss"], rel=1e-6)

@@ -1,6 +1,6 @@
 """Resumable stages end to end: a ``questdiff quantize`` killed mid-stage resumes to the uninterrupted result, and
 rerunning a finished run resumes every stage (on a class-conditional model, whose calibration set has a conditioning
-input that a reload returns in another key order)."""
+input that a reload returns in another key order), and on two ranks."""
 import os
 import subprocess
 import sys
@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from questdiff import cli
 from questdiff.zoo.pipelines import ClassConditionalLDMPipeline, ClassEmbedder
 
+import rank_jobs
 from builders import tiny_vae
+from ranks import run_ranks
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +69,13 @@ def test_killed_run_resumes_to_the_uninterrupted_result(class_conditional_folder
 
     again = _quantize(class_conditional_folder, killed, capsys)  # rerunning a finished run resumes every stage
     assert all(f"{stage} resumed" in again for stage in ("weight_init", "brecq", "act_init"))
+
+
+def test_two_ranks_resume_the_stages_rank_0_wrote(calib, tmp_path):
+    ranks = run_ranks(rank_jobs.quantize_twice, calib, str(tmp_path / "work"))
+    assert ranks[0]["written"] == ["00-weight_init.safetensors", "01-act_init.safetensors"] and ranks[1]["written"] == []
+    for result in ranks:
+        first, second = result["reports"]
+        assert [r.get("resumed", False) for r in first] == [False, False]
+        assert [r.get("resumed", False) for r in second] == [True, True]  # both ranks read rank 0's files
+        assert all(torch.equal(v, ranks[0]["state"][k]) for k, v in result["state"].items())

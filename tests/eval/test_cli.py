@@ -6,8 +6,10 @@ import argparse
 import json
 
 import pytest
+import rank_jobs
 import torch
 from PIL import Image
+from ranks import run_ranks
 
 import questdiff
 from questdiff import zoo
@@ -103,3 +105,16 @@ def test_default_model_for_real(tmp_path) -> None:
         ["--num-samples", "20", "--num-reference", "200", "--device", "cpu", "--out", str(tmp_path)]
     ))
     assert metrics["fp"]["class accuracy (FMNIST features)"] > 0.5  # a trained model draws the asked classes
+
+
+def test_two_ranks_evaluate_as_one_process(feature_net, make_images, monkeypatch, tmp_path) -> None:
+    # 20 samples per model in batches of 8: rank 0 samples batch 0, rank 1 batches 1 and 2; rank 0 scores them all
+    real = (make_images(64, 5) * 255).round().to(torch.uint8)[:, 0]
+    argv = [*COMMON, "--quantized", str(tmp_path / "ckpt")]
+    rank_jobs.install_tiny_zoo(feature_net, real, monkeypatch.setattr)
+    alone = cli.evaluate(cli.main_parser().parse_args([*argv, "--out", str(tmp_path / "one")]))
+    ranks = run_ranks(rank_jobs.evaluate, feature_net, real, [*argv, "--out", str(tmp_path / "two")])
+    assert ranks[1] == {}  # rank 1 sampled its share and left the metrics to rank 0
+    assert {k: v for k, v in ranks[0].items() if k != "time_s"} == {k: v for k, v in alone.items() if k != "time_s"}
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert (tmp_path / "two" / "grid.png").read_bytes() == (tmp_path / "one" / "grid.png").read_bytes()

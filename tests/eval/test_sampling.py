@@ -3,7 +3,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import rank_jobs
 import torch
+from ranks import run_ranks
 
 from questdiff.eval.sampling import class_labels, generate
 from questdiff.zoo.architectures import build_class_embedder, build_cond_unet, build_scheduler, build_vae
@@ -28,6 +30,16 @@ def test_sample_i_does_not_depend_on_the_batch_size(pipe, eta: float) -> None:
     assert a.shape == (7, 1, 32, 32) and a.dtype == torch.float32 and a.min() >= 0 and a.max() <= 1
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert not torch.allclose(a[0], a[1])
+
+
+def test_two_ranks_sample_the_one_process_images() -> None:
+    # 5 images in batches of 2: rank 0 samples images 0-1, rank 1 images 2-4 (batches [2, 3] and [4])
+    settings = {"num_images": 5, "seed": 3, "batch_size": 2, "num_inference_steps": 3}
+    alone = rank_jobs.sample(**settings)
+    ranks = run_ranks(rank_jobs.sample, **settings)
+    assert [r["rows_run"] for r in ranks] == [2 * 3, 3 * 3] and alone["rows_run"] == 5 * 3  # the work was split
+    for result in ranks:
+        assert torch.equal(result["images"], alone["images"])  # every rank returns all images, bit for bit
 
 
 def test_class_labels_cycle_through_the_classes(pipe) -> None:

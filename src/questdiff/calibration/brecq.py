@@ -14,6 +14,10 @@ Differences from the official code (spec §6.14): captured data stays in memory 
 in bf16/fp16), never on disk; batches are drawn i.i.d. over all calibration rows by default instead of sweeping
 timestep shards in order (``order="sequential"`` reproduces the sweep); captures stop the forward right after the
 unit, so the rest of the network is not run.
+
+On several processes (``torchrun``) the capture's batches are split over the ranks and joined (every rank holds
+every row, as one process does), each iteration's batch is split over the ranks with the gradients summed
+(``distributed.batch_share`` / ``reduce_gradients``), and the units' losses are summed over the ranks' rows.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..config import check_types
 from ..nn import QuantLayerMixin
 from ..nn.adaround import AdaRoundQuantizer
@@ -194,7 +199,24 @@ def capture(
     dtype: torch.dtype = torch.float32,
 ) -> Captured:
     """Run ``model`` over the rows ``parts`` (one timestep per batch) and keep ``module``'s first call's
-    ``(args, kwargs)`` (``what="input"``) or output tensor (``"output"``), stopping each forward right there."""
+    ``(args, kwargs)`` (``what="input"``) or output tensor (``"output"``), stopping each forward right there.
+
+    In a process group each rank runs its block of the batches (``distributed.shard``) and every rank gets all rows
+    back, exactly as one process captures them."""
+    chunks = [chunk for part in parts for chunk in part.split(batch_size)]
+    world = distributed.world_size()
+    if world > 1 and len(chunks) >= world:
+        mine = _capture(model, module, calib, chunks[distributed.shard(len(chunks))], what, device, storage, dtype)
+        joined = _join_blocks(mine, [sum(len(c) for c in chunks[distributed.shard(len(chunks), r, world)])
+                                     for r in range(world)])
+        if joined is not None:
+            return joined
+        logger.debug("ranks captured differently structured blocks: every rank captures every row instead")
+    return _capture(model, module, calib, chunks, what, device, storage, dtype)
+
+
+def _capture(model: nn.Module, module: nn.Module, calib: CalibrationSet, chunks: list[torch.Tensor],
+             what: Literal["input", "output"], device: torch.device, storage: torch.device, dtype: torch.dtype) -> Captured:
     calls: list[tuple[Any, int]] = []
     size = [0]
 
@@ -208,18 +230,28 @@ def capture(
 
     hook = module.register_forward_pre_hook(pre_hook, with_kwargs=True) if what == "input" else module.register_forward_hook(post_hook)
     try:
-        for part in parts:
-            for chunk in part.split(batch_size):
-                size[0] = len(chunk)
-                try:
-                    model(**calib.model_kwargs(chunk, device))
-                except _Stop:
-                    pass
-                else:
-                    raise RuntimeError(f"the unit {type(module).__name__} was not called by the denoiser's forward")
+        for chunk in chunks:
+            size[0] = len(chunk)
+            try:
+                model(**calib.model_kwargs(chunk, device))
+            except _Stop:
+                pass
+            else:
+                raise RuntimeError(f"the unit {type(module).__name__} was not called by the denoiser's forward")
     finally:
         hook.remove()
     return _collect(calls, storage, dtype)
+
+
+def _join_blocks(block: Captured, counts: list[int]) -> Captured | None:
+    """Every rank's captured block joined in rank order (``counts``: rows per rank), or ``None`` if the ranks'
+    blocks do not have the same structure (a leaf batched on one rank and static on another)."""
+    layout = [str(block.spec), *[(b, tuple(leaf.shape[1:]), leaf.dtype) if b else None
+                                 for leaf, b in zip(block.leaves, block.batched)]]
+    if any(other != layout for other in distributed.gather(layout)):
+        return None
+    leaves = [distributed.gather_blocks(leaf, counts) if b else leaf for leaf, b in zip(block.leaves, block.batched)]
+    return Captured(block.spec, leaves, block.batched, sum(counts))
 
 
 def unit_outputs(out: Any) -> tuple[torch.Tensor, ...]:
@@ -254,11 +286,11 @@ def _unit_forward(unit: nn.Module, inputs: Captured, index: torch.Tensor, device
 
 @torch.no_grad()
 def unit_loss(unit: nn.Module, inputs: Captured, targets: Captured, device: torch.device, batch_size: int = 64) -> float:
-    """Channel-sum MSE of ``unit`` on all captured rows."""
+    """Channel-sum MSE of ``unit`` on all captured rows (each rank sums its block of them)."""
     total = 0.0
-    for index in torch.arange(inputs.count).split(batch_size):
+    for index in torch.arange(inputs.count)[distributed.shard(inputs.count)].split(batch_size):
         total += float(reconstruction_loss(_unit_forward(unit, inputs, index, device), targets.take(index, device))) * len(index)
-    return total / max(inputs.count, 1)
+    return distributed.sum_over_ranks([total])[0] / max(inputs.count, 1)
 
 
 def _batch_index(step: int, config: BrecqConfig, count: int, g: torch.Generator) -> torch.Tensor:
@@ -296,14 +328,21 @@ def reconstruct_unit(
         warm = config.adaround.warmup * config.iters
         with trainable_only(unit, alphas), torch.enable_grad():
             for step in range(config.iters):
-                index = _batch_index(step, config, inputs.count, g)
-                rec = reconstruction_loss(_unit_forward(unit, inputs, index, device), targets.take(index, device))
-                loss = rec
+                # this rank's block of the batch (all of it in one process); gradients are summed over ranks
+                index, weight = distributed.batch_share(_batch_index(step, config, inputs.count, g))
+                loss = None
+                if len(index):
+                    loss = reconstruction_loss(_unit_forward(unit, inputs, index, device), targets.take(index, device))
+                    if weight != 1.0:
+                        loss = loss * weight
                 if step >= warm and config.adaround.reg_weight > 0:
                     beta = beta_at(step, config.iters, config.adaround)
-                    loss = rec + config.adaround.reg_weight * rounding_regularizer(quantizers, beta)
+                    reg = config.adaround.reg_weight * distributed.replicated(rounding_regularizer(quantizers, beta))
+                    loss = reg if loss is None else loss + reg
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if loss is not None:
+                    loss.backward()
+                distributed.reduce_gradients(alphas)
                 optimizer.step()
                 if on_step is not None:
                     on_step()

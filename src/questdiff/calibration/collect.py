@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .. import pipelines
+from .. import distributed, pipelines
 from .data import CalibrationSet, record_calibration, stride_filter
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ def collect_calibration(
 
     With classifier-free guidance each step records both the conditional and the unconditional rows (the spec's
     cond + uncond duplication). Sampler settings (steps, guidance, eta) default to the pipeline's own.
+
+    In a process group (``torchrun``) each rank samples a contiguous block of the ``batch_size`` batches and every
+    rank returns the whole set, identical to one process's (same batches, seeds and row order).
     """
     if num_samples < 1:
         raise ValueError("num_samples must be >= 1")
@@ -43,11 +46,11 @@ def collect_calibration(
     denoiser = pipelines.denoiser_of(pipe)
     batch_size = batch_size or min(num_samples, 64)
     pipelines.quiet(pipe)
-    bar = tqdm(total=num_samples, desc="calibration samples", unit="img", bar_format=pipelines.IMAGE_BAR_FORMAT,
-               disable=not progress)
+    batches = distributed.sample_batches(num_samples, batch_size)
+    bar = tqdm(total=sum(count for _, count in batches), desc="calibration samples", unit="img",
+               bar_format=pipelines.IMAGE_BAR_FORMAT, disable=not progress or not distributed.is_main())
     with record_calibration(denoiser, timestep_argument) as recorder:
-        for start in range(0, num_samples, batch_size):
-            count = min(batch_size, num_samples - start)
+        for number, (start, count) in enumerate(batches):
             kwargs = pipelines.call_kwargs(
                 pipe,
                 start,
@@ -60,13 +63,15 @@ def collect_calibration(
             )
             with pipelines.step_progress(pipe, bar, count):  # the bar moves every sampler step
                 pipe(**kwargs)
-            if start == 0:  # the first run tells how many denoiser calls a trajectory takes
+            if number == 0:  # the first run tells how many denoiser calls a trajectory takes
                 keep = stride_filter(recorder.calls_per_run, calib_steps)
                 recorder.drop_rows(keep)
                 recorder.keep_step = keep
                 logger.info("sampler makes %d denoiser calls per trajectory", recorder.calls_per_run)
     bar.close()
-    calib = recorder.result()
+    # every rank recorded a contiguous block of batches: in rank order they are the one-process rows
+    parts = distributed.gather(recorder.result() if batches else None)
+    calib = CalibrationSet.concat([part for part in parts if part is not None])
     if samples_per_step is not None:
         calib = calib.select(None, samples_per_step, seed)
     logger.info(
@@ -76,3 +81,4 @@ def collect_calibration(
         ", ".join(f"{t:g}" for t in calib.timesteps[:6]) + (" ..." if len(calib.timesteps) > 6 else ""),
     )
     return calib
+

@@ -128,6 +128,36 @@ class CalibrationSet:
             self.timestep_shape,
         )
 
+    @classmethod
+    def concat(cls, parts: "list[CalibrationSet]") -> "CalibrationSet":
+        """The rows of ``parts`` one after another (sets recorded from the same denoiser, e.g. by several ranks).
+
+        Settings come from the first part (the one recorded first, whose first call fixed the timestep layout);
+        ``timestep_is_int`` holds if it holds for every part. A single part is returned as it is."""
+        if not parts:
+            raise ValueError("nothing to concatenate: no calibration rows were recorded")
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        for part in parts[1:]:
+            if set(part.inputs) != set(first.inputs) or part.static != first.static:
+                raise ValueError(f"cannot join calibration sets with different inputs or settings "
+                                 f"({sorted(first.inputs)} {first.static} vs {sorted(part.inputs)} {part.static})")
+            if set(part.constants) != set(first.constants) or not all(
+                    torch.equal(part.constants[k], v) for k, v in first.constants.items()):
+                raise ValueError("cannot join calibration sets whose batch-less inputs differ; record them with the "
+                                 "same pipeline settings")
+        return cls(
+            {k: torch.cat([p.inputs[k] for p in parts]) for k in first.inputs},
+            torch.cat([p.steps for p in parts]),
+            first.sample_key,
+            first.timestep_key,
+            dict(first.static),
+            all(p.timestep_is_int for p in parts),
+            dict(first.constants),
+            first.timestep_shape,
+        )
+
     def digest(self) -> str:
         """A short hash of the rows' contents (shapes, dtypes, sums, sums of squares) and settings, to tell sets
         apart. Independent of the order of ``inputs`` (a recorded set and the same set loaded from safetensors,

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..nn import ActQuantizer
 from ..prepare import act_quantizers, handle, quant_layers, weight_quantizers
 from .common import autocast, frozen_quantized_weights, output_tensor, trainable_only
@@ -297,7 +298,8 @@ def finetune(
     """Run ``plan`` and return the per-step losses.
 
     ``cache_teacher`` keeps teacher outputs per batch in memory (for plans that repeat batches); ``reset_act_state``
-    gives every (epoch, timestep) visit a fresh Adam state for its scale row (the code's CMA).
+    gives every (epoch, timestep) visit a fresh Adam state for its scale row (the code's CMA). In a process group
+    each rank runs its block of every batch and the gradients are summed over ranks (``distributed``).
     """
     layers = quant_layers(model)
     keep_teacher_copies(model, objective.weight_layers)
@@ -316,12 +318,18 @@ def finetune(
             if scale_opt is not None and reset_act_state and batch.visit != last_visit:
                 scale_opt.reset(batch.rows)
             last_visit = batch.visit
-            loss = f.loss(batch)
+            # this rank's block of the batch (all of it in one process); gradients and loss are summed over ranks
+            index, share = distributed.batch_share(batch.index)
+            loss = f.loss(replace(batch, index=index)) if len(index) else None
+            if loss is not None and share != 1.0:
+                loss = loss * share
             if weight_opt is not None:
                 weight_opt.zero_grad(set_to_none=True)
             if scale_opt is not None:
                 scale_opt.zero_grad()
-            loss.backward()
+            if loss is not None:
+                loss.backward()
+            loss = distributed.reduce_gradients(weights + scales, loss)
             if weight_opt is not None:
                 weight_opt.step()
             if scale_opt is not None:

@@ -1,11 +1,12 @@
 """Quantization methods as ordered, resumable stages.
 
 A method is a list of ``Stage(name, run)``; ``run(model, calib, ctx)`` fills parameters of a prepared model.
-With a ``work_dir`` every finished stage's state is saved (``work_dir/stages/<nn>-<name>.safetensors``) and a
-restarted run loads it instead of recomputing, so a killed calibration resumes where it stopped. Each saved stage
-carries a signature (base weights, calibration set, quantization config, seed, and the settings of it and every
-stage before it): resuming from a folder made with other settings is refused instead of silently mixing runs. Each
-stage logs its wall time and peak memory. New methods (QuEST) register more stages with ``register_method``.
+With a ``work_dir`` every finished stage's state is saved (``work_dir/stages/<nn>-<name>.safetensors``, by rank 0
+when several processes run) and a restarted run loads it instead of recomputing, so a killed calibration resumes
+where it stopped. Each saved stage carries a signature (base weights, calibration set, quantization config, seed,
+and the settings of it and every stage before it): resuming from a folder made with other settings is refused
+instead of silently mixing runs. Each stage logs its wall time and peak memory. New methods (QuEST) register more
+stages with ``register_method``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .. import distributed
 from ..adapters import LayerInfo, ModelAdapter
 from ..checkpoint import load_state, metadata, save_state
 from ..io_utils import atomic_write_text, ensure_writable_dir
@@ -174,7 +176,7 @@ def run_stages(
         path = stage_dir / f"{number:02d}-{stage.name}.safetensors" if stage_dir else None
         settings = stage.settings(model, ctx) if stage.settings is not None else {}
         signature["stages"][stage.name] = settings
-        if path is not None and path.is_file() and _resumable(path, signature):
+        if path is not None and distributed.on_main(lambda: path.is_file() and _resumable(path, signature)):
             if stage.rebuild is not None:
                 stage.rebuild(model)
             load_state(model, path)
@@ -186,6 +188,7 @@ def run_stages(
             torch.cuda.reset_peak_memory_stats(ctx.device)
         start = time.perf_counter()
         stage.run(model, calib, ctx)
+        distributed.broadcast_module(model)  # every rank continues from rank 0's result (see distributed.py)
         seconds = time.perf_counter() - start
         h.stages.append(stage.name)
         entry = {"stage": stage.name, "seconds": round(seconds, 3), "peak_memory_mib": _peak_memory(ctx.device)}
@@ -193,9 +196,13 @@ def run_stages(
         logger.info("stage %s: %.1f s%s", stage.name, seconds,
                     f", peak {entry['peak_memory_mib']:.0f} MiB" if entry["peak_memory_mib"] is not None else "")
         if path is not None:
-            save_state(model, path)
-            atomic_write_text(path.with_suffix(".json"),
-                              json.dumps({**metadata(model), "report": entry, "signature": signature}, indent=2, default=str))
+            distributed.on_main(lambda: _save_stage(model, path, entry, signature))
+
+
+def _save_stage(model: nn.Module, path: Path, entry: dict[str, Any], signature: dict[str, Any]) -> None:
+    save_state(model, path)
+    atomic_write_text(path.with_suffix(".json"),
+                      json.dumps({**metadata(model), "report": entry, "signature": signature}, indent=2, default=str))
 
 
 def share_stages(source_dir: str | Path, target_dir: str | Path, method: str, upto: str) -> bool:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import zoo
 from ..cli_common import (
+    add_nproc_argument,
     CommandParser,
     checkpoint_label,
     finite_float,
@@ -73,6 +74,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "eval", help="FID/sFID/IS/KID, PSNR/SSIM vs FP and class accuracy of a zoo model", description=DESCRIPTION
     )
     add_arguments(parser)
+    add_nproc_argument(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -172,6 +174,10 @@ def _evaluate(args: argparse.Namespace, device: str, out: Path, start_time: floa
     if quantized is not None:
         set_denoiser(pipe, quantized)
         images["quantized"] = generate(pipe, desc="quantized samples", **sample)
+    from .. import distributed
+
+    if not distributed.is_main():  # every rank sampled its share; rank 0 has all images and does the rest
+        return {}
 
     metrics: dict[str, Any] = {
         "model": args.model,

@@ -2,6 +2,8 @@
 
 The metrics read ``FeatureSet``s (see ``features.extract_features``): torchmetrics receives the precomputed
 features through an identity "feature extractor", so the network runs once per image set for all four metrics.
+The features hold every sample (gathered before, see ``sampling.generate``), so the metrics never sync over a process
+group (``sync_on_compute=False``): under torchrun rank 0 alone computes them.
 Names carry the feature network, e.g. ``"FID (FMNIST features)"``: these numbers are not comparable to
 Inception-v3 FIDs.
 """
@@ -64,7 +66,7 @@ def frechet_distance(
     if key not in ("pool", "spatial"):
         raise ValueError(f"key must be 'pool' (FID) or 'spatial' (sFID), got {key!r}")
     fake_x, real_x = getattr(fake, key), getattr(real, key)
-    metric = FrechetInceptionDistance(feature=_Precomputed(fake_x.shape[1])).to(device)
+    metric = FrechetInceptionDistance(feature=_Precomputed(fake_x.shape[1]), sync_on_compute=False).to(device)
     metric.update(real_x.to(device), real=True)
     metric.update(fake_x.to(device), real=False)
     return float(metric.compute())
@@ -85,7 +87,8 @@ def kernel_distance(
     size = min(subset_size, len(fake), len(real))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
-        metric = KernelInceptionDistance(feature=_Precomputed(fake.pool.shape[1]), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(feature=_Precomputed(fake.pool.shape[1]), subsets=subsets, subset_size=size,
+                                         sync_on_compute=False)
     metric = metric.to(device)
     metric.update(real.pool.to(device), real=True)
     metric.update(fake.pool.to(device), real=False)
@@ -106,7 +109,7 @@ def inception_score(
         raise ValueError(f"IS with {splits} splits needs at least {splits} images, got {len(feats)}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
-        metric = InceptionScore(feature=_Precomputed(feats.logits.shape[1]), splits=splits)
+        metric = InceptionScore(feature=_Precomputed(feats.logits.shape[1]), splits=splits, sync_on_compute=False)
     metric = metric.to(device)
     metric.update(feats.logits.to(device))
     with torch.random.fork_rng(devices=[]):

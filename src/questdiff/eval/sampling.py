@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..pipelines import IMAGE_BAR_FORMAT, as_image_tensor, call_kwargs, is_class_conditional, step_progress
 
 
@@ -35,14 +36,17 @@ def generate(
 
     ``None`` settings mean the pipeline's defaults. Class-conditional pipelines get class ``i % 10`` and
     text-conditioned ones ``prompts[i % len(prompts)]`` for sample ``i``; ``extra`` goes to every call as is.
-    Returns ``[N, C, H, W]`` float32 in [0, 1] on the CPU (``[N, 1, 32, 32]`` for the zoo models).
+    Returns ``[N, C, H, W]`` float32 in [0, 1] on the CPU (``[N, 1, 32, 32]`` for the zoo models). In a process
+    group (``torchrun``) each rank samples a contiguous block of the batches and every rank returns all images,
+    identical to one process's.
     """
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
     chunks = []
-    with tqdm(total=num_images, desc=desc, unit="img", bar_format=IMAGE_BAR_FORMAT) as bar:
-        for start in range(0, num_images, batch_size):
-            count = min(batch_size, num_images - start)
+    batches = distributed.sample_batches(num_images, batch_size)
+    with tqdm(total=sum(count for _, count in batches), desc=desc, unit="img", bar_format=IMAGE_BAR_FORMAT,
+              disable=not distributed.is_main()) as bar:
+        for start, count in batches:
             kwargs = call_kwargs(
                 pipe, start, count, seed,
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta, prompts=prompts,
@@ -50,4 +54,5 @@ def generate(
             )
             with step_progress(pipe, bar, count):
                 chunks.append(as_image_tensor(pipe(**kwargs).images))
-    return torch.cat(chunks)
+    # every rank sampled a contiguous block of batches: in rank order they are the one-process images
+    return torch.cat([chunk for part in distributed.gather(chunks) for chunk in part])

@@ -126,7 +126,7 @@ def inception_fid(
     extractor = weights if isinstance(weights, InceptionPool3) else InceptionPool3(weights)
     for name, images in {"real": real, **fakes}.items():
         _standard_images(images, name)
-    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False).to(device)
+    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False, sync_on_compute=False).to(device)
     for start in range(0, real.shape[0], batch_size):
         metric.update(real[start:start + batch_size].to(device), real=True)
     scores = {}
@@ -194,7 +194,7 @@ def clip_score(
     if len(captions) != images.shape[0]:
         raise ValueError(f"got {images.shape[0]} images but {len(captions)} captions; pass one caption per image")
     model, processor = load_clip(model_dir)
-    metric = CLIPScore(model_name_or_path=lambda: (model, processor)).to(device)
+    metric = CLIPScore(model_name_or_path=lambda: (model, processor), sync_on_compute=False).to(device)
     as_uint8 = images.mul(255).round().to(torch.uint8)  # the CLIP processor rescales by 1/255 itself
     for start in range(0, as_uint8.shape[0], batch_size):
         metric.update(as_uint8[start:start + batch_size].to(device), list(captions[start:start + batch_size]))
