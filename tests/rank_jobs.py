@@ -137,6 +137,7 @@ def install_tiny_zoo(feature_net: torch.nn.Module, real: torch.Tensor,
     """Stand-ins for the zoo (a tiny random class-conditional pipeline, ``feature_net``, ``real`` as the test set
     ``[N, H, W]`` uint8, and a perturbed copy of the FP denoiser as the quantized one) for ``questdiff eval``."""
     from questdiff import zoo
+    from questdiff.eval import cli
     from questdiff.zoo import data as zoo_data
     from questdiff.zoo.architectures import build_class_embedder, build_cond_unet, build_scheduler, build_vae
     from questdiff.zoo.pipelines import ClassConditionalLDMPipeline
@@ -158,6 +159,7 @@ def install_tiny_zoo(feature_net: torch.nn.Module, real: torch.Tensor,
     setattr_(zoo, "load_feature_net", lambda name, device=None: feature_net)
     setattr_(zoo_data, "load_split", lambda name, split="train", data_dir=None: (real, torch.arange(len(real)) % 10))
     setattr_(qd, "load", load_quantized)
+    setattr_(cli, "checkpoint_label", lambda path: "stand-in")  # the stand-in checkpoint has no questdiff.json
 
 
 def evaluate(feature_net: torch.nn.Module, real: torch.Tensor, argv: list[str]) -> dict[str, Any]:

@@ -98,7 +98,8 @@ def folder(text: str) -> str:
 def add_nproc_argument(parser: argparse.ArgumentParser) -> None:
     """The ``--nproc`` option of a command that can run on several processes (``questdiff.launch`` starts them)."""
     parser.add_argument("--nproc", type=positive_int, default=None, metavar="N",
-                        help="run on N processes (one per GPU; gloo on CPU) started by torchrun; ignored under torchrun")
+                        help="run on N processes (one per GPU; gloo on CPU) started by torchrun; ignored under torchrun "
+                             "(default: one process)")
 
 
 # -- quantized checkpoints given as --quantized ----------------------------------------------------------------------

@@ -11,44 +11,17 @@ import torch
 from PIL import Image
 from ranks import run_ranks
 
-import questdiff
 from questdiff import zoo
 from questdiff.eval import cli, generative
 from questdiff.zoo import data as zoo_data
-from questdiff.zoo.architectures import build_class_embedder, build_cond_unet, build_scheduler, build_vae
-from questdiff.zoo.pipelines import ClassConditionalLDMPipeline
 
 COMMON = ["--num-samples", "20", "--batch-size", "8", "--steps", "2", "--device", "cpu"]
 
 
 @pytest.fixture
 def tiny_zoo(monkeypatch, feature_net, make_images):
-    """``zoo.load`` -> a tiny random pipeline, ``load_feature_net`` -> the test feature net, 64 synthetic test
-    images, and ``questdiff.load`` -> the FP denoiser with perturbed weights (a stand-in quantized model, whose
-    questdiff.json is not read)."""
-
-    def load(name, device=None):
-        torch.manual_seed(0)
-        pipe = ClassConditionalLDMPipeline(
-            vae=build_vae(tiny=True), unet=build_cond_unet(tiny=True),
-            class_embedder=build_class_embedder(tiny=True), scheduler=build_scheduler("ldm"),
-        )
-        return pipe.to(device)
-
-    def load_split(name, split="train", data_dir=None):
-        return (make_images(64, 5) * 255).round().to(torch.uint8)[:, 0], torch.arange(64) % 10
-
-    def load_quantized(directory, base):
-        with torch.no_grad():
-            for p in base.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-        return base
-
-    monkeypatch.setattr(zoo, "load", load)
-    monkeypatch.setattr(zoo, "load_feature_net", lambda name, device=None: feature_net)
-    monkeypatch.setattr(zoo_data, "load_split", load_split)
-    monkeypatch.setattr(questdiff, "load", load_quantized, raising=False)
-    monkeypatch.setattr(cli, "checkpoint_label", lambda path: "stand-in")  # no questdiff.json to read
+    """The zoo stand-ins of ``rank_jobs.install_tiny_zoo`` with 64 synthetic test images."""
+    rank_jobs.install_tiny_zoo(feature_net, (make_images(64, 5) * 255).round().to(torch.uint8)[:, 0], monkeypatch.setattr)
 
 
 def test_eval_fp_and_quantized_writes_metrics_and_images(tiny_zoo, tmp_path, capsys) -> None:
