@@ -110,3 +110,27 @@ def test_finetuning_logs_its_estimate_before_the_long_part(unet, calib, caplog):
         run_tla(unet, calib, TLAConfig(epochs=2, samples_per_t=4, batch_size=2), progress=False)
     estimate, took = [r.getMessage() for r in caplog.records]
     assert re.match(r"\S+: \d+ steps, about .* on this device", estimate) and "took" in took
+
+
+def test_quest_logs_the_whole_runs_estimate_before_its_first_stage(unet, calib, tmp_path, caplog):
+    """One total for the long stages comes first; a resumed run estimates only what is left to do."""
+    import questdiff as qd
+
+    options = {"brecq": {"iters": 20, "batch_size": 8}, "tla": {"epochs": 2, "samples_per_t": 4, "batch_size": 2},
+               "cma": {"epochs": 2, "samples_per_t": 4, "batch_size": 2}}
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="questdiff.calibration.methods"):
+        qd.quantize(unet, "W4A8", calib, method="quest", work_dir=tmp_path, progress=False, batch_size=32, **options)
+    messages = [r.getMessage() for r in caplog.records]
+    plan = re.fullmatch(r"quest: about (.+) on this device for brecq, tla, cma \(brecq (.+), tla (.+), cma (.+)\), "
+                        r"from timed passes of the model; the other stages are short", messages[0])
+    assert plan, messages[0]
+    assert all(m.startswith("stage ") for m in messages[1:])  # logged before the first stage ran
+    (tmp_path / "stages" / "04-cma.json").unlink()  # as if killed during CMA
+    (tmp_path / "stages" / "04-cma.safetensors").unlink()
+    fresh = type(unet)(**unet.config)  # the FP model again
+    fresh.load_state_dict(base)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="questdiff.calibration.methods"):
+        qd.quantize(fresh, "W4A8", calib, method="quest", work_dir=tmp_path, progress=False, batch_size=32, **options)
+    assert re.fullmatch(r"quest: about .+ for cma \(cma .+\), .+", caplog.records[0].getMessage())

@@ -39,7 +39,7 @@ from ..prepare import handle, quant_layers, quant_state
 from .adaround import AdaRoundConfig, beta_at, convert_layer, rounding_regularizer
 from .common import generator, output_tensor, rows_by_quantizer_row, trainable_only
 from .data import CalibrationSet
-from .timing import format_seconds, synchronize, timed
+from .timing import format_seconds, forward_backward_seconds, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -419,16 +419,22 @@ def estimate_seconds(model: nn.Module, calib: CalibrationSet, units: list[str], 
             h.remove()
     capture = per_batch * rows / len(batch)
 
-    sample = calib.model_kwargs(first[: config.batch_size], device)
-    x = sample[calib.sample_key].detach().clone().requires_grad_(True)
-
-    def step() -> None:
-        out = output_tensor(model(**{**sample, calib.sample_key: x}))
-        torch.autograd.grad(out.float().pow(2).mean(), x)
-
-    with quant_state(model, weight=True, act=False), torch.enable_grad():
-        iteration = timed(step, device)
+    with quant_state(model, weight=True, act=False):
+        iteration = forward_backward_seconds(model, calib, first[: config.batch_size], device)
     return capture, iteration * config.iters
+
+
+def estimate_reconstruction(model: nn.Module, calib: CalibrationSet, config: BrecqConfig, *, device: torch.device,
+                            batch_size: int, seed: int = 0) -> tuple[list[tuple[int, str]], list[torch.Tensor], float, float]:
+    """What ``reconstruct`` will do and how long it will take: its units ``(seed offset, name)`` (those holding
+    quantized layers, forward order), the rows per timestep, and ``estimate_seconds``' ``(capture, iterations)``."""
+    parts = _select_rows(model, calib, config.max_samples, seed)
+    # the offset counts every unit, as it always has
+    units = [(number, name) for number, name in enumerate(reconstruction_units(model, calib, device))
+             if any(isinstance(m, QuantLayerMixin) for m in model.get_submodule(name).modules())]
+    capture_s, iterations_s = estimate_seconds(model, calib, [n for _, n in units], parts, config, device,
+                                               config.capture_batch_size or batch_size)
+    return units, parts, capture_s, iterations_s
 
 
 def reconstruct(
@@ -451,12 +457,9 @@ def reconstruct(
     storage = torch.device("cpu") if config.storage == "cpu" else device
     dtype = _DTYPES[config.storage_dtype]
     capture_bs = config.capture_batch_size or batch_size
-    parts = _select_rows(model, calib, config.max_samples, seed)
-    # (seed offset, name) of the units with quantized layers; the offset counts every unit, as it always has
-    units = [(number, name) for number, name in enumerate(reconstruction_units(model, calib, device))
-             if any(isinstance(m, QuantLayerMixin) for m in model.get_submodule(name).modules())]
     started = time.perf_counter()
-    capture_s, iterations_s = estimate_seconds(model, calib, [n for _, n in units], parts, config, device, capture_bs)
+    units, parts, capture_s, iterations_s = estimate_reconstruction(model, calib, config, device=device,
+                                                                    batch_size=batch_size, seed=seed)
     estimate = capture_s + iterations_s
     logger.info("BRECQ/AdaRound: %d units x %d iterations on %d rows: about %s on this device (capturing %s, "
                 "iterations %s; from timed passes of the model)", len(units), config.iters, sum(len(p) for p in parts),

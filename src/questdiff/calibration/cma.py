@@ -45,6 +45,7 @@ from .common import generator, layers_with_roles
 from .data import CalibrationSet
 from .finetune import (
     ORDERS,
+    Batch,
     FinetuneResult,
     Objective,
     Order,
@@ -230,6 +231,12 @@ def cma_objective(model: nn.Module, layers: list[str], family: Family, config: C
     return Objective(list(layers), scales, list(layers), local, global_weight if config.global_loss else 0.0)
 
 
+def cma_plan(model: nn.Module, calib: CalibrationSet, config: CMAConfig, seed: int = 0) -> list[Batch]:
+    """CMA's training batches (``run_cma`` draws the same ones for the same ``seed``)."""
+    return plan_batches(model, calib, samples_per_t=config.samples_per_t, epochs=config.epochs, batch_size=config.batch_size,
+                        resample=True, order=config.order, generator=generator(seed, 41), timesteps=config.timesteps)
+
+
 def run_cma(
     model: nn.Module,
     calib: CalibrationSet,
@@ -246,8 +253,7 @@ def run_cma(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     family, layers = critical_layers(model, calib, config, device=device, seed=seed, progress=progress)
     objective = cma_objective(model, layers, family, config)
-    plan = plan_batches(model, calib, samples_per_t=config.samples_per_t, epochs=config.epochs, batch_size=config.batch_size,
-                        resample=True, order=config.order, generator=generator(seed, 41), timesteps=config.timesteps)
+    plan = cma_plan(model, calib, config, seed)
     rows = (evaluation_batches(model, calib, config.eval_samples_per_t, max(config.batch_size, 8),
                                torch.Generator().manual_seed(seed + 43), config.timesteps, mixed=config.order == "mixed")
             if config.eval_samples_per_t else [])

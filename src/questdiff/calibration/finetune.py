@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..nn import ActQuantizer
-from ..prepare import act_quantizers, handle, quant_layers, weight_quantizers
+from ..prepare import act_quantizers, handle, quant_layers, quant_state, weight_quantizers
 from .common import autocast, frozen_quantized_weights, output_tensor, trainable_only
 from .data import CalibrationSet
 from .row_adam import RowAdam
-from .timing import StepClock
+from .timing import StepClock, forward_backward_seconds, forward_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,20 @@ def evaluation_batches(model: nn.Module, calib: CalibrationSet, samples_per_t: i
     no resampling) gives that plan's first-epoch rows."""
     return plan_batches(model, calib, samples_per_t=samples_per_t, epochs=1, batch_size=batch_size, resample=False,
                         order="mixed" if mixed else "sequential", generator=generator, timesteps=timesteps)
+
+
+def plan_seconds(model: nn.Module, calib: CalibrationSet, plan: list[Batch], device: torch.device) -> float:
+    """Seconds ``finetune`` will spend on ``plan`` on this device: its step count times one timed step on this rank's
+    share of the first batch (a forward and backward of the quantized model, plus the teacher's forward)."""
+    if not plan:
+        return 0.0
+    index, _ = distributed.batch_share(plan[0].index)
+    if not len(index):
+        return 0.0
+    step = forward_backward_seconds(model, calib, index, device)
+    with quant_state(model, weight=False, act=False):
+        step += forward_seconds(model, calib, index, device)
+    return step * len(plan)
 
 
 # -- teacher bookkeeping ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from ..io_utils import atomic_write_text, ensure_writable_dir
 from ..prepare import handle, weights_digest
 from .activations import init_activations
 from .data import CalibrationSet
+from .timing import format_seconds
 from .weights import init_weights
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class Stage:
     options: tuple[str, ...] = ()
     # raises (naming the fix) if the stage cannot run on this model and options; runs before the first stage does
     check: Callable[[Preflight], None] | None = None
+    # seconds the stage will take on ctx.device, from timed passes (long stages only; the short ones have none)
+    estimate: Callable[[nn.Module, CalibrationSet, StageContext], float] | None = None
 
 
 _METHODS: dict[str, list[Stage]] = {}
@@ -164,6 +167,23 @@ def _resumable(path: Path, signature: dict[str, Any]) -> bool:
     return True
 
 
+def log_time_plan(model: nn.Module, calib: CalibrationSet, method: str, ctx: StageContext,
+                  stage_dir: Path | None = None) -> dict[str, float]:
+    """Estimate every long stage of ``method`` that has no finished file in ``stage_dir`` yet and log the total once,
+    before the first stage runs (each stage logs its own estimate again, and its measured time, when it runs).
+    Returns ``{stage: seconds}``."""
+    pending = [(number, stage) for number, stage in enumerate(method_stages(method)) if stage.estimate is not None
+               and not (stage_dir is not None and (stage_dir / f"{number:02d}-{stage.name}.json").is_file())]
+    if not pending:
+        return {}
+    with torch.no_grad():
+        seconds = {stage.name: stage.estimate(model, calib, ctx) for _, stage in pending}  # type: ignore[misc]
+    logger.info("%s: about %s on this device for %s (%s), from timed passes of the model; the other stages are short",
+                method, format_seconds(sum(seconds.values())), ", ".join(seconds),
+                ", ".join(f"{name} {format_seconds(s)}" for name, s in seconds.items()))
+    return seconds
+
+
 def run_stages(
     model: nn.Module, calib: CalibrationSet, method: str, ctx: StageContext, work_dir: str | Path | None = None
 ) -> None:
@@ -171,6 +191,7 @@ def run_stages(
     h = handle(model)
     h.method = method
     stage_dir = ensure_writable_dir(Path(work_dir) / "stages") if work_dir is not None else None
+    log_time_plan(model, calib, method, ctx, stage_dir)
     signature: dict[str, Any] = {"run": _run_signature(model, calib, ctx) if stage_dir else {}, "stages": {}}
     for number, stage in enumerate(method_stages(method)):
         path = stage_dir / f"{number:02d}-{stage.name}.safetensors" if stage_dir else None

@@ -25,11 +25,11 @@ from torch import nn
 from ..adapters import TIME_EMBEDDING_ROLES
 from ..config import ConfigError
 from ..prepare import handle
-from .brecq import BrecqConfig, rebuild_adaround, reconstruct
-from .cma import CMAConfig, critical_roles, detect_family, run_cma
+from .brecq import BrecqConfig, estimate_reconstruction, rebuild_adaround, reconstruct
+from .cma import CMAConfig, cma_plan, critical_roles, detect_family, run_cma
 from .common import layers_with_roles
 from .data import CalibrationSet
-from .finetune import keep_teacher_copies, release_teacher_copies
+from .finetune import keep_teacher_copies, plan_seconds, release_teacher_copies
 from .methods import (
     ACT_INIT,
     WEIGHT_INIT,
@@ -41,7 +41,7 @@ from .methods import (
     method_stages,
     register_method,
 )
-from .tla import TLAConfig, check_tla_roles, run_tla
+from .tla import TLAConfig, check_tla_roles, run_tla, tla_plan
 
 __all__ = ["METHOD_OPTIONS", "QuestOptions", "later_stages_pending", "resolve_options"]
 
@@ -159,9 +159,29 @@ def _check_cma(info: Preflight) -> None:
     critical_roles(info.model, info.adapter, info.layers, family, config)  # raises, or warns of the sensitivity fallback
 
 
-BRECQ = Stage("brecq", _brecq_stage, rebuild_adaround, _settings_of("brecq"), options=("brecq",), check=_check_options)
-TLA = Stage("tla", _tla_stage, _rebuild_tla, _settings_of("tla"), options=("tla", "global_loss"), check=_check_tla)
-CMA = Stage("cma", _cma_stage, settings=_settings_of("cma"), options=("cma", "global_loss"), check=_check_cma)
+def _estimate_brecq(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> float:
+    config = resolve_options(ctx.options, handle(model).method).brecq
+    _, _, capture_s, iterations_s = estimate_reconstruction(model, calib, config, device=ctx.device,
+                                                            batch_size=ctx.batch_size, seed=ctx.seed)
+    return capture_s + iterations_s
+
+
+def _estimate_tla(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> float:
+    config = resolve_options(ctx.options, handle(model).method).tla
+    return plan_seconds(model, calib, tla_plan(model, calib, config, ctx.seed), ctx.device)
+
+
+def _estimate_cma(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> float:
+    config = resolve_options(ctx.options, handle(model).method).cma
+    return plan_seconds(model, calib, cma_plan(model, calib, config, ctx.seed), ctx.device)
+
+
+BRECQ = Stage("brecq", _brecq_stage, rebuild_adaround, _settings_of("brecq"), options=("brecq",), check=_check_options,
+              estimate=_estimate_brecq)
+TLA = Stage("tla", _tla_stage, _rebuild_tla, _settings_of("tla"), options=("tla", "global_loss"), check=_check_tla,
+            estimate=_estimate_tla)
+CMA = Stage("cma", _cma_stage, settings=_settings_of("cma"), options=("cma", "global_loss"), check=_check_cma,
+            estimate=_estimate_cma)
 
 register_method("qdiffusion", [WEIGHT_INIT, BRECQ, ACT_INIT])
 register_method("quest", [WEIGHT_INIT, BRECQ, ACT_INIT, TLA, CMA])

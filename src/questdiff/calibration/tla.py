@@ -43,6 +43,7 @@ from .common import generator, layers_with_roles
 from .data import CalibrationSet
 from .finetune import (
     ORDERS,
+    Batch,
     FinetuneResult,
     Objective,
     Order,
@@ -135,6 +136,12 @@ def tla_objective(model: nn.Module, config: TLAConfig) -> Objective:
     return Objective(names, scales, names, config.local_weight, global_weight)
 
 
+def tla_plan(model: nn.Module, calib: CalibrationSet, config: TLAConfig, seed: int = 0) -> list[Batch]:
+    """TLA's training batches (``run_tla`` draws the same ones for the same ``seed``)."""
+    return plan_batches(model, calib, samples_per_t=config.samples_per_t, epochs=config.epochs, batch_size=config.batch_size,
+                        resample=False, order=config.order, generator=generator(seed, 21), timesteps=config.timesteps)
+
+
 def run_tla(
     model: nn.Module,
     calib: CalibrationSet,
@@ -150,8 +157,7 @@ def run_tla(
     config = config or TLAConfig()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     objective = tla_objective(model, config)
-    plan = plan_batches(model, calib, samples_per_t=config.samples_per_t, epochs=config.epochs, batch_size=config.batch_size,
-                        resample=False, order=config.order, generator=generator(seed, 21), timesteps=config.timesteps)
+    plan = tla_plan(model, calib, config, seed)
     rows = evaluation_batches(model, calib, config.samples_per_t, config.batch_size, generator(seed, 21), config.timesteps,
                               mixed=config.order == "mixed")  # the plan's own rows
     result = FinetuneResult()
