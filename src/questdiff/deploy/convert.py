@@ -115,7 +115,7 @@ def deploy_layer(layer: QuantLayerMixin, state: TimestepState, backend: Backend,
     acts = {"weight_quantizer": layer.act_quantizer, "weight_quantizer_skip": layer.act_quantizer_skip}
     operands = [_operand(w.detach(), getattr(layer, attr), acts[attr], state, name) for attr, w in layer.weight_halves()]
     bias = None if layer.bias is None else layer.bias.detach().clone()
-    common = {"operands": operands, "split": layer.split, "bias": bias, "backend": backend}
+    common = {"operands": operands, "split": layer.split, "bias": bias, "backend": backend, "rotation": layer.rotation}
     if isinstance(layer, QuantLinear):
         return DeployedLinear(layer.in_features, layer.out_features, **common)
     if isinstance(layer, (QuantConv1d, QuantConv2d)):

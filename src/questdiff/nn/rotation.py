@@ -18,13 +18,14 @@ ROTATION_SEED = 0
 
 
 def hadamard(block: int) -> torch.Tensor:
-    """Normalized Walsh-Hadamard matrix ``[block, block]`` (Sylvester construction; ``block`` a power of two)."""
+    """Walsh-Hadamard matrix ``[block, block]`` of ±1 (Sylvester construction; ``block`` a power of two); the
+    orthogonal ``H`` is ``hadamard(block) / sqrt(block)``."""
     h = torch.ones(1, 1)
     while h.shape[0] < block:
         h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)])
     if h.shape[0] != block:
         raise ValueError(f"the Hadamard block size must be a power of two, got {block}")
-    return h / block**0.5
+    return h
 
 
 def rotation_signs(channels: int, seed: int = ROTATION_SEED) -> torch.Tensor:
@@ -35,8 +36,9 @@ def rotation_signs(channels: int, seed: int = ROTATION_SEED) -> torch.Tensor:
 
 class ChannelRotation(nn.Module):
     """``x -> x R`` along the channel dim ``dim`` of ``x`` (``-1`` for token inputs ``[..., C]``, ``1`` for conv
-    inputs ``[N, C, ...]``). Buffers ``signs [C]`` and ``hadamard [b, b]`` are rebuilt from ``(channels, block,
-    seed)``, hence non-persistent (fake-quant checkpoints stay unchanged; deployed ones store every buffer)."""
+    inputs ``[N, C, ...]``). Buffers ``signs [C]`` and ``hadamard [b, b]`` (±1: exact in every dtype; the
+    ``1 / sqrt(b)`` is applied after the matmul) are rebuilt from ``(channels, block, seed)``, hence non-persistent
+    (fake-quant checkpoints stay unchanged; deployed ones store every buffer)."""
 
     def __init__(self, channels: int, block: int, dim: int, seed: int = ROTATION_SEED) -> None:
         super().__init__()
@@ -50,7 +52,7 @@ class ChannelRotation(nn.Module):
         """``x`` with its axis ``dim`` (of size ``channels``) multiplied by ``R``."""
         moved = x.movedim(dim, -1) * self.signs.to(x.dtype)
         rotated = (moved.unflatten(-1, (-1, self.block)) @ self.hadamard.to(x.dtype)).flatten(-2)
-        return rotated.movedim(-1, dim)
+        return (rotated * self.block**-0.5).movedim(-1, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.rotate(x, self.dim)
