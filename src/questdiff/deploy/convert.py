@@ -160,7 +160,8 @@ def convert(model: nn.Module, backend: Backend = "auto") -> nn.Module:
     runs the Triton kernels on CUDA and the pure-torch reference elsewhere (CPU), ``"reference"`` always the
     reference, ``"triton"`` requires a GPU. Layers whose grids no GEMM can apply (per-channel activations, grouped
     weights, Conv1d, dilated or grouped convs) and attention with masks run *simulated* (dequantized, exact but not
-    faster); convert warns naming them.
+    faster); convert warns naming them. Rotated layers (``ActivationSpec.rotation``: per-tensor 4-bit activations)
+    keep their rotation and run the kernels on the rotated input.
 
     Raises ``ValueError`` if the model is not quantized, already converted, or has quantization switched off.
     """
