@@ -1,7 +1,9 @@
 """Turn a denoiser into its fake-quantized twin, in place: wrap every quantizable layer, install the attention
 processors and the timestep hook, and attach a ``QuantHandle`` that owns the config, schedule and state.
 
-Structure only: quantizer parameters keep their neutral initial values until calibration fills them.
+Structure only: quantizer parameters keep their neutral initial values until calibration fills them. The one change
+to the model's own weights: with ``ActivationSpec.rotation`` each rotated layer's weight is multiplied by its
+input-channel rotation in place (its float output is unchanged, since the layer rotates its input the same way).
 """
 from __future__ import annotations
 
@@ -216,12 +218,16 @@ def _shared_parameters(model: nn.Module) -> set[int]:
     return shared
 
 
+def _listed(names: list[str], shown: int) -> str:
+    """The first ``shown`` names, and how many more."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def _warn_unrotated(names: list[str], block: int | None, shown: int = 12) -> None:
     if names:
-        more = f" and {len(names) - shown} more" if len(names) > shown else ""
         warnings.warn(
             f"{len(names)} quantized layer(s) keep unrotated inputs, so their activations are quantized without "
-            f"rotation (per tensor unless channelwise=True): {', '.join(names[:shown])}{more}. Rotation in blocks of "
+            f"rotation (per tensor unless channelwise=True): {_listed(names, shown)}. Rotation in blocks of "
             f"{block} needs ungrouped layers whose input channels (each half of a split skip conv) are a multiple of "
             f"{block}: a smaller power-of-two rotation block fits more layers",
             stacklevel=3,
@@ -243,9 +249,8 @@ def full_precision_layers(model: nn.Module) -> list[str]:
 def _warn_full_precision(model: nn.Module, shown: int = 12) -> None:
     names = full_precision_layers(model)
     if names:
-        more = f" and {len(names) - shown} more" if len(names) > shown else ""
         warnings.warn(
-            f"{len(names)} layer(s) with weights stay in full precision: {', '.join(names[:shown])}{more}. questdiff "
+            f"{len(names)} layer(s) with weights stay in full precision: {_listed(names, shown)}. questdiff "
             "quantizes Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d layers (and subclasses without a forward of "
             "their own) that its adapter selects; the generic adapter selects those its traced forward calls",
             stacklevel=3,
