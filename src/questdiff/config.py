@@ -117,7 +117,10 @@ class ActivationSpec:
     ``rotation=b`` rotates the input channels of every quantized layer by a block-diagonal randomized Hadamard
     matrix of block size ``b`` (a power of two; QuaRot / ConvRot style, ``questdiff.nn.rotation``): the layer's
     weight is rotated once at ``prepare`` so the float output is unchanged, while the rotated activation has no
-    outlier channels and quantizes well per tensor, a grid the GEMM kernels can apply."""
+    outlier channels and quantizes well per tensor, a grid the GEMM kernels can apply. It applies to every quantized
+    layer whose input channels divide (the 8-bit first/last layers included; the others are named in a warning).
+    Attention q/k/v are not rotated: with ``rotation`` set and ``channelwise=None`` they are quantized per tensor
+    too, so that the attention kernel runs them."""
 
     bits: int = 8
     symmetric: bool = False
