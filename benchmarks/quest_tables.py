@@ -12,6 +12,7 @@ and a re-run resumes everything that finished.
     python benchmarks/quest_tables.py --zoo fmnist-ldm --presets W4A8 --methods FP qdiffusion quest
     python benchmarks/quest_tables.py --quick --model /path/to/pipeline_folder       # CPU smoke run
     python benchmarks/quest_tables.py --zoo fmnist-dit --cma-critical sensitivity    # CMA's layers by sensitivity
+    python benchmarks/quest_tables.py --zoo fmnist-ldm --presets W4A4 --rotate 64    # rotated inputs: W4A4-rot64 rows
 
 Writes ``quest_tables[-quick].json`` and ``.md`` to ``--out`` (default ``benchmarks/results``) and a grid of the first
 samples of every row to ``OUT/grids/<model>-<preset>-<method>.png``.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import sys
@@ -36,7 +38,7 @@ from questdiff import pipelines, zoo
 from questdiff.calibration import BrecqConfig, CMAConfig, TLAConfig
 from questdiff.calibration.finetune import ORDERS
 from questdiff.calibration.methods import share_stages
-from questdiff.config import preset
+from questdiff.config import ActivationSpec, QuantConfig, preset
 from questdiff.eval.report import save_grid
 from questdiff.io_utils import atomic_write_text
 from questdiff.loading import load_pipeline
@@ -180,11 +182,24 @@ def reference_for(name: str | None, pipe: Any, args: argparse.Namespace) -> Refe
 
 
 # -- quantization ------------------------------------------------------------------------------------------------------
+def preset_label(preset_name: str, args: argparse.Namespace) -> str:
+    """The rows' preset column and work folder: ``W4A4``, or ``W4A4-rot64`` with ``--rotate 64``."""
+    return preset_name + (f"-rot{args.rotate}" if args.rotate else "")
+
+
+def variant_config(preset_name: str, variant: Variant, args: argparse.Namespace) -> QuantConfig:
+    config = preset(preset_name).replace(**variant.config)
+    if args.rotate:
+        config = config.replace(activation=dataclasses.replace(config.activation, rotation=args.rotate))
+    return config
+
+
 def quantize_variant(fp_unet: torch.nn.Module, calib: qd.CalibrationSet, preset_name: str, variant_name: str,
                      variant: Variant, work: Path, args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict[str, Any]], dict[str, Any]]:
     """Quantize a copy of ``fp_unet``; variants sharing the first stages resume them from the base run."""
-    config = preset(preset_name).replace(**variant.config)
+    config = variant_config(preset_name, variant, args)
     key = "shared-scales" if variant.config.get("timestep_aware") is False else "per-t"
+    preset_name = preset_label(preset_name, args)  # rotated runs keep their own stage folders
     base = work / preset_name / key / "base"
     assert variant.method is not None
     shared_run: dict[str, dict[str, Any]] = {}
@@ -234,7 +249,7 @@ def run_model(name: str | None, folder: str | None, args: argparse.Namespace,
                 pipelines.set_denoiser(pipe, unet)
                 images = sample(pipe, args.num_samples, args.seed, args, f"{preset_name} {variant_name}")
                 pipelines.set_denoiser(pipe, fp_unet)
-            row_preset = "FP" if variant.method is None else preset_name
+            row_preset = "FP" if variant.method is None else preset_label(preset_name, args)
             save_grid(images[:GRID_IMAGES], Path(args.out) / "grids" / f"{label}-{row_preset}-{variant_name}.png", nrow=10)
             row = {"model": label, "preset": row_preset, "method": variant_name,
                    "metrics": quality(images, ref, args, variant.method is None), "stages": report,
@@ -288,6 +303,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CMA's trained layers: 'auto' (the code's per-family roles), 'sensitivity' (the --cma-top-k "
                         "layers most sensitive to low-bit inputs) or comma-separated roles, e.g. 'ff,attn.self.q'")
     p.add_argument("--cma-top-k", type=int, default=None, help="layers CMA trains with --cma-critical sensitivity (default 8)")
+    p.add_argument("--rotate", type=int, default=None, metavar="B",
+                   help="rotate every quantized layer's input channels in Hadamard blocks of B (a power of two; "
+                        "ActivationSpec.rotation); rows read e.g. W4A4-rot64 (default: no rotation)")
     p.add_argument("--feature-net", default=None, help="zoo feature network for --model folders (e.g. mnist-features)")
     p.add_argument("--data", default=None, help="dataset folder for the test images (default: questdiff.zoo.data lookup)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -296,6 +314,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="stage checkpoints (default: OUT/quest_tables_work)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.rotate is not None:
+        try:
+            ActivationSpec(rotation=args.rotate)
+        except ValueError as err:
+            p.error(f"--rotate {args.rotate}: {err}")
     quick = {"num_samples": 16, "calib_samples": 2, "calib_steps": 2, "steps": 4, "recon_iters": 2, "tla_epochs": 1, "cma_epochs": 1}
     full = {"num_samples": 2048, "calib_samples": 256, "calib_steps": 20}
     for key, value in (quick if args.quick else full).items():
@@ -316,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = {k: getattr(args, k) for k in ("presets", "num_samples", "calib_samples", "calib_steps", "steps",
                                               "recon_iters", "tla_epochs", "cma_epochs", "tla_batch", "cma_batch", "order", "seed", "device",
-                                              "autocast", "cma_critical", "cma_top_k")}
+                                              "autocast", "cma_critical", "cma_top_k", "rotate")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "quest_tables-quick" if args.quick else "quest_tables"

@@ -10,7 +10,7 @@ from questdiff import checkpoint
 
 from questdiff.digest import file_digest, json_digest
 
-from builders import CustomUNet, custom_sampling_loop, ddim_pipeline, tiny_unet2d
+from builders import ROTATED_W4A4, CustomUNet, custom_sampling_loop, ddim_pipeline, tiny_unet2d
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +154,18 @@ def test_adapter_must_match_the_saved_one(saved, tmp_path):
         qd.load(tmp_path / "generic", base=fresh, adapter=qd.GenericAdapter("x"))  # x: the sample argument
     restored = qd.load(tmp_path / "generic", base=fresh, adapter=qd.GenericAdapter("noise_level"))
     assert torch.equal(custom_sampling_loop(restored, n=2, steps=4), custom_sampling_loop(model, n=2, steps=4))
+
+
+def test_rotated_model_round_trips_bit_exactly_and_the_base_is_rotated_once(tmp_path, calib):
+    unet = qd.quantize(tiny_unet2d(), ROTATED_W4A4, calib, progress=False)
+    qd.save(unet, tmp_path / "rot")
+    restored = qd.load(tmp_path / "rot", base=tiny_unet2d())
+    for key, value in unet.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
+    rotated = {n for n, m in restored.named_modules() if getattr(m, "rotation", None) is not None}
+    assert rotated and rotated == {n for n, m in unet.named_modules() if getattr(m, "rotation", None) is not None}
+    kwargs = calib.model_kwargs(torch.arange(4))
+    with torch.no_grad():
+        assert torch.equal(unet(**kwargs).sample, restored(**kwargs).sample)
+        with qd.quant_state(restored, weight=False, act=False):  # the loaded weights pair with ONE input rotation
+            torch.testing.assert_close(restored(**kwargs).sample, tiny_unet2d()(**kwargs).sample, atol=1e-5, rtol=1e-5)

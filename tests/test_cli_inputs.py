@@ -48,6 +48,8 @@ CASES = [
     # 1. validated before any work
     (["quantize", "--preset", "W1A8"], "--preset 'W1A8'"),
     (["quantize", "--preset", "X9"], "--preset 'X9'"),
+    (["quantize", "--preset", "W4A4", "--rotate", "48"], "--rotate 48: ActivationSpec.rotation must be a power of two"),
+    (["quantize", "--rotate", "0"], "argument --rotate: must be >= 1, got 0"),
     (["quantize", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
     (["quantize", "--calib-steps", "0"], "argument --calib-steps: must be >= 1, got 0"),
     (["quantize", "--calib-steps", "-1"], "argument --calib-steps: must be >= 1, got -1"),
@@ -233,3 +235,9 @@ def test_lazy_names_resolve():
     for package in (questdiff, questdiff.eval, zoo):
         for name in package.__all__:
             assert getattr(package, name) is not None, f"{package.__name__}.{name}"
+
+
+def test_rotate_reaches_the_config():
+    config = cli._preset("W4A4", 64)
+    assert config.activation.rotation == 64 and not config.activation.per_channel and config.weight.bits == 4
+    assert cli._preset("W4A4").activation.rotation is None

@@ -67,3 +67,21 @@ def test_nested_dict_error_names_the_fix():
     with pytest.raises(TypeError, match="QuantConfig.momentum"):
         presets.W8A8.replace(momentum="0.9")
     assert QuantConfig(momentum=1 / 2, first_last_act_bits=None).momentum == 0.5  # ints and None where allowed
+
+
+@pytest.mark.parametrize("block", [0, 1, 3, 48, -4])
+def test_rotation_block_must_be_a_power_of_two(block):
+    with pytest.raises(ValueError, match="ActivationSpec.rotation must be a power of two"):
+        ActivationSpec(bits=4, rotation=block)
+    with pytest.raises(TypeError, match="ActivationSpec.rotation"):
+        ActivationSpec(rotation=64.0)
+
+
+def test_rotation_makes_the_4_bit_default_per_tensor_and_round_trips():
+    rotated = presets.W4A4.replace(activation=ActivationSpec(bits=4, rotation=64))
+    assert not rotated.activation.per_channel
+    assert ActivationSpec(bits=4, rotation=64, channelwise=True).per_channel  # an explicit choice wins
+    assert QuantConfig.from_dict(rotated.to_dict()) == rotated
+    old = presets.W4A4.to_dict()
+    del old["activation"]["rotation"]  # a config saved before rotation existed
+    assert QuantConfig.from_dict(old).activation.rotation is None

@@ -65,14 +65,22 @@ def _read_prompts(path: str | None) -> list[str] | None:
     return lines
 
 
-def _preset(name: str) -> Any:
-    """The ``QuantConfig`` of ``--preset``; raises naming the option."""
+def _preset(name: str, rotate: int | None = None) -> Any:
+    """The ``QuantConfig`` of ``--preset`` (with ``--rotate``'s input-channel rotation); raises naming the option."""
+    import dataclasses
+
     from .config import resolve
 
     try:
-        return resolve(name)
+        config = resolve(name)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"--preset {name!r}: {err}") from None  # the config's message names the fix
+    if rotate is None:
+        return config
+    try:
+        return config.replace(activation=dataclasses.replace(config.activation, rotation=rotate))
+    except ValueError as err:
+        raise ValueError(f"--rotate {rotate}: {err}") from None
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -195,7 +203,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .loading import resolve_device
 
     start = time.perf_counter()
-    config = _preset(args.preset)
+    config = _preset(args.preset, args.rotate)
     options = _method_options(args)
     prompts = _read_prompts(args.prompts)
     device = resolve_device(args.device)
@@ -327,6 +335,10 @@ def _quantize_args(q: argparse.ArgumentParser) -> None:
     _model_args(q)
     q.add_argument("--preset", default="W8A8", help="W8A8, W4A8, W4A4 or any W<bits>A<bits>")
     q.add_argument("--method", default="rtn", choices=available_methods(), help="calibration method")
+    q.add_argument("--rotate", type=positive_int, default=None, metavar="B",
+                   help="rotate the input channels of every quantized layer by a randomized Hadamard matrix in blocks "
+                        "of B (a power of two, e.g. 64; QuaRot-style): 4-bit activations become per tensor, a grid "
+                        "the kernels run (default: no rotation; 4-bit activations per input channel, simulated)")
     q.add_argument("--calib-samples", type=positive_int, default=64, help="sampling trajectories for calibration data")
     q.add_argument("--calib-steps", type=positive_int, default=None,
                    help="calibrated timesteps, uniformly strided, at most the sampler's steps (default: every sampler step)")

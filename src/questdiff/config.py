@@ -4,7 +4,7 @@ serialisable with ``to_dict``/``from_dict``; presets are values, not code paths.
 Defaults follow the official QuEST code (quest-spec §2.3-2.6, §8) except where noted:
 - weights: asymmetric, per output channel, Lp (p = 2.4) shrink search over 80 candidates;
 - activations: asymmetric, percentile-by-MSE init, per tensor; channel-wise (per input channel) at 4 bits, as the
-  official code does (spec §2.6);
+  official code does (spec §2.6), unless the input channels are rotated (``ActivationSpec.rotation``, an addition);
 - first and last layer activations at 8 bits; attention softmax output at 8 bits with a zero point of 0;
 - split activation quantization of up-block skip convs on (the official code only does it for SD).
 """
@@ -111,22 +111,37 @@ class WeightSpec:
 
 @dataclass(frozen=True)
 class ActivationSpec:
-    """Activation quantizer settings. ``channelwise=None`` means "per input channel iff bits == 4" (official code)."""
+    """Activation quantizer settings.
+
+    ``channelwise=None`` means "per input channel iff bits == 4 and no rotation" (official code, without rotation).
+    ``rotation=b`` rotates the input channels of every quantized layer by a block-diagonal randomized Hadamard
+    matrix of block size ``b`` (a power of two; QuaRot / ConvRot style, ``questdiff.nn.rotation``): the layer's
+    weight is rotated once at ``prepare`` so the float output is unchanged, while the rotated activation has no
+    outlier channels and quantizes well per tensor, a grid the GEMM kernels can apply. It applies to every quantized
+    layer whose input channels divide (the 8-bit first/last layers included; the others are named in a warning).
+    Attention q/k/v are not rotated: with ``rotation`` set and ``channelwise=None`` they are quantized per tensor
+    too, so that the attention kernel runs them."""
 
     bits: int = 8
     symmetric: bool = False
     channelwise: bool | None = None
     scale_method: ActScaleMethod = "percentile"
+    rotation: int | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
         check_bits(self.bits, "activation bit width")
         if self.scale_method not in ("percentile", "minmax"):
             raise ValueError(f"unknown activation scale method {self.scale_method!r}: use 'percentile' or 'minmax'")
+        if self.rotation is not None and (self.rotation < 2 or self.rotation & (self.rotation - 1)):
+            raise ConfigError(f"ActivationSpec.rotation must be a power of two >= 2 (the Hadamard block size, e.g. "
+                              f"64), got {self.rotation}; use None for no rotation")
 
     @property
     def per_channel(self) -> bool:
-        return self.bits == 4 if self.channelwise is None else self.channelwise
+        if self.channelwise is not None:
+            return self.channelwise
+        return self.bits == 4 and self.rotation is None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Turn a denoiser into its fake-quantized twin, in place: wrap every quantizable layer, install the attention
 processors and the timestep hook, and attach a ``QuantHandle`` that owns the config, schedule and state.
 
-Structure only: quantizer parameters keep their neutral initial values until calibration fills them.
+Structure only: quantizer parameters keep their neutral initial values until calibration fills them. The one change
+to the model's own weights: with ``ActivationSpec.rotation`` each rotated layer's weight is multiplied by its
+input-channel rotation in place (its float output is unchanged, since the layer rotates its input the same way).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .config import ActivationSpec, QuantConfig
 from .digest import stats_digest
 from .nn import ActQuantizer, QuantLayerMixin, WeightQuantizer, wrap_layer
 from .nn.layers import is_quantizable, quant_layout
+from .nn.rotation import ChannelRotation
 from .nn.sdpa import AttentionSite, install_sdpa_quantizers
 from .timestep import TimestepSchedule, TimestepState, install_timestep_hook
 
@@ -89,8 +92,27 @@ def _act_spec(config: QuantConfig, info: LayerInfo) -> ActivationSpec:
             symmetric=config.activation.symmetric,
             channelwise=config.activation.per_channel,
             scale_method=config.activation.scale_method,
+            rotation=config.activation.rotation,  # rotated too: their 8-bit per-tensor grid gains as well
         )
     return config.activation
+
+
+def _rotate(layer: QuantLayerMixin, spec: ActivationSpec, shared: set[int]) -> str | None:
+    """Rotate ``layer``'s input channels as ``spec.rotation`` asks; returns why it could not (``None``: done or not
+    asked). ``shared``: ids of weights used by more than one module (rotating one user would break the others)."""
+    block = spec.rotation
+    if block is None:
+        return None
+    linear = isinstance(layer, nn.Linear)
+    channels = layer.in_features if linear else layer.in_channels  # type: ignore[union-attr]
+    if getattr(layer, "groups", 1) != 1:
+        return f"groups={layer.groups}"  # type: ignore[attr-defined]
+    if channels % block or layer.split % block:
+        return f"{channels} input channels" + (f", split at {layer.split}" if layer.split else "")
+    if id(layer.weight) in shared:
+        return "weight shared with another module"
+    layer.rotate_inputs(ChannelRotation(channels, block, -1 if linear else 1))
+    return None
 
 
 def _wrap(module: nn.Module, info: LayerInfo, config: QuantConfig, rows: int, state: TimestepState) -> QuantLayerMixin:
@@ -161,10 +183,16 @@ def prepare(
     state = TimestepState(schedule)
     rows = len(schedule)
     hook = install_timestep_hook(model, adapter.timestep_argument, HANDLE_ATTR)
+    shared = _shared_parameters(model)
+    unrotated = []
     for name, info in layers.items():
         layer = model.get_submodule(name)
         # new quantizer parameters follow the layer's device and dtype
-        model.set_submodule(name, _wrap(layer, info, config, rows, state).to(layer.weight.device))
+        wrapped = _wrap(layer, info, config, rows, state).to(layer.weight.device)
+        model.set_submodule(name, wrapped)
+        reason = _rotate(wrapped, _act_spec(config, info), shared)
+        if reason:
+            unrotated.append(f"{name} ({reason})")
     if config.quantize_attention:
         attentions = adapter.attentions(model)
         for name, info in attentions.items():
@@ -177,7 +205,33 @@ def prepare(
             install_sdpa_quantizers(model, [c.owner for c in calls], sites, attentions).to(_device(model))
     setattr(model, HANDLE_ATTR, QuantHandle(config, schedule, state, adapter, layers, base_fingerprint, hook))
     _warn_full_precision(model)
+    _warn_unrotated(unrotated, config.activation.rotation)
     return model
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters that more than one module holds (tied weights)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (shared if id(p) in seen else seen).add(id(p))
+    return shared
+
+
+def _listed(names: list[str], shown: int) -> str:
+    """The first ``shown`` names, and how many more."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _warn_unrotated(names: list[str], block: int | None, shown: int = 12) -> None:
+    if names:
+        warnings.warn(
+            f"{len(names)} quantized layer(s) keep unrotated inputs, so their activations are quantized without "
+            f"rotation (per tensor unless channelwise=True): {_listed(names, shown)}. Rotation in blocks of "
+            f"{block} needs ungrouped layers whose input channels (each half of a split skip conv) are a multiple of "
+            f"{block}: a smaller power-of-two rotation block fits more layers",
+            stacklevel=3,
+        )
 
 
 def full_precision_layers(model: nn.Module) -> list[str]:
@@ -195,9 +249,8 @@ def full_precision_layers(model: nn.Module) -> list[str]:
 def _warn_full_precision(model: nn.Module, shown: int = 12) -> None:
     names = full_precision_layers(model)
     if names:
-        more = f" and {len(names) - shown} more" if len(names) > shown else ""
         warnings.warn(
-            f"{len(names)} layer(s) with weights stay in full precision: {', '.join(names[:shown])}{more}. questdiff "
+            f"{len(names)} layer(s) with weights stay in full precision: {_listed(names, shown)}. questdiff "
             "quantizes Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d layers (and subclasses without a forward of "
             "their own) that its adapter selects; the generic adapter selects those its traced forward calls",
             stacklevel=3,

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from builders import ddim_pipeline
@@ -66,6 +67,17 @@ def test_quest_tables_quick(tmp_path):
     assert all("seconds" in s for s in quest_row["stages"])  # it ran the shared stages: their cost is its cost
     no_global = result["rows"][3]["stages"]
     assert [s.get("resumed", False) for s in no_global] == [True, True, True, False, False]  # shared stages reused
+
+
+def test_quest_tables_rotate_passes_the_rotation_through(tmp_path):
+    ddim_pipeline().save_pretrained(tmp_path / "pipe")
+    argv = ["--quick", "--quiet", "--model", str(tmp_path / "pipe"), "--presets", "W4A4", "--methods", "rtn",
+            "--rotate", "8", "--num-samples", "2", "--out", str(tmp_path / "out")]
+    assert _script("quest_tables").main(argv) == 0
+    result = json.loads((tmp_path / "out" / "quest_tables-quick.json").read_text())
+    assert [row["preset"] for row in result["rows"]] == ["W4A4-rot8"] and result["settings"]["rotate"] == 8
+    with pytest.raises(SystemExit):
+        _script("quest_tables").main([*argv[:-4], "--rotate", "12"])
 
 
 def test_quest_tables_quick_on_a_dit_with_cma_layers_by_sensitivity(tmp_path):

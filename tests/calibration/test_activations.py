@@ -31,3 +31,27 @@ def test_every_row_initialised_per_timestep_and_resume(tmp_path):
     assert all(r.get("resumed") for r in qd.handle(resumed).extra["report"])
     for key, value in unet.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key])
+
+
+def test_rotated_layers_initialise_from_the_rotated_input(calib):
+    """Activation init sees what the quantizer quantizes: the rotated input, not the layer's argument."""
+    from builders import ROTATED_W4A4
+
+    from questdiff.calibration.activations import init_activations
+    from questdiff.config import ActivationSpec
+    from questdiff.prepare import handle, prepare, quant_layers
+    from questdiff.primitives import search_minmax
+
+    config = ROTATED_W4A4.replace(activation=ActivationSpec(bits=4, rotation=8, scale_method="minmax"))
+    unet = prepare(tiny_unet2d(), config, qd.TimestepSchedule.from_timesteps(calib.timesteps))
+    name, layer = next((n, m) for n, m in quant_layers(unet).items() if m.rotation is not None and not m.split)
+    state, seen = handle(unet).state, {}
+    hook = layer.register_forward_pre_hook(lambda m, args: seen.setdefault(state.require_index(), args[0].detach()))
+    init_activations(unet, calib, progress=False)
+    hook.remove()
+    assert len(seen) == len(calib.timesteps) > 1
+    for row, x in seen.items():
+        rotated_scale, _ = search_minmax(layer.rotation(x).float(), 4, False)
+        plain_scale, _ = search_minmax(x.float(), 4, False)
+        torch.testing.assert_close(layer.act_quantizer.scale[row], rotated_scale.reshape(-1), msg=name)
+        assert not torch.allclose(rotated_scale, plain_scale)

@@ -46,3 +46,27 @@ def test_layers_kept_wider_than_the_model_bits_are_not_probed(unet, calib):
     qd.quantize(unet, "W4A4", calib, "rtn", progress=False)  # first/last layers keep 8-bit inputs
     names = {s.name for s in layer_sensitivity(unet, calib, bits=4, samples_per_t=1, timesteps=(900.0,), progress=False)}
     assert "conv_out" not in names and "conv_in" not in names and len(names) == 49
+
+
+
+def test_rotated_layers_are_probed_on_the_rotated_input():
+    """The probe quantizes what the layer's quantizer receives: the rotated input, not the layer's argument."""
+    from torch import nn
+
+    from questdiff.calibration.sensitivity import _probe, low_bit_inputs
+    from questdiff.config import ActivationSpec, WeightSpec
+    from questdiff.nn import ActQuantizer, WeightQuantizer, wrap_layer
+    from questdiff.nn.rotation import ChannelRotation
+    from questdiff.timestep import TimestepSchedule, TimestepState
+
+    state = TimestepState(TimestepSchedule((500.0,)))
+    layer = wrap_layer(nn.Linear(16, 4), WeightQuantizer((4, 16), WeightSpec()),
+                       ActQuantizer(1, ActivationSpec(bits=4, rotation=16), state, 16, -1))
+    layer.rotate_inputs(ChannelRotation(16, 16, -1))
+    layer.set_quant_state(False, False)
+    x = torch.randn(32, 16)
+    x[:, 0] *= 30  # an outlier channel: probing before or after the rotation differs a lot
+    with torch.no_grad(), low_bit_inputs(None, ["l"], 4, False, {"l": layer}):
+        out = layer(x)
+    expected = nn.functional.linear(_probe(layer.rotation(x), 4, False, None), layer.weight, layer.bias)
+    torch.testing.assert_close(out, expected)

@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 import questdiff as qd
-from builders import tiny_unet2d
+from builders import ROTATED_W4A4, tiny_unet2d
 from questdiff.deploy import DeployedLayer
 from questdiff.deploy.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 
-def test_round_trip_is_bit_exact_without_the_base_model(arch, deployed_pair, inputs, tmp_path):
-    _, deployed = deployed_pair(arch, "W8A8")
+@pytest.mark.parametrize("preset", ["W8A8", ROTATED_W4A4], ids=["W8A8", "W4A4-rot8"])
+def test_round_trip_is_bit_exact_without_the_base_model(arch, preset, deployed_pair, inputs, tmp_path):
+    _, deployed = deployed_pair(arch, preset)
     qd.save_deployed(deployed, tmp_path)
     loaded = qd.load_deployed(tmp_path)  # rebuilt from the class and config alone
     x, kwargs = inputs(deployed)
@@ -23,6 +24,11 @@ def test_round_trip_is_bit_exact_without_the_base_model(arch, deployed_pair, inp
             assert torch.equal(loaded(x, torch.tensor(t), **kwargs).sample, deployed(x, torch.tensor(t), **kwargs).sample)
     saved = {k: v for k, v in deployed.state_dict().items()}
     assert all(torch.equal(saved[k], v) for k, v in loaded.state_dict().items())
+    rotations = {n: m.rotation.spec() for n, m in loaded.named_modules()
+                 if isinstance(m, DeployedLayer) and m.rotation is not None}
+    assert rotations == {n: m.rotation.spec() for n, m in deployed.named_modules()
+                         if isinstance(m, DeployedLayer) and m.rotation is not None}
+    assert bool(rotations) == (preset is ROTATED_W4A4)
 
 
 @pytest.mark.parametrize("preset,ratio", [("W8A8", 0.27), ("W4A8", 0.15)])

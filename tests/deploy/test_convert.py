@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import questdiff as qd
-from builders import tiny_unet2d
+from builders import ROTATED_W4A4, tiny_unet2d
 from questdiff.deploy import DeployedLayer, is_deployed
 from questdiff.deploy.attention import DeployedAttnProcessor
 from questdiff.deploy.convert import deploy_layer
@@ -18,7 +18,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(peak**2 / ((a - b) ** 2).mean()))
 
 
-@pytest.mark.parametrize("preset", ["W8A8", "W4A8"])
+@pytest.mark.parametrize("preset", ["W8A8", "W4A8", ROTATED_W4A4], ids=["W8A8", "W4A8", "W4A4-rot8"])
 def test_every_deployed_layer_equals_its_fake_quant_layer(arch, preset, make_quantized, inputs):
     model = make_quantized(arch, preset)
     seen = {}
@@ -30,18 +30,20 @@ def test_every_deployed_layer_equals_its_fake_quant_layer(arch, preset, make_qua
     for hook in hooks:
         hook.remove()
     h = handle(model)
-    splits = 0
+    splits = rotations = 0
     with torch.no_grad(), h.state.at_timestep(500):
         for name, layer in quant_layers(model).items():
             deployed = deploy_layer(layer, h.state, "auto", name)
             assert deployed.runs_kernels, name
             splits += bool(deployed.split)
+            rotations += deployed.rotation is not None
             inp, out = seen[name]
             torch.testing.assert_close(deployed(inp), out, rtol=1e-5, atol=1e-5 * float(out.abs().max()), msg=name)
     assert splits or arch is not tiny_unet2d  # the UNet2D has split skip convs: they were covered
+    assert bool(rotations) == (preset is ROTATED_W4A4)
 
 
-@pytest.mark.parametrize("preset", ["W8A8", "W4A8"])
+@pytest.mark.parametrize("preset", ["W8A8", "W4A8", ROTATED_W4A4], ids=["W8A8", "W4A8", "W4A4-rot8"])
 def test_deployed_model_matches_fake_quant_model(arch, preset, deployed_pair, inputs):
     fake, deployed = deployed_pair(arch, preset)
     assert is_deployed(deployed) and not quant_layers(deployed)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import ROLE_NAMES
 from ..config import ActivationSpec
-from ..nn import QuantLayerMixin, QuantLinear
+from ..nn import ActQuantizer, QuantLayerMixin
 from ..prepare import handle, quant_layers, quant_state
 from ..primitives import fake_quantize, qrange, search_minmax
 from .common import generator, output_tensor
@@ -47,28 +47,24 @@ def _probe(x: torch.Tensor, bits: int, symmetric: bool, axis: int | None) -> tor
     return fake_quantize(x, scale.to(x.dtype), zero_point.to(x.dtype), qmin, qmax)
 
 
-def _probe_input(layer: QuantLayerMixin, x: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
-    axis = (x.ndim - 1 if isinstance(layer, QuantLinear) else 1) if per_channel else None
-    symmetric = layer.act_quantizer.symmetric
-    if not layer.split:
-        return _probe(x, bits, symmetric, axis)
-    return torch.cat([_probe(x[:, : layer.split], bits, symmetric, axis), _probe(x[:, layer.split :], bits, symmetric, axis)], dim=1)
-
-
 @contextlib.contextmanager
 def low_bit_inputs(model: nn.Module, names: list[str], bits: int, per_channel: bool,
                    layers: dict[str, QuantLayerMixin] | None = None) -> Iterator[None]:
     """Within the block, the layers ``names`` see inputs fake-quantized to ``bits`` (their own activation quantizers
-    are bypassed). ``layers``: ``quant_layers(model)`` if already at hand."""
+    are bypassed: a pre-hook on each, disabled, probes what it receives, i.e. the input as the layer quantizes it,
+    rotated if the layer rotates its input channels). ``layers``: ``quant_layers(model)`` if already at hand."""
     layers = layers if layers is not None else quant_layers(model)
     handles, previous = [], []
+
+    def probe(q: ActQuantizer, args: tuple) -> tuple:
+        x = args[0]
+        return (_probe(x, bits, q.symmetric, q.channel_dim % x.ndim if per_channel else None),)
+
     for name in names:
-        layer = layers[name]
-        for q in layer.act_quantizers():
+        for q in layers[name].act_quantizers():
             previous.append((q, q.enabled))
             q.enabled = False
-        handles.append(layer.register_forward_pre_hook(  # type: ignore[attr-defined]
-            lambda m, args: (_probe_input(m, args[0], bits, per_channel), *args[1:])))
+            handles.append(q.register_forward_pre_hook(probe))
     try:
         yield
     finally:
@@ -125,7 +121,8 @@ def layer_sensitivity(
     h = handle(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if per_channel is None:
-        per_channel = ActivationSpec(bits=bits, channelwise=h.config.activation.channelwise).per_channel
+        spec = h.config.activation
+        per_channel = ActivationSpec(bits=bits, channelwise=spec.channelwise, rotation=spec.rotation).per_channel
     g = generator(seed, 31)
     wanted = set(calib.timesteps if timesteps is None else map(float, timesteps))
     batches = []

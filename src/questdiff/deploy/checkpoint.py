@@ -23,6 +23,7 @@ from torch import nn
 from ..adapters import GenericAdapter, get_adapter
 from ..config import QuantConfig
 from ..io_utils import atomic_path, atomic_write_text, ensure_writable_dir
+from ..nn.rotation import ChannelRotation
 from ..prepare import HANDLE_ATTR, QuantHandle, handle
 from ..timestep import TimestepSchedule, TimestepState, install_timestep_hook
 from .attention import OPERANDS, DeployedAttnProcessor
@@ -174,8 +175,10 @@ def _operand(spec: dict[str, Any], state: TimestepState) -> QuantizedOperand:
 def _layer(spec: dict[str, Any], state: TimestepState, backend: Backend) -> DeployedLayer:
     operands = [_operand(s, state) for s in spec["operands"]]
     out_channels = operands[0].weight.shape[0]
+    rotation = spec.get("rotation")  # absent in checkpoints written before rotation existed
     common = {"operands": operands, "split": spec["split"], "backend": backend,
-              "bias": torch.empty(out_channels) if spec["has_bias"] else None}
+              "bias": torch.empty(out_channels) if spec["has_bias"] else None,
+              "rotation": None if rotation is None else ChannelRotation(**rotation)}
     g = spec["geometry"]
     if spec["kind"] == "linear":
         return DeployedLinear(g["in_features"], g["out_features"], **common)

@@ -115,7 +115,7 @@ def deploy_layer(layer: QuantLayerMixin, state: TimestepState, backend: Backend,
     acts = {"weight_quantizer": layer.act_quantizer, "weight_quantizer_skip": layer.act_quantizer_skip}
     operands = [_operand(w.detach(), getattr(layer, attr), acts[attr], state, name) for attr, w in layer.weight_halves()]
     bias = None if layer.bias is None else layer.bias.detach().clone()
-    common = {"operands": operands, "split": layer.split, "bias": bias, "backend": backend}
+    common = {"operands": operands, "split": layer.split, "bias": bias, "backend": backend, "rotation": layer.rotation}
     if isinstance(layer, QuantLinear):
         return DeployedLinear(layer.in_features, layer.out_features, **common)
     if isinstance(layer, (QuantConv1d, QuantConv2d)):
@@ -160,7 +160,8 @@ def convert(model: nn.Module, backend: Backend = "auto") -> nn.Module:
     runs the Triton kernels on CUDA and the pure-torch reference elsewhere (CPU), ``"reference"`` always the
     reference, ``"triton"`` requires a GPU. Layers whose grids no GEMM can apply (per-channel activations, grouped
     weights, Conv1d, dilated or grouped convs) and attention with masks run *simulated* (dequantized, exact but not
-    faster); convert warns naming them.
+    faster); convert warns naming them. Rotated layers (``ActivationSpec.rotation``: per-tensor 4-bit activations)
+    keep their rotation and run the kernels on the rotated input.
 
     Raises ``ValueError`` if the model is not quantized, already converted, or has quantization switched off.
     """

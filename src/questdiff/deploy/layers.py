@@ -3,7 +3,9 @@
 A deployed layer holds no float weight: only the codes and tables of its ``QuantizedOperand`` (two for split skip
 convs, whose second half is added as the first half's residual in the GEMM epilogue) and the bias. ``backend``
 picks the kernels: ``"auto"`` runs Triton where it can (CUDA) and the pure-torch reference elsewhere,
-``"reference"`` always runs the reference.
+``"reference"`` always runs the reference. A layer whose fake-quant twin rotates its input channels
+(``ActivationSpec.rotation``) keeps that ``ChannelRotation``: its weight codes are of the rotated weight, and it
+rotates its input (a float matmul per channel block) before taking the activation codes.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import ops
+from ..nn.rotation import ChannelRotation
 from .operand import QuantizedOperand
 
 Backend = Literal["auto", "triton", "reference"]
@@ -28,19 +31,21 @@ class DeployedLayer(nn.Module):
         split: first channel of the second segment (0 = one segment).
         bias: ``[N]`` or ``None``.
         backend: ``"auto"`` / ``"triton"`` / ``"reference"``.
+        rotation: the input-channel rotation applied before quantization (``None``: none).
     """
 
     kind = "layer"
     channel_dim = 1
 
     def __init__(self, operands: list[QuantizedOperand], split: int, bias: torch.Tensor | None,
-                 backend: Backend) -> None:
+                 backend: Backend, rotation: ChannelRotation | None = None) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
         self.operands = nn.ModuleList(operands)
         self.split = split
         self.backend = backend
+        self.rotation = rotation
         self.register_buffer("bias", bias)
 
     def geometry(self) -> dict[str, Any]:
@@ -49,7 +54,8 @@ class DeployedLayer(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "split": self.split, "has_bias": self.bias is not None,
-                "geometry": self.geometry(), "operands": [op.spec() for op in self.operands]}
+                "geometry": self.geometry(), "operands": [op.spec() for op in self.operands],
+                "rotation": None if self.rotation is None else self.rotation.spec()}
 
     @property
     def runs_kernels(self) -> bool:
@@ -61,6 +67,8 @@ class DeployedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         use_triton = ops.triton_runs_on(x.device, self.backend)
         kernels = self.runs_kernels
+        if self.rotation is not None:
+            x = self.rotation(x)
         parts = [x] if not self.split else list(torch.split(x, [self.split, x.shape[self.channel_dim] - self.split],
                                                             dim=self.channel_dim))
         y = None

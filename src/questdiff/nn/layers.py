@@ -12,6 +12,10 @@ axes swapped, so "per output channel" means the same for every layer.
 
 Split inputs (spec §2.3): a skip conv of an up block sees ``cat([decoder_feature, skip_feature], dim=1)``; with
 ``split > 0`` the channels ``[:split]`` and ``[split:]`` get separate activation and weight quantizers.
+
+Rotated inputs (``ActivationSpec.rotation``): ``rotate_inputs`` multiplies the weight's input-channel axis by an
+orthogonal ``R`` once, in place, and from then on the layer multiplies its input by ``R`` before the activation
+quantizer (which thus sees, and is calibrated on, the rotated input); the float output is unchanged.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from .quantizer import ActQuantizer, WeightQuantizer
+from .rotation import ChannelRotation
 
 
 class QuantLayerMixin:
@@ -38,6 +43,7 @@ class QuantLayerMixin:
     fp_weight: Optional[torch.Tensor]
     fp_bias: Optional[torch.Tensor]
     frozen_qweight: Optional[torch.Tensor]
+    rotation: Optional[ChannelRotation]
 
     def _attach(
         self,
@@ -60,6 +66,7 @@ class QuantLayerMixin:
         # Fake-quantized weight held constant while the layer's weight is frozen (finetuning of other layers):
         # saves the per-step weight fake-quant kernels. Non-persistent, set only by ``freeze_quantized_weight``.
         self.register_buffer("frozen_qweight", None, persistent=False)  # type: ignore[attr-defined]
+        self.add_module("rotation", None)  # type: ignore[attr-defined]  # set by ``rotate_inputs``
 
     # -- state -------------------------------------------------------------------------------------------------
     def weight_quantizers(self) -> list[WeightQuantizer]:
@@ -93,8 +100,24 @@ class QuantLayerMixin:
     def thaw_quantized_weight(self) -> None:
         self.frozen_qweight = None
 
+    @torch.no_grad()
+    def rotate_inputs(self, rotation: ChannelRotation) -> None:
+        """Rotate the input channels by ``rotation``'s ``R``: the weight now, in place (``W <- W R`` on its
+        input-channel axis, computed in fp32), the input in every forward. Once per layer, before calibration."""
+        if self.rotation is not None or self.fp_weight is not None:
+            raise ValueError("the layer is already rotated or calibrated: rotate a freshly prepared layer only")
+        if getattr(self, "groups", 1) != 1:
+            raise ValueError("grouped convolutions cannot rotate their input channels (R would mix the groups)")
+        w = quant_layout(self, self.weight)  # type: ignore[arg-type]
+        rotated = rotation.to(w.device).rotate(w.float(), 1).to(w.dtype)
+        self.weight.copy_(quant_layout(self, rotated))  # type: ignore[arg-type]
+        self.rotation = rotation
+
     # -- forward -----------------------------------------------------------------------------------------------
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The (rotated, then) fake-quantized input."""
+        if self.rotation is not None:
+            x = self.rotation(x)
         if not self.split:
             return self.act_quantizer(x)
         assert self.act_quantizer_skip is not None
