@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -68,6 +69,7 @@ CASES = [
     (["quantize", "--method", "rtn", "--tla-epochs", "3"], "--tla-epochs does not apply to method 'rtn'"),
     (["quantize", "--method", "best"], "argument --method: invalid choice: 'best'"),
     (["quantize", "--model", "{paths}/missing"], "--model '{paths}/missing' is neither a pipeline folder"),
+    (["quantize", "--out", "{paths}/prompts.txt/o"], "not writable"),
     (["quantize", "--model", "fmnist-features"], "--model 'fmnist-features' is neither a pipeline folder"),
     # 2. faults that were raw tracebacks
     pytest.param(["quantize", "--device", "cuda"], "--device 'cuda': no CUDA device is available here",
@@ -75,7 +77,7 @@ CASES = [
     (["quantize", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
     (["quantize", "--prompts", "{paths}/missing.txt"], "--prompts {paths}/missing.txt: no such prompts file"),
     (["quantize", "--prompts", "{paths}/folder"], "--prompts {paths}/folder is a folder; pass the prompts file"),
-    (["sample", "--quantized", "{paths}/broken"], "--quantized {paths}/broken: questdiff.json has no 'quant_config' entry"),
+    (["sample", "--quantized", "{paths}/broken"], "--quantized {paths}/broken: {paths}/broken/questdiff.json misses the entries base_fingerprint"),
     (["sample", "--quantized", "{paths}/missing"], "--quantized {paths}/missing"),
     (["sample", "--num-images", "0"], "argument --num-images: must be >= 1"),
     (["sample", "--guidance", "nan"], "argument --guidance: must be a finite number"),
@@ -86,7 +88,7 @@ CASES = [
     (["eval", "--num-samples", "5"], "--num-samples must be >= 10"),
     (["eval", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
     (["eval", "--model", "nope"], "--model: unknown zoo model 'nope'"),
-    (["eval", "--quantized", "{paths}/broken"], "--quantized {paths}/broken: questdiff.json has no 'quant_config' entry"),
+    (["eval", "--quantized", "{paths}/broken"], "--quantized {paths}/broken: {paths}/broken/questdiff.json misses the entries base_fingerprint"),
     (["eval", "--device", "tpu"], "--device 'tpu'"),
     (["eval", "--data", "{paths}/missing"], "--data {paths}/missing: no such folder"),
     (["zoo", "train", "mnist-ddpm", "--out", ""], "argument --out: must name a folder"),
@@ -174,6 +176,21 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, capsys, monkeypat
     assert code == 130 and err.endswith(
         f"kept calibration data and 1 finished stage(s) (weight_init) in {tmp_path}; run the same command again to "
         "resume from there")
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, capsys, monkeypatch):
+    """``timeout`` and job schedulers stop a command with SIGTERM: the same clean-up and message as Ctrl-C, and the
+    previous SIGTERM handler back afterwards."""
+    import os
+    import signal
+
+    monkeypatch.setattr(questdiff.calibration, "collect_calibration",
+                        lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5))
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "fresh"
+    code, err = _main(["quantize", "--out", str(out)], capsys)
+    assert code == 130 and err.endswith("questdiff quantize: interrupted: nothing had finished yet, nothing was kept")
+    assert not out.exists() and signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.parametrize("broken", [None, "no register"])

@@ -116,6 +116,10 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
+# what ``load`` reads from questdiff.json
+REQUIRED_KEYS = ("base_fingerprint", "adapter", "quant_config", "schedule", "method", "stages")
+
+
 def read_metadata(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / CONFIG_NAME
@@ -130,6 +134,10 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
             f"{path} has format {meta.get('format')!r} version {meta.get('format_version')!r}; this questdiff reads "
             f"{FORMAT!r} versions {list(READABLE_VERSIONS)}: re-quantize the model with this version"
         )
+    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise ValueError(f"{path} misses the entries {', '.join(missing)} (edited by hand or written by another "
+                         "questdiff version); quantize the model again")
     if meta["format_version"] == 1:
         logger.warning("%s predates content digests: its files cannot be verified; re-save it to add them", path)
     elif json_digest(_content(meta)) != _digests(meta).get("config") or "weights" not in _digests(meta):

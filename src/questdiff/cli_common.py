@@ -8,11 +8,14 @@ Nothing here imports torch or diffusers at module level.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import math
+import signal
 import sys
-from typing import Any, Callable, NoReturn
+import threading
+from typing import Any, Callable, Iterator, NoReturn
 
 logger = logging.getLogger("questdiff")
 
@@ -171,14 +174,34 @@ def _describe(err: BaseException) -> tuple[str, int]:
     return f"{type(err).__name__}: {text} (run with -v for the traceback)", FAILURE
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Raise ``KeyboardInterrupt`` on SIGTERM inside the block (main thread only), so a killed command runs the same
+    clean-up as Ctrl-C instead of leaving a half-written ``--out`` behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace,
                 verbose: bool = False) -> int:
     """``command(args)`` with every failure reported as one line ``<prog>: error: ...`` on stderr.
 
     Exit codes: 2 for bad input and environment (``ValueError``, ``OSError``, ``ImportError``, a full disk), 1 for
-    anything else (with ``verbose`` its traceback is raised instead), 130 for Ctrl-C."""
+    anything else (with ``verbose`` its traceback is raised instead), 130 for Ctrl-C or a SIGTERM (``timeout``, a
+    job scheduler), which are handled alike: the command cleans up and says what it kept."""
     try:
-        return command(args)
+        with _sigterm_as_interrupt():
+            return command(args)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED

@@ -125,7 +125,7 @@ def step_progress(pipe: Any, bar: Any, count: int) -> Iterator[None]:
     finally:
         if handle is not None:
             handle.remove()
-        bar.update(end - bar.n)
+    bar.update(end - bar.n)  # not after an interrupt: the bar stays where the work stopped
 
 
 def quiet(pipe: Any) -> None:
