@@ -5,8 +5,10 @@
    and compiled. Latency (median of CUDA-event timed forwards), weight MiB, peak memory; with ``--profile`` a
    per-layer-kind breakdown (conv / linear / attention / activation quantization / other) of the eager forward at
    the largest batch, against the FLOPs of each kind.
-2. ``--zoo NAME``: a zoo pipeline's sampling, FP vs fake-quant vs deployed (images/s at ``--zoo-batch``), and the
-   deployed samples' PSNR against the fake-quant samples of the same seeds.
+2. ``--zoo NAME``: a zoo pipeline's sampling, FP vs fake-quant vs deployed (images/s at ``--zoo-batch``), the
+   deployed samples' PSNR against the fake-quant samples of the same seeds, and its floor: each model against itself
+   with its outputs perturbed at float-rounding size (``--floor-eps``). Runs on the CPU too (``--no-sd15 --device
+   cpu``; the reference kernels).
 
     python benchmarks/deploy_latency.py --out benchmarks/results/deploy_latency-h200.json   # GPU machine
 
@@ -16,19 +18,21 @@ scales; the zoo model is quantized for real (RTN, or ``--quantized DIR``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 import questdiff as qd
 from architectures import build_sd15  # benchmarks/ is on sys.path when run as a script
+from questdiff.calibration.common import output_tensor
 from questdiff.calibration.weights import init_weights
 from questdiff.config import WeightSpec, preset
 from questdiff.deploy import convert
@@ -183,39 +187,78 @@ def run_sd15(args: argparse.Namespace, save: Callable[[list[dict[str, Any]]], No
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a - b) ** 2).mean())
+    mse = float(((a.double() - b.double()) ** 2).mean())
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def perturbed_output(model: nn.Module, eps: float, seed: int = 0) -> Iterator[None]:
+    """Multiply every output of ``model`` by ``1 + eps * N(0, 1)`` noise (float-rounding size for ``eps = 1e-6``):
+    how far a sampler carries a difference that small is the floor of any deployed-vs-fake-quant comparison."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def hook(module: nn.Module, args: Any, out: Any) -> None:
+        sample = output_tensor(out)
+        noise = torch.randn(sample.shape, generator=generator).to(sample.device, sample.dtype)
+        sample.mul_(1 + eps * noise)
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def run_zoo(args: argparse.Namespace) -> dict[str, Any]:
+    """FP vs fake-quant vs deployed sampling on a zoo model (images/s, PSNR of the same seeds), plus the floor: the
+    fake-quant model against itself with float-noise-sized output perturbations."""
     from questdiff.eval.sampling import generate
     from questdiff.pipelines import denoiser_of, quiet, set_denoiser
 
-    pipe = qd.zoo.load(args.zoo, device="cuda")
+    device = torch.device(args.device)
+    pipe = qd.zoo.load(args.zoo, device=device)
     quiet(pipe)
     fp_unet = copy.deepcopy(denoiser_of(pipe))
     if args.quantized:
         quantized = qd.load(args.quantized, base=denoiser_of(pipe))
     else:
-        calib = qd.collect_calibration(pipe, num_samples=64, progress=False)
+        calib = qd.collect_calibration(pipe, num_samples=args.zoo_calib_samples, num_inference_steps=args.zoo_steps,
+                                       progress=False)
         quantized = qd.quantize(denoiser_of(pipe), "W8A8", calib, method="rtn", progress=False)
     deployed = convert(copy.deepcopy(quantized))
-    result: dict[str, Any] = {"zoo": args.zoo, "images": args.zoo_images, "batch": args.zoo_batch}
+    result: dict[str, Any] = {"zoo": args.zoo, "images": args.zoo_images, "batch": args.zoo_batch, "device": str(device)}
     samples = {}
     for label, unet in (("FP", fp_unet), ("fake-quant", quantized), ("deployed", deployed)):
         set_denoiser(pipe, unet)
-        generate(pipe, args.zoo_batch, batch_size=args.zoo_batch, desc=f"warm-up {label}")
-        torch.cuda.synchronize()
+        if device.type == "cuda":
+            generate(pipe, args.zoo_batch, batch_size=args.zoo_batch, num_inference_steps=args.zoo_steps,
+                     desc=f"warm-up {label}")
+        _sync(device)
         start = time.perf_counter()
-        samples[label] = generate(pipe, args.zoo_images, batch_size=args.zoo_batch, desc=label)
-        torch.cuda.synchronize()
+        samples[label] = generate(pipe, args.zoo_images, batch_size=args.zoo_batch, num_inference_steps=args.zoo_steps,
+                                  desc=label)
+        _sync(device)
         seconds = time.perf_counter() - start
         result[f"{label}_images_per_s"] = args.zoo_images / seconds
         print(f"zoo {args.zoo} {label:10s}: {args.zoo_images / seconds:8.1f} images/s", flush=True)
+    for label, unet in (("FP", fp_unet), ("fake-quant", quantized)):
+        set_denoiser(pipe, unet)
+        with perturbed_output(unet, args.floor_eps):
+            again = generate(pipe, args.zoo_images, batch_size=args.zoo_batch, num_inference_steps=args.zoo_steps,
+                             desc=f"{label} perturbed")
+        result[f"psnr_{label.lower().replace('-', '_')}_vs_itself_perturbed_db"] = _psnr(again, samples[label])
+    result["floor_eps"] = args.floor_eps
     result["psnr_deployed_vs_fake_quant_db"] = _psnr(samples["deployed"], samples["fake-quant"])
     result["psnr_fake_quant_vs_fp_db"] = _psnr(samples["fake-quant"], samples["FP"])
-    print(f"zoo PSNR deployed vs fake-quant {result['psnr_deployed_vs_fake_quant_db']:.1f} dB, "
-          f"fake-quant vs FP {result['psnr_fake_quant_vs_fp_db']:.1f} dB", flush=True)
+    print(f"zoo PSNR deployed vs fake-quant {result['psnr_deployed_vs_fake_quant_db']:.1f} dB; floor (each model vs "
+          f"itself with outputs x (1 + {args.floor_eps:g} N(0,1))): fake-quant "
+          f"{result['psnr_fake_quant_vs_itself_perturbed_db']:.1f} dB, FP {result['psnr_fp_vs_itself_perturbed_db']:.1f} "
+          f"dB; fake-quant vs FP {result['psnr_fake_quant_vs_fp_db']:.1f} dB", flush=True)
     return result
 
 
@@ -235,13 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantized", default=None, help="fake-quant checkpoint of --zoo (default: RTN W8A8 here)")
     parser.add_argument("--zoo-images", type=int, default=256)
     parser.add_argument("--zoo-batch", type=int, default=256)
+    parser.add_argument("--zoo-steps", type=int, default=None, help="sampler steps (default: the pipeline's)")
+    parser.add_argument("--zoo-calib-samples", type=int, default=64, help="calibration trajectories of the RTN model")
+    parser.add_argument("--floor-eps", type=float, default=1e-6,
+                        help="relative output noise of the floor measurement (default: 1e-6, float-rounding size)")
+    parser.add_argument("--device", default="cuda", help="device of the --zoo comparison (the SD-1.5 table needs cuda)")
     parser.add_argument("--out", default="benchmarks/results/deploy_latency.json")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("deploy_latency needs a CUDA GPU", file=sys.stderr)
+    if (args.sd15 or args.device.startswith("cuda")) and not torch.cuda.is_available():
+        print("deploy_latency: the SD-1.5 table needs a CUDA GPU; on a CPU run only the zoo comparison: "
+              "--no-sd15 --zoo NAME --device cpu", file=sys.stderr)
         return 2
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                              "args": vars(args)}
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device.startswith("cuda") else "cpu"
+    report: dict[str, Any] = {"device": name, "torch": torch.__version__, "args": vars(args)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     def save(rows: list[dict[str, Any]]) -> None:

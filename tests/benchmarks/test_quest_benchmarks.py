@@ -11,6 +11,8 @@ import torch
 
 from builders import ddim_pipeline
 
+from questdiff import zoo
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import their shared helpers (architectures.py) as top-level modules
 
@@ -78,6 +80,10 @@ def test_quest_tables_rotate_passes_the_rotation_through(tmp_path):
     assert [row["preset"] for row in result["rows"]] == ["W4A4-rot8"] and result["settings"]["rotate"] == 8
     with pytest.raises(SystemExit):
         _script("quest_tables").main([*argv[:-4], "--rotate", "12"])
+    tensor = [a for a in argv if a not in ("--rotate", "8")] + ["--act-granularity", "tensor"]
+    assert _script("quest_tables").main(tensor) == 0
+    result = json.loads((tmp_path / "out" / "quest_tables-quick.json").read_text())
+    assert [row["preset"] for row in result["rows"]] == ["W4A4-tensor"]
 
 
 def test_quest_tables_quick_on_a_dit_with_cma_layers_by_sensitivity(tmp_path):
@@ -96,3 +102,17 @@ def test_quest_tables_quick_on_a_dit_with_cma_layers_by_sensitivity(tmp_path):
                   "stages").glob("*-cma.json"))
     cma = json.loads(stage.read_text())["signature"]["stages"]["cma"]
     assert cma["critical"] == "sensitivity" and cma["top_k"] == 3
+
+
+@pytest.mark.skipif(not zoo.has_default(), reason="the zoo does not ship the default model's weights")
+def test_deploy_latency_zoo_comparison_runs_on_the_cpu(tmp_path):
+    """The deployed-vs-fake-quant PSNR and its float-noise floor on the shipped default model (reference kernels)."""
+    out = tmp_path / "deploy.json"
+    argv = ["--no-sd15", "--zoo", zoo.DEFAULT_MODEL, "--device", "cpu", "--zoo-images", "2", "--zoo-batch", "2",
+            "--zoo-calib-samples", "1", "--zoo-steps", "4", "--out", str(out)]
+    assert _script("deploy_latency").main(argv) == 0
+    report = json.loads(out.read_text())["zoo"]
+    assert report["FP_images_per_s"] > 0 and report["deployed_images_per_s"] > 0
+    # the FP model is smooth: float-noise-sized output changes stay float-noise sized after sampling
+    assert report["psnr_fp_vs_itself_perturbed_db"] > 80
+    assert report["psnr_deployed_vs_fake_quant_db"] > 20
