@@ -11,8 +11,9 @@ evaluation (torchmetrics, scipy), the zoo's training code and transformers load 
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -90,15 +91,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from .timestep import TimestepError, TimestepSchedule
 
 
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    elif name in _ATTRIBUTES:
-        value = getattr(importlib.import_module(f".{_ATTRIBUTES[name]}", __name__), name)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # cached: later lookups skip this function
-    return value
+__getattr__ = lazy_getattr(__name__, _ATTRIBUTES, _SUBMODULES)
 
 
 def __dir__() -> list[str]:

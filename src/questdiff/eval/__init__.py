@@ -7,8 +7,9 @@ scipy load only when a metric is computed, not when the command line starts.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_getattr
 
 _ATTRIBUTES = {
     "class_accuracy": "accuracy",
@@ -66,12 +67,7 @@ if TYPE_CHECKING:
     from .sampling import class_labels, generate
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _ATTRIBUTES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_ATTRIBUTES[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _ATTRIBUTES)
 
 
 def __dir__() -> list[str]:
