@@ -276,7 +276,10 @@ class CalibrationSet:
         if not path.is_file():
             raise FileNotFoundError(f"calibration file {path} does not exist")
         try:
-            tensors = load_file(str(path))
+            # own storage for each tensor: safetensors (0.8) returns views into one file buffer at arbitrary byte
+            # offsets, and CPU kernels round differently on unaligned inputs, so a reloaded set would not reproduce
+            # the in-memory set's outputs bit for bit
+            tensors = {k: v.clone() for k, v in load_file(str(path)).items()}
             from safetensors import safe_open
 
             with safe_open(str(path), "pt") as f:
