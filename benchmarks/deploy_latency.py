@@ -1,10 +1,11 @@
 """Deployed-model speed and size on the GPU, side by side in one process.
 
-1. ``--arch sd15``: an SD-1.5-architecture UNet2DConditionModel (random weights, 64x64 latent, 77x768 context) at
-   each ``--batches`` size: bf16 eager / torch.compile against questdiff W8A8 (and ``--w4``: W4A8) deployed, eager
-   and compiled. Latency (median of CUDA-event timed forwards), weight MiB, peak memory; with ``--profile`` a
-   per-layer-kind breakdown (conv / linear / attention / activation quantization / other) of the eager forward at
-   the largest batch, against the FLOPs of each kind.
+1. SD-1.5: an SD-1.5-architecture UNet2DConditionModel (random weights, 64x64 latent, 77x768 context) at each
+   ``--batches`` size, ``--models`` (bf16, questdiff presets deployed, the torchao fp8 row-wise peer) in each of
+   ``--modes`` (eager, cuda-graph: the whole call, timestep hook included, captured once; compile; compile+graph).
+   Latency (median of CUDA-event timed forwards), weight MiB, peak memory; with ``--profile`` a per-layer-kind
+   breakdown (conv / linear / attention / activation quantization / other) of the eager forward at the largest
+   batch.
 2. ``--zoo NAME``: a zoo pipeline's sampling, FP vs fake-quant vs deployed (images/s at ``--zoo-batch``), the
    deployed samples' PSNR against the fake-quant samples of the same seeds, and its floor: each model against itself
    with its outputs perturbed at float-rounding size (``--floor-eps``). Runs on the CPU too (``--no-sd15 --device
@@ -58,15 +59,12 @@ def _sync_time(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(times)
 
 
-def graphed(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], Any]:
-    """One denoiser call captured in a CUDA graph (``replay`` runs it with no CPU launch cost). The timestep hook
-    reads the timestep on the host, which a capture forbids: the row is fixed beforehand and the hook taken off
-    (benchmark only: the replay serves that one timestep)."""
-    h = getattr(model, "_questdiff", None)
+def graphed(model: Callable[..., Any], inputs: dict[str, torch.Tensor]) -> Callable[[], Any]:
+    """One denoiser call captured in a CUDA graph, timestep hook included (a deployed model finds its rows on the
+    device): the returned ``replay()`` runs it with no CPU launch cost, for whatever timestep ``inputs["timestep"]``
+    holds then, and returns the graph's output."""
     with torch.no_grad():
-        model(**inputs)  # autotunes the kernels and sets the row
-        if h is not None:
-            h.hook.remove()
+        model(**inputs)  # autotunes the kernels
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -74,18 +72,53 @@ def graphed(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], A
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            model(**inputs)
-    if h is not None:
-        h.hook = _reinstall(model)
-    return graph.replay
+            out = model(**inputs)
+
+    def replay() -> Any:
+        graph.replay()
+        return out
+
+    return replay
 
 
-def _reinstall(model: nn.Module) -> Any:
-    from questdiff.prepare import HANDLE_ATTR
-    from questdiff.timestep import install_timestep_hook
+class GraphedDenoiser(nn.Module):
+    """A drop-in ``pipe.unet`` whose first call for each input shape captures the wrapped denoiser in a CUDA graph
+    and whose later calls copy their tensors into the captured inputs and replay: what a serving stack does with a
+    deployed model, over a real pipeline's every step (the timestep arrives as a device tensor)."""
 
-    h = getattr(model, HANDLE_ATTR)
-    return install_timestep_hook(model, h.adapter.timestep_argument, HANDLE_ATTR)
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self._graphs: dict[tuple, tuple[Callable[[], Any], dict[str, torch.Tensor]]] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                return_dict: bool = True, **kwargs: Any) -> Any:
+        if any(v is not None for v in kwargs.values()):
+            raise ValueError(f"GraphedDenoiser passes only sample, timestep and encoder_hidden_states, got {kwargs}")
+        t = torch.as_tensor(timestep, device=sample.device)
+        key = (tuple(sample.shape), tuple(t.shape), tuple(encoder_hidden_states.shape))
+        if key not in self._graphs:
+            static = {"sample": sample.clone(), "timestep": t.clone(), "encoder_hidden_states": encoder_hidden_states.clone()}
+            self._graphs[key] = (graphed(self.model, static), static)
+        replay, static = self._graphs[key]
+        static["sample"].copy_(sample)
+        static["timestep"].copy_(t)
+        static["encoder_hidden_states"].copy_(encoder_hidden_states)
+        out = replay().sample.clone()
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out)
 
 
 def _bytes(model: nn.Module) -> int:
@@ -109,6 +142,25 @@ def quantized_sd15(label: str, rows: int = 20) -> nn.Module:
     return unet.to(torch.bfloat16).eval()
 
 
+def torchao_fp8_sd15() -> nn.Module:
+    """The peer: torchao's dynamic fp8 row-wise quantization of every Linear (no calibration; convs stay bf16)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    with torch.device("cuda"):
+        unet = build_sd15().to(torch.bfloat16).eval()
+    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    return unet
+
+
+def sd15_model(label: str) -> nn.Module:
+    if label == "bf16":
+        with torch.device("cuda"):
+            return build_sd15().to(torch.bfloat16).eval()
+    if label == "torchao-fp8-row":
+        return torchao_fp8_sd15()
+    return quantized_sd15(label)
+
+
 def sd15_inputs(batch: int) -> dict[str, torch.Tensor]:
     g = torch.Generator(device="cuda").manual_seed(0)
     return {"sample": torch.randn(batch, 4, 64, 64, device="cuda", dtype=torch.bfloat16, generator=g),
@@ -122,9 +174,10 @@ def profile_kinds(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str
 
     kinds = {"questdiff::conv2d": "conv", "aten::cudnn_convolution": "conv", "questdiff::gemm": "linear",
              "aten::addmm": "linear", "aten::mm": "linear", "aten::bmm": "linear",
-             "questdiff::attention": "attention", "aten::_scaled_dot_product_flash_attention": "attention",
+             "questdiff::attention": "attention", "questdiff::attention_qk": "attention",
+             "aten::_scaled_dot_product_flash_attention": "attention",
              "aten::_scaled_dot_product_efficient_attention": "attention",
-             "aten::_scaled_dot_product_cudnn_attention": "attention", "questdiff::quantize_codes": "act quantize"}
+             "aten::_scaled_dot_product_cudnn_attention": "attention", "questdiff::quantize": "act quantize"}
     with torch.no_grad():
         model(**inputs)
         torch.cuda.synchronize()
@@ -142,26 +195,52 @@ def profile_kinds(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
+def _runner(model: nn.Module, mode: str, inputs: dict[str, torch.Tensor], compiled: dict[str, Any]) -> Callable[[], Any]:
+    """A no-argument call of ``model`` on ``inputs`` in ``mode``: eager, cuda-graph, compile (Inductor, default mode)
+    or compile+graph (the compiled model captured in a CUDA graph); the compiled module is made once per model."""
+    if mode in ("compile", "compile+graph"):
+        if "module" not in compiled:
+            compiled["module"] = torch.compile(model)
+        run = compiled["module"]
+    else:
+        run = model
+    if mode.endswith("graph"):
+        return graphed(run, inputs)
+    return lambda: run(**inputs)
+
+
+def _graph_serves_every_step(model: nn.Module, inputs: dict[str, torch.Tensor], replay: Callable[[], Any]) -> float:
+    """Relative difference between the captured graph replayed at another timestep and an eager call there."""
+    inputs["timestep"].fill_(900)
+    with torch.no_grad():
+        got = replay().sample.clone()
+        ref = model(**inputs).sample
+    inputs["timestep"].fill_(500)
+    return float((got.float() - ref.float()).norm() / ref.float().norm())
+
+
 def run_sd15(args: argparse.Namespace, save: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    labels = ["bf16", "W8A8"] + (["W4A8"] if args.w4 else [])
-    for label in labels:
-        if label == "bf16":
-            with torch.device("cuda"):
-                model = build_sd15().to(torch.bfloat16).eval()
-        else:
-            model = quantized_sd15(label)
+    for label in args.models:
+        try:
+            model = sd15_model(label)
+        except Exception as err:  # noqa: BLE001 - a peer that cannot be built is recorded, the rest still runs
+            rows.append({"model": label, "error": repr(err)})
+            print(f"sd15 {label}: cannot build: {err!r}", flush=True)
+            continue
         weight_mib = _bytes(model) / 2**20
-        modes = ["eager"] * args.eager + ["cuda-graph"] * args.cuda_graph + ["compile"] * args.compile
-        for mode in modes:
-            run = torch.compile(model) if mode == "compile" else model
-            for batch in args.compile_batches if mode == "compile" and args.compile_batches else args.batches:
+        compiled: dict[str, Any] = {}
+        for mode in args.modes:
+            batches = args.compile_batches if mode.startswith("compile") and args.compile_batches else args.batches
+            if label == "torchao-fp8-row" and not mode.startswith("compile"):
+                continue  # torchao's fp8 path is meant to be compiled
+            for batch in batches:
                 inputs = sd15_inputs(batch)
                 torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
                 try:
                     with torch.no_grad():
-                        call = graphed(run, inputs) if mode == "cuda-graph" else (lambda: run(**inputs))
+                        call = _runner(model, mode, inputs, compiled)
                         call()
                         torch.cuda.synchronize()
                         first = time.perf_counter() - start
@@ -172,16 +251,83 @@ def run_sd15(args: argparse.Namespace, save: Callable[[list[dict[str, Any]]], No
                     continue
                 row = {"model": label, "mode": mode, "batch": batch, "ms": ms, "weight_mib": weight_mib,
                        "peak_mib": torch.cuda.max_memory_allocated() / 2**20, "first_call_s": first}
+                if mode.endswith("graph"):
+                    row["graph_vs_eager_at_another_t"] = _graph_serves_every_step(model, inputs, call)
                 rows.append(row)
                 save(rows)
-                print(f"sd15 {label:5s} {mode:10s} batch {batch}: {ms:7.2f} ms  weights {weight_mib:7.1f} MiB  "
+                print(f"sd15 {label:15s} {mode:13s} batch {batch}: {ms:7.2f} ms  weights {weight_mib:7.1f} MiB  "
                       f"peak {row['peak_mib']:7.0f} MiB  (first call {first:.1f} s)", flush=True)
-        if args.profile:
+        if args.profile and label != "torchao-fp8-row":
             kinds = profile_kinds(model, sd15_inputs(max(args.batches)))
             rows.append({"model": label, "profile_batch": max(args.batches), "kinds_ms": kinds})
             print(f"sd15 {label} eager batch {max(args.batches)} by kind (ms): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()), flush=True)
-        del model
+        del model, compiled
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sd15_pipeline(unet: nn.Module) -> Any:
+    """A StableDiffusionPipeline of the SD-1.5 architecture (random weights; SD's VAE; no text encoder: prompt
+    embeddings are given) with a DDIM scheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    with torch.device("cuda"):
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                            sample_size=512).to(torch.bfloat16).eval()
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipeline(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """ms per image of a whole pipeline run (``--pipeline-steps`` DDIM steps, CFG 7.5, batch ``--pipeline-batch``,
+    VAE decode included) with the UNet eager and CUDA-graphed (``GraphedDenoiser``: one graph serves every step),
+    for each of ``--models``; the graphed run's latents are compared with the eager run's."""
+    rows: list[dict[str, Any]] = []
+    batch = args.pipeline_batch
+    g = torch.Generator(device="cuda").manual_seed(1)
+    embeds = torch.randn(batch, *CONTEXT, device="cuda", dtype=torch.bfloat16, generator=g)
+    negative = torch.randn(batch, *CONTEXT, device="cuda", dtype=torch.bfloat16, generator=g)
+    for label in args.models:
+        if label == "torchao-fp8-row":
+            continue  # compiled only; not captured here
+        try:
+            unet = sd15_model(label)
+        except Exception as err:  # noqa: BLE001
+            rows.append({"model": label, "mode": "pipeline", "error": repr(err)})
+            continue
+        latents: dict[str, torch.Tensor] = {}
+        for mode, denoiser in (("pipeline-eager", unet), ("pipeline", GraphedDenoiser(unet))):
+            pipe = sd15_pipeline(denoiser)
+
+            def call(output_type: str = "pt") -> Any:
+                return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=args.pipeline_steps,
+                            guidance_scale=7.5, output_type=output_type, generator=torch.Generator("cuda").manual_seed(0))
+
+            try:
+                with torch.no_grad():
+                    latents[mode] = call("latent").images
+                    ms = _sync_time(call, max(3, args.reps // 5))
+            except Exception as err:  # noqa: BLE001
+                rows.append({"model": label, "mode": mode, "batch": batch, "error": repr(err)})
+                print(f"pipeline {label} {mode}: FAILED {err!r}", flush=True)
+                continue
+            row = {"model": label, "mode": mode, "batch": batch, "steps": args.pipeline_steps, "ms": ms / batch,
+                   "ms_per_run": ms}
+            if mode == "pipeline" and "pipeline-eager" in latents:
+                a, b = latents["pipeline"].float(), latents["pipeline-eager"].float()
+                row["latents_rel_diff_vs_eager"] = float((a - b).norm() / b.norm())
+            rows.append(row)
+            print(f"pipeline {label:6s} {mode:14s} batch {batch}: {ms / batch:7.2f} ms/image ({ms:.0f} ms per run)"
+                  + (f"  graphed vs eager latents {row['latents_rel_diff_vs_eager']:.1e}" if "latents_rel_diff_vs_eager"
+                     in row else ""), flush=True)
+        del unet
         torch.cuda.empty_cache()
     return rows
 
@@ -267,13 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--no-sd15", dest="sd15", action="store_false", help="skip the SD-1.5 latency table")
-    parser.add_argument("--no-eager", dest="eager", action="store_false", help="skip the eager timings")
-    parser.add_argument("--cuda-graph", action="store_true", help="also time CUDA-graph replays of the eager models")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--models", nargs="+", default=["bf16", "W8A8", "W4A8"],
+                        help="bf16, questdiff presets (W8A8, W4A8, ...) and the peer torchao-fp8-row (compiled only)")
+    parser.add_argument("--modes", nargs="+", default=["eager", "cuda-graph"],
+                        choices=["eager", "cuda-graph", "compile", "compile+graph"])
     parser.add_argument("--compile-batches", type=int, nargs="+", default=None,
-                        help="batches for the compiled models (default: --batches)")
-    parser.add_argument("--w4", action="store_true", help="also time W4A8 (packed 4-bit weights)")
+                        help="batches for the compiled modes (default: --batches)")
     parser.add_argument("--profile", action="store_true", help="per-layer-kind breakdown at the largest batch")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="also time whole StableDiffusionPipeline runs (eager and CUDA-graphed UNet)")
+    parser.add_argument("--pipeline-batch", type=int, default=8)
+    parser.add_argument("--pipeline-steps", type=int, default=20)
     parser.add_argument("--zoo", default=None, help="zoo model for the sampling comparison (e.g. fmnist-ldm-cond)")
     parser.add_argument("--quantized", default=None, help="fake-quant checkpoint of --zoo (default: RTN W8A8 here)")
     parser.add_argument("--zoo-images", type=int, default=256)
@@ -299,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.sd15:
         run_sd15(args, save)
+    if args.pipeline:
+        report["pipeline"] = run_pipeline(args)
+        out.write_text(json.dumps(report, indent=2))
     if args.zoo:
         report["zoo"] = run_zoo(args)
     out.write_text(json.dumps(report, indent=2))

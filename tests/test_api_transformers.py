@@ -82,8 +82,10 @@ def test_collect_quantize_sample_save_load(collected, name, method, tmp_path):
     rows = calib.model_kwargs(torch.arange(2))
     fired, every = _fired(model, rows)
     assert fired == every
-    attentions = [n for n, m in model.named_modules() if hasattr(m, "to_q") and hasattr(m, "processor")]
-    assert attentions and all(f"{n}.processor.{q}_quantizer" in fired for n in attentions for q in ("q", "k", "v", "probs"))
+    attentions = {n: m.processor for n, m in model.named_modules() if hasattr(m, "to_q") and hasattr(m, "processor")}
+    names = {id(q): n for n, q in model.named_modules()}
+    assert attentions and all(p.format == "qk" for p in attentions.values())  # the default: q and k quantized
+    assert all(names[id(q)] in fired for p in attentions.values() for q in p.act_quantizers())
     with torch.no_grad():
         out, ref = model(**rows)[0], fp(**rows)[0]
     error = ((out - ref).norm() / ref.norm()).item()

@@ -5,7 +5,10 @@ Defaults follow the official QuEST code (quest-spec §2.3-2.6, §8) except where
 - weights: asymmetric, per output channel, Lp (p = 2.4) shrink search over 80 candidates;
 - activations: asymmetric, percentile-by-MSE init, per tensor; channel-wise (per input channel) at 4 bits, as the
   official code does (spec §2.6), unless the input channels are rotated (``ActivationSpec.rotation``, an addition);
-- first and last layer activations at 8 bits; attention softmax output at 8 bits with a zero point of 0;
+- first and last layer activations at 8 bits;
+- attention: q and k at 8 bits (symmetric, per tensor, k centred on its token mean), softmax and ``P v`` in floating
+  point, the format of the single-pass 8-bit attention kernel (an addition: QuEST quantizes q, k, v and the softmax
+  output, ``attention="qkvp"``, whose kernel needs two passes);
 - split activation quantization of up-block skip convs on (the official code only does it for SD).
 """
 from __future__ import annotations
@@ -85,6 +88,7 @@ def check_types(config: Any) -> None:
 WeightScaleMethod = Literal["lp", "minmax"]
 ActScaleMethod = Literal["percentile", "minmax"]
 Granularity = Literal["tensor", "channel", "group"]
+AttentionFormat = Literal["qk", "qkvp"]
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,14 @@ class QuantConfig:
 
     Attributes:
         weight / activation: quantizer settings.
-        softmax_bits: bits of the attention softmax-output quantizer (always asymmetric with zero point 0).
+        attention: the attention matmuls' format (``nn/attention.py``): ``"qk"`` (default) quantizes q and k on
+            symmetric static ``attention_bits`` grids, per tensor, k centred on its token mean, and keeps the softmax
+            and ``P v`` in floating point: what the single-pass 8-bit kernel runs. ``"qkvp"`` is QuEST's: q, k, v at
+            the activation settings and the softmax output at ``softmax_bits`` (two-pass kernel; simulated when
+            4-bit q/k/v are per channel). Checkpoints saved before this field existed are ``"qkvp"``.
+        attention_bits: bits of q and k in the ``"qk"`` format (the kernel runs 8).
+        softmax_bits: bits of the attention softmax-output quantizer in the ``"qkvp"`` format (always asymmetric with
+            zero point 0).
         first_last_act_bits: activation bits forced on the first and last layer (``None`` keeps ``activation.bits``).
         quantize_attention: quantize q, k, v and the softmax output of attention matmuls.
         split_skip: separate activation quantizers for the two concatenated halves feeding up-block skip convs.
@@ -162,6 +173,8 @@ class QuantConfig:
 
     weight: WeightSpec = field(default_factory=WeightSpec)
     activation: ActivationSpec = field(default_factory=ActivationSpec)
+    attention: AttentionFormat = "qk"
+    attention_bits: int = 8
     softmax_bits: int = 8
     first_last_act_bits: int | None = 8
     quantize_attention: bool = True
@@ -175,6 +188,9 @@ class QuantConfig:
     def __post_init__(self) -> None:
         check_types(self)
         check_bits(self.softmax_bits, "softmax bit width")
+        check_bits(self.attention_bits, "attention q/k bit width")
+        if self.attention not in ("qk", "qkvp"):
+            raise ConfigError(f"QuantConfig.attention must be 'qk' or 'qkvp', got {self.attention!r}")
         if self.first_last_act_bits is not None:
             check_bits(self.first_last_act_bits, "first/last layer activation bit width")
         if self.act_init_samples < 1:
@@ -205,6 +221,7 @@ class QuantConfig:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown quantization config fields {sorted(unknown)}")
+        data.setdefault("attention", "qkvp")  # configs saved before the "qk" format existed ran QuEST's
         data["weight"] = WeightSpec(**data.get("weight", {}))
         data["activation"] = ActivationSpec(**data.get("activation", {}))
         return cls(**data)

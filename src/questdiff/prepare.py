@@ -139,8 +139,14 @@ def _wrap(module: nn.Module, info: LayerInfo, config: QuantConfig, rows: int, st
 
 
 def _attention_quantizers(config: QuantConfig, rows: int, state: TimestepState, q_dim: int, k_dim: int,
-                          v_dim: int) -> tuple[ActQuantizer, ActQuantizer, ActQuantizer, ActQuantizer]:
-    """q, k, v (per head_dim channel at the activation settings) and softmax-probability quantizers."""
+                          v_dim: int) -> tuple[ActQuantizer, ActQuantizer, ActQuantizer | None, ActQuantizer | None]:
+    """q, k, v and softmax-probability quantizers in ``config.attention``'s format: "qk": q and k per tensor,
+    symmetric, ``attention_bits`` (v and probabilities unquantized: ``None``); "qkvp": q, k, v per head_dim channel
+    at the activation settings and a per-tensor zero-point-0 quantizer for the softmax output."""
+    if config.attention == "qk":
+        spec = ActivationSpec(bits=config.attention_bits, symmetric=True, channelwise=False,
+                              scale_method=config.activation.scale_method)
+        return ActQuantizer(rows, spec, state), ActQuantizer(rows, spec, state), None, None
     probs = ActivationSpec(bits=config.softmax_bits, symmetric=False, channelwise=False)
     return (
         ActQuantizer(rows, config.activation, state, q_dim, -1),
@@ -152,8 +158,7 @@ def _attention_quantizers(config: QuantConfig, rows: int, state: TimestepState, 
 
 def _attention_processor(attn: nn.Module, processor: type[nn.Module], config: QuantConfig, rows: int,
                          state: TimestepState) -> nn.Module:
-    """The adapter's quantized ``processor`` class for ``attn``: q/k/v quantizers per head_dim channel, a per-tensor
-    zero-point-0 quantizer for the softmax output."""
+    """The adapter's quantized ``processor`` class for ``attn`` with its operand quantizers (``_attention_quantizers``)."""
     q_dim = attn.to_q.out_features // attn.heads
     kv_dim = attn.to_k.out_features // attn.heads
     return processor(*_attention_quantizers(config, rows, state, q_dim, kv_dim, kv_dim), fallback=attn.processor)

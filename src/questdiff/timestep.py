@@ -99,6 +99,20 @@ class TimestepSchedule:
             )
         return rows.pop()
 
+    def rows_on_device(self, t: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``index`` for every entry of ``t`` (``[R]``), computed on ``t``'s device with no host read, so CUDA graphs
+        and ``torch.compile`` capture it: the same rows as ``index`` inside the calibrated range; outside it the end
+        rows (``index`` raises there; ``TimestepState.set_timestep_on_device`` checks on the host when it may).
+        ``keys`` is ``device_keys(t.device)``. Returns int64 ``[R]``."""
+        if len(self.timesteps) == 1:
+            return torch.zeros(t.shape, dtype=torch.long, device=t.device)
+        t = t.to(keys.dtype)
+        if self.rule == "nearest":  # argmin takes the first of equally near keys, as ``index`` does
+            return (keys[None, :] - t[:, None]).abs().argmin(dim=1)
+        ascending, order = keys.sort()  # at or before: the smallest key >= t (the largest key above them all)
+        position = torch.searchsorted(ascending, t).clamp_(max=len(self.timesteps) - 1)
+        return order[position]
+
     def to_dict(self) -> dict[str, Any]:
         return {"timesteps": list(self.timesteps), "rule": self.rule}
 
@@ -110,9 +124,11 @@ class TimestepSchedule:
 class TimestepState:
     """Mutable holder of the active row(s), shared by all activation quantizers of one denoiser (not a module).
 
-    ``index`` is the row of a batch whose samples share one row (sampling, CFG); a batch that mixes timesteps of
-    different rows (finetuning batches across timesteps) sets ``rows`` instead: the per-sample rows ``[B]`` (long,
-    on the timestep argument's device), and every quantizer picks its scale row sample by sample.
+    Fake-quant models (host side): ``index`` is the row of a batch whose samples share one row (sampling, CFG); a
+    batch that mixes timesteps of different rows (finetuning batches across timesteps) sets ``rows`` instead: the
+    per-sample rows ``[B]`` (long, on the timestep argument's device), and every quantizer picks its scale row
+    sample by sample. Deployed models (device side): their hook sets ``device_rows``, the rows of the timestep
+    argument ``[R]`` found on the device; deployed modules read ``row_vector``, whichever way the rows were set.
     """
 
     def __init__(self, schedule: TimestepSchedule) -> None:
@@ -120,6 +136,7 @@ class TimestepState:
         self._index_tensors: dict[torch.device, torch.Tensor] = {}
         self.index: int | None = None
         self.rows: torch.Tensor | None = None
+        self.device_rows: torch.Tensor | None = None
 
     @property
     def index(self) -> int | None:
@@ -144,12 +161,35 @@ class TimestepState:
     def set_timestep(self, t: torch.Tensor | float | int) -> int | None:
         """Select the row(s) of timestep argument ``t``; returns the single row, or ``None`` for a mixed batch."""
         rows = self.schedule.rows_of_batch(t)
+        self.device_rows = None
         if len(set(rows)) == 1:
             self.index, self.rows = rows[0], None
         else:
             device = t.device if isinstance(t, torch.Tensor) else None
             self.index, self.rows = None, torch.tensor(rows, dtype=torch.long, device=device)
         return self.index
+
+    def set_timestep_on_device(self, t: torch.Tensor | float | int, keys: torch.Tensor) -> None:
+        """Select the rows of timestep argument ``t`` on the device (deployed models): ``device_rows`` becomes
+        ``[R]`` int64 on ``keys``' device (``R`` = entries of ``t``; ``keys``: the calibrated timesteps there, a
+        ``TimestepKeys`` buffer). Nothing is read on the host where that would cost a device sync or break a trace: a
+        timestep given as a number or a CPU tensor is checked (outside the calibrated span it raises
+        ``TimestepError``, as in the fake-quant model); a GPU, traced or captured one takes the end row there."""
+        if not isinstance(t, torch.Tensor) or (t.device.type == "cpu" and not _traced(t)):
+            self.schedule.rows_of_batch(t)
+        t = torch.as_tensor(t, device=keys.device).reshape(-1)
+        self.index, self.rows = None, None
+        self.device_rows = self.schedule.rows_on_device(t, keys)
+
+    def row_vector(self, device: torch.device) -> torch.Tensor:
+        """The active rows as int64 ``[R]`` on ``device`` (``R`` = 1 when the batch shares one row; else one per
+        entry of the timestep argument), a device tensor whatever set them: deployed kernels index their
+        ``[T, ...]`` tables with it sample by sample (sample ``n`` of a batch of ``N`` takes entry ``n // (N / R)``)."""
+        if self.device_rows is not None:
+            return self.device_rows if self.device_rows.device == device else self.device_rows.to(device)
+        if self.rows is not None:
+            return self.rows.to(device)
+        return self.index_tensor(device).reshape(1)
 
     def require_index(self) -> int:
         if self.index is None:
@@ -165,11 +205,11 @@ class TimestepState:
 
     @contextlib.contextmanager
     def _restoring(self) -> Iterator[None]:
-        previous = self.index, self.rows
+        previous = self.index, self.rows, self.device_rows
         try:
             yield
         finally:
-            self.index, self.rows = previous
+            self.index, self.rows, self.device_rows = previous
 
     @contextlib.contextmanager
     def at_timestep(self, t: torch.Tensor | float | int) -> Iterator[int | None]:
@@ -179,7 +219,7 @@ class TimestepState:
     @contextlib.contextmanager
     def at_index(self, index: int) -> Iterator[int]:
         with self._restoring():
-            self.index, self.rows = index, None
+            self.index, self.rows, self.device_rows = index, None, None
             yield index
 
 
@@ -235,10 +275,59 @@ class TimestepHook:
         holder.state.set_timestep(self.argument(args, kwargs))
 
 
+def _traced(t: torch.Tensor) -> bool:
+    """Whether ``t`` is being traced (``torch.compile``, fake tensors) or captured into a CUDA graph: no host read."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return (torch.compiler.is_compiling() or is_fake(t)
+            or (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+
+
+KEYS_ATTR = "questdiff_timesteps"
+
+
+class TimestepKeys(nn.Module):
+    """The calibrated timesteps ``keys [T]`` (row order) as a non-persistent buffer of the deployed denoiser: it moves
+    with ``.to(device)`` and stays fp32 through ``.to(dtype)`` (a bf16 981 would read 980), so the device hook finds
+    rows with no host copy per call and one compiled graph or CUDA graph serves every timestep."""
+
+    def __init__(self, schedule: TimestepSchedule) -> None:
+        super().__init__()
+        self.register_buffer("keys", torch.tensor(schedule.timesteps, dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "TimestepKeys":  # type: ignore[override]
+        keys = self.keys
+        super()._apply(fn, recurse)
+        self.keys = keys.to(device=self.keys.device)
+        return self
+
+
+class DeviceTimestepHook(TimestepHook):
+    """The deployed models' pre-hook: the rows are found on the device (``TimestepState.set_timestep_on_device``,
+    against the model's ``TimestepKeys``), traced by ``torch.compile`` and captured by CUDA graphs, so one graph
+    serves every step of a sampling run."""
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        holder = getattr(module, self.owner, None)
+        if holder is None:
+            raise TimestepError(f"{type(module).__name__} has a timestep hook but no {self.owner!r} state holder")
+        holder.state.set_timestep_on_device(self.argument(args, kwargs), getattr(module, KEYS_ATTR).keys)
+
+
 def install_timestep_hook(model: nn.Module, timestep_argument: str, owner: str) -> torch.utils.hooks.RemovableHandle:
-    """Register the forward pre-hook that selects the active row from the timestep argument.
+    """Register the forward pre-hook that selects the active row from the timestep argument (fake-quant models).
 
     ``owner`` is the attribute of ``model`` whose ``.state`` is the ``TimestepState`` (e.g. ``"_questdiff"``).
     """
     hook = TimestepHook(timestep_getter(model.forward, timestep_argument), owner)
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def install_device_timestep_hook(model: nn.Module, timestep_argument: str, owner: str,
+                                 schedule: TimestepSchedule) -> torch.utils.hooks.RemovableHandle:
+    """The deployed models' ``DeviceTimestepHook``, and the ``TimestepKeys`` of ``schedule`` it reads (attached to
+    ``model`` as ``questdiff_timesteps``, on the device of the model's first tensor)."""
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+    model.add_module(KEYS_ATTR, TimestepKeys(schedule).to(device))
+    hook = DeviceTimestepHook(timestep_getter(model.forward, timestep_argument), owner)
     return model.register_forward_pre_hook(hook, with_kwargs=True)

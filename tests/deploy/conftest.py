@@ -52,3 +52,4 @@ def deployed_pair():
         return fake, qd.convert(copy.deepcopy(fake))  # a deep copy routes its own timesteps (DESIGN §3)
 
     return make
+

@@ -6,16 +6,12 @@ import pytest
 import torch
 
 import questdiff as qd
-from builders import ROTATED_W4A4, tiny_unet2d
+from builders import ROTATED_W4A4, tiny_cond_unet, tiny_unet2d
+from fidelity import float_noise_floor, psnr
 from questdiff.deploy import DeployedLayer, is_deployed
 from questdiff.deploy.attention import DeployedAttnProcessor
-from questdiff.deploy.convert import deploy_layer
+from questdiff.deploy.convert import deploy_attention, deploy_layer
 from questdiff.prepare import handle, quant_layers
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    peak = b.abs().max()
-    return float(10 * torch.log10(peak**2 / ((a - b) ** 2).mean()))
 
 
 @pytest.mark.parametrize("preset", ["W8A8", "W4A8", ROTATED_W4A4], ids=["W8A8", "W4A8", "W4A4-rot8"])
@@ -54,8 +50,75 @@ def test_deployed_model_matches_fake_quant_model(arch, preset, deployed_pair, in
         with torch.no_grad():
             ref = fake(x, torch.tensor(t), **kwargs).sample
             out = deployed(x, torch.tensor(t), **kwargs).sample
-        # only a softmax probability on a rounding boundary can move (softmax order differs): rare and small
-        assert _psnr(out, ref) > 40, t
+        # the kernels sum in another order than torch: compare against the fake-quant model's own float-noise floor
+        # (W8A8 ~42 dB, rotated W4A4 ~22 dB on these tiny models); exact layer by layer (test above)
+        floor = float_noise_floor(fake, x, t, kwargs)
+        assert psnr(out, ref) > min(40.0, floor - 2.0), (t, floor)
+
+
+@pytest.mark.parametrize("fmt", ["qk", "qkvp"])
+def test_deployed_attention_equals_the_fake_quant_processor(fmt, make_quantized):
+    """Each attention processor alone, on the same q/k/v projections: the deployed kernel format computes what the
+    fake-quant processor computes (fp32, up to summation order)."""
+    preset = qd.presets.W8A8.replace(attention=fmt)
+    model = make_quantized(tiny_cond_unet, preset)
+    h = handle(model)
+    attentions = [m for m in model.modules() if hasattr(m, "processor") and hasattr(m, "to_q")]
+    assert attentions
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad(), h.state.at_timestep(torch.tensor([500, 100])):  # a batch mixing two rows
+        for attn in attentions:
+            fake_processor = attn.processor
+            deployed = deploy_attention(fake_processor, h.state, "auto")
+            assert deployed.format == fmt and deployed.runs_kernels
+            hidden = torch.randn(2, 16, attn.to_q.in_features, generator=g)
+            context = None if not attn.is_cross_attention else torch.randn(2, 5, attn.to_k.in_features, generator=g)
+            query, key, value = attn.to_q(hidden), attn.to_k(hidden if context is None else context), \
+                attn.to_v(hidden if context is None else context)
+            ref = fake_processor._core(attn, query, key, value, None)
+            out = deployed._core(attn, query, key, value, None)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_a_deployed_model_reads_each_samples_row_on_the_device(deployed_pair, inputs):
+    """A batch whose samples have different timesteps gives each sample its own row (as per-sample calls do), and
+    the timestep hook reads nothing on the host while traced: the forward runs under FakeTensorMode."""
+    _, deployed = deployed_pair(tiny_cond_unet, "W8A8")
+    x, kwargs = inputs(deployed, batch=2)
+    with torch.no_grad():
+        mixed = deployed(x, torch.tensor([900, 100]), **kwargs).sample
+        single = torch.cat([deployed(x[i:i + 1], torch.tensor([t]), **{k: v[i:i + 1] for k, v in kwargs.items()}).sample
+                            for i, t in enumerate((900, 100))])
+    torch.testing.assert_close(mixed, single, rtol=1e-5, atol=1e-5 * float(single.abs().max()))
+    assert not torch.allclose(mixed[0], deployed(x, torch.tensor([100, 100]), **kwargs).sample[0])
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        fake_x = mode.from_tensor(x)
+        out = deployed(fake_x, mode.from_tensor(torch.tensor([900, 100])),
+                       **{k: mode.from_tensor(v) for k, v in kwargs.items()}).sample
+    assert out.shape == mixed.shape
+
+
+def test_compiled_deployed_model_serves_every_timestep_without_recompiling(deployed_pair, inputs):
+    """``torch.compile`` captures the whole deployed forward, the row lookup included: one graph, every timestep."""
+    from torch._dynamo.testing import CompileCounter
+
+    _, deployed = deployed_pair(tiny_cond_unet, "W8A8")
+    x, kwargs = inputs(deployed, batch=2)
+    with torch.no_grad():
+        eager = [deployed(x, torch.tensor(t), **kwargs).sample for t in (900, 500, 100)]
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(deployed, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        outs = [compiled(x, torch.tensor(900), **kwargs).sample]
+        frames = counter.frame_count  # the timestep hook and the forward
+        outs += [compiled(x, torch.tensor(t), **kwargs).sample for t in (500, 100)]
+    assert counter.frame_count == frames  # no recompilation for another timestep
+    for out, ref in zip(outs, eager):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
 def test_per_channel_activations_run_simulated_and_exact(make_quantized, inputs):
@@ -108,7 +171,7 @@ def test_triton_backend_through_the_interpreter_matches_reference(deployed_pair,
             if isinstance(getattr(m, "processor", None), DeployedAttnProcessor):
                 m.processor.backend = "triton"
         out = deployed(x, torch.tensor(500)).sample
-    assert _psnr(out, ref) > 60
+    assert psnr(out, ref) > 60
 
 
 def test_layers_without_a_deployed_form_stay_fake_quant_and_are_named(tmp_path):

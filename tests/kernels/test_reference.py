@@ -10,7 +10,7 @@ from questdiff.primitives import fake_quantize, qrange
 
 
 def _tables(rows: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.rand(rows) * 0.1 + 0.01, torch.randint(-20, 20, (rows,)).float(), torch.tensor(1)
+    return torch.rand(rows) * 0.1 + 0.01, torch.randint(-20, 20, (rows,)).float(), torch.tensor([1])
 
 
 @pytest.mark.parametrize("bits,symmetric", [(8, False), (8, True), (4, False), (6, True)])
@@ -60,7 +60,7 @@ def test_gemm_is_the_dequantized_matmul(w4, offsets):
     w, zero, offset, w_sum, real = _weights(n, 1, k, w4, offsets)
     w_scale, bias, residual = torch.rand(n) * 0.01, torch.randn(n), torch.randn(m, n)
     y = R.gemm(a, w, a_scale, a_offset, row, w_scale, offset, w_sum, zero, bias, residual, torch.float32)
-    x_real = (a.double() + a_offset[row].double()) * a_scale[row].double()
+    x_real = (a.double() + a_offset[row].double()[:, None]) * a_scale[row].double()[:, None]
     expected = x_real @ (real[:, 0] * w_scale.double()[:, None]).T + bias.double() + residual.double()
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -74,12 +74,38 @@ def test_conv2d_is_the_dequantized_convolution_with_zero_padding(stride, padding
     w, zero, offset, w_sum, real = _weights(n, 9, c, w4, offsets=True)
     w_scale, bias = torch.rand(n) * 0.01, torch.randn(n)
     y = R.conv2d(x, w, a_scale, a_offset, row, w_scale, offset, w_sum, zero, bias, None, (3, 3), stride, padding,
-                 torch.float32)
+                 (1, 1), torch.float32)
     x_real = (x.double() + a_offset[row].double()) * a_scale[row].double()
     w_real = (real * w_scale.double().view(-1, 1, 1)).reshape(n, 3, 3, c).permute(0, 3, 1, 2)
     expected = F.conv2d(x_real, w_real, bias.double(), stride, padding)  # zero padding of the real input
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_per_sample_rows_give_each_sample_its_own_grid():
+    a_scale, a_offset, _ = _tables()
+    rows = torch.tensor([2, 0])
+    assert torch.equal(R.sample_values(a_scale, rows, 6), a_scale[[2, 2, 2, 0, 0, 0]])
+    with pytest.raises(ValueError, match="cannot be split"):
+        R.sample_values(a_scale, rows, 5)
+    x = torch.randn(4, 3) * 3
+    codes, sums = R.quantize_tokens(x, a_scale, a_offset, rows, -128, 127)
+    assert torch.equal(codes[:2], R.quantize_codes(x[:2], a_scale[2], a_offset[2], -128, 127))
+    assert torch.equal(codes[2:], R.quantize_codes(x[2:], a_scale[0], a_offset[0], -128, 127))
+    assert torch.equal(sums, codes.sum(1, dtype=torch.int32))
+
+
+def test_attention_qk_is_softmax_of_the_dequantized_scores_times_v():
+    b, lq, lk, h, d = 2, 5, 7, 2, 4
+    q, k = (torch.randint(-127, 128, (b, length, h, d), dtype=torch.int8) for length in (lq, lk))
+    v = torch.randn(b, lk, h, d)
+    q_scale, k_scale = torch.rand(3) * 0.02 + 0.01, torch.rand(3) * 0.02 + 0.01
+    rows = torch.tensor([2, 0])
+    out = R.attention_qk(q, k, v, q_scale, k_scale, rows, d**-0.5, torch.float64)
+    for i, r in enumerate(rows.tolist()):
+        qf, kf = q[i].double() * q_scale[r].double(), k[i].double() * k_scale[r].double()
+        probs = (torch.einsum("qhd,khd->hqk", qf, kf) * d**-0.5).softmax(-1)
+        torch.testing.assert_close(out[i], torch.einsum("hqk,khd->qhd", probs, v[i].double()), rtol=1e-5, atol=1e-6)
 
 
 def test_attention_quantizes_probabilities_on_the_fixed_grid():
@@ -88,7 +114,7 @@ def test_attention_quantizes_probabilities_on_the_fixed_grid():
     scales = torch.rand(3, 4) * 0.02 + 0.01
     scales[:, 3] = 1 / 255
     offsets = torch.randint(-5, 5, (3, 4)).float()
-    row = torch.tensor(2)
+    row = torch.tensor([2])
     out = R.attention(q, k, v, scales, offsets, row, d**-0.5, 255, torch.float64)
     s, o = scales[2].double(), offsets[2].double()
     qf, kf, vf = ((t.double() + o[i]) * s[i] for i, t in enumerate((q, k, v)))

@@ -10,9 +10,9 @@ from builders import tiny_cond_unet
 from questdiff.nn.attention import _attend as _ATTEND
 
 
-def _prepared(preset="W8A8"):
+def _prepared(preset="W8A8", attention="qkvp"):
     unet = tiny_cond_unet()
-    prepare(unet, qd.presets.get(preset), TimestepSchedule((900.0, 500.0, 100.0)))
+    prepare(unet, qd.presets.get(preset).replace(attention=attention), TimestepSchedule((900.0, 500.0, 100.0)))
     return unet
 
 
@@ -27,6 +27,28 @@ def test_processors_installed_with_self_and_cross_quantizers():
     assert p.q_quantizer.per_channel and p.q_quantizer.scale.shape == (3, head_dim)  # channel = head_dim at 4 bits
     keys = [k for k in unet.state_dict() if "processor.q_quantizer.scale" in k]
     assert len(keys) == len(procs)
+    for p in _prepared("W4A4", attention="qk").attn_processors.values():  # the default format
+        assert p.format == "qk" and p.v_quantizer is None and p.probs_quantizer is None
+        assert all(q.bits == 8 and q.symmetric and not q.per_channel for q in p.act_quantizers())
+
+
+def test_qk_format_centres_the_keys_and_leaves_p_and_v_in_float():
+    """With a fine grid on q and k only, the "qk" attention is the FP attention: centring k changes no softmax."""
+    unet = _prepared(attention="qk")
+    set_quant_state(unet, False, False)
+    x, c, t = torch.randn(2, 4, 8, 8), torch.randn(2, 3, 32) + 3.0, torch.tensor([500, 500])  # keys far from 0
+    seen = []
+    with torch.no_grad():
+        ref = unet(x, t, c).sample
+        for p in unet.attn_processors.values():
+            p.k_quantizer.register_forward_pre_hook(lambda m, a: seen.append(a[0].mean(dim=1).abs().max()))
+            for q in p.act_quantizers():
+                q.scale.fill_(1e-4)
+                q.qmin, q.qmax = -(2**15), 2**15 - 1
+            p.set_quant_state(True)
+        out = unet(x, t, c).sample
+    assert seen and max(seen) < 1e-5  # the k quantizer sees keys with a zero token mean
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
 
 
 def test_quantized_attention_matches_fp_math_with_fine_scales():

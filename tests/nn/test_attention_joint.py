@@ -26,10 +26,10 @@ def cases(tmp_path_factory):
     return out
 
 
-def _prepared(cases, name, preset="W8A8"):
+def _prepared(cases, name, preset="W8A8", attention="qkvp"):
     fp, calib, kwargs = cases[name]
     model = copy.deepcopy(fp)
-    prepare(model, qd.presets.get(preset), TimestepSchedule.from_timesteps(calib.timesteps))
+    prepare(model, qd.presets.get(preset).replace(attention=attention), TimestepSchedule.from_timesteps(calib.timesteps))
     return fp, model, kwargs
 
 
@@ -48,6 +48,8 @@ def test_disabled_is_the_fp_model_bit_for_bit(cases, name, cls, count):
     set_quant_state(model, False, False)
     with torch.no_grad():
         assert torch.equal(model(**kwargs)[0], fp(**kwargs)[0])
+    _, qk, _ = _prepared(cases, name, "W4A4", attention="qk")  # the default format: q and k only, per tensor
+    assert all(p.format == "qk" and not p.q_quantizer.per_channel and p.probs_quantizer is None for p in _processors(qk))
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
@@ -116,9 +118,9 @@ def test_large_attention_is_recomputed_in_backward_with_the_same_gradients(cases
 
 def test_masked_scores_follow_sdpa():
     q, k, v = torch.randn(3, 2, 2, 5, 8).unbind(0)
-    identity = [torch.nn.Identity()] * 4
+    identity = (torch.nn.Identity(),) * 4
     mask = torch.rand(2, 1, 5, 5) > 0.3
     mask[..., 0] = True
     for m in (mask, torch.where(mask, 0.0, -1e4)):
-        torch.testing.assert_close(attention_joint.quantized_sdpa(q, k, v, identity, m),
+        torch.testing.assert_close(ATTEND(q, k, v, m, identity),
                                    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m))

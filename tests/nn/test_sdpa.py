@@ -50,11 +50,14 @@ def test_quantized_call_follows_sdpa_semantics(options):
     assert torch.equal(site.attend((q, k, v), options), expected)  # disabled: the original call, bit for bit
 
 
+QKVP_W4A4 = qd.presets.W4A4.replace(attention="qkvp")  # QuEST's format: these tests read the probability quantizers
+
+
 @pytest.fixture(scope="module")
 def quantized():
     model, calib = AttentionDenoiser().eval(), foreign_calibration()
     fp = copy.deepcopy(model)
-    qd.quantize(model, "W4A4", calib, adapter=qd.GenericAdapter("t"), progress=False)
+    qd.quantize(model, QKVP_W4A4, calib, adapter=qd.GenericAdapter("t"), progress=False)
     return fp, model, calib
 
 
@@ -64,6 +67,11 @@ def test_each_call_gets_its_own_quantizers(quantized):
     assert router.owners == ["blocks.0", "blocks.1", ""]  # blocks.0 runs twice: its sites serve each run
     widths = [site.q_quantizer.scale.shape for site in router.sites]
     assert widths == [(3, 8), (3, 4), (3, 16)]  # rows = calibrated timesteps, channels = head_dim (4-bit: per channel)
+    qk = AttentionDenoiser().eval()
+    qd.quantize(qk, "W4A4", calib, adapter=qd.GenericAdapter("t"), progress=False)  # the default "qk" format
+    for site in getattr(qk, SDPA_ATTR).sites:  # q and k per tensor at 8 bits, symmetric; v and P unquantized
+        assert site.format == "qk" and site.v_quantizer is None and site.probs_quantizer is None
+        assert all(q.bits == 8 and q.symmetric and q.scale.shape == (3, 1) for q in site.act_quantizers())
     seen = []
     hooks = [site.probs_quantizer.register_forward_pre_hook(lambda m, a, i=i: seen.append(i)) for i, site in enumerate(router.sites)]
     with torch.no_grad():

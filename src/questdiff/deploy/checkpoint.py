@@ -25,7 +25,7 @@ from ..config import QuantConfig
 from ..io_utils import atomic_path, atomic_write_text, ensure_writable_dir
 from ..nn.rotation import ChannelRotation
 from ..prepare import HANDLE_ATTR, QuantHandle, handle
-from ..timestep import TimestepSchedule, TimestepState, install_timestep_hook
+from ..timestep import KEYS_ATTR, TimestepSchedule, TimestepState, install_device_timestep_hook
 from .attention import OPERANDS, DeployedAttnProcessor
 from .convert import DEPLOYED_KEY, fake_quant_leftovers, is_deployed
 from .layers import Backend, DeployedConv, DeployedLayer, DeployedLinear
@@ -61,8 +61,8 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         out[key] = value.detach().clone().contiguous() if ptr in seen and value.numel() else value.detach().contiguous()
         seen.add(ptr)
     persistent = set(out)
-    for name, buf in model.named_buffers():
-        if name not in persistent and buf is not None:
+    for name, buf in model.named_buffers():  # the TimestepKeys are rebuilt from the schedule in the json
+        if name not in persistent and buf is not None and not name.startswith(KEYS_ATTR + "."):
             out[_NONPERSISTENT + name] = buf.detach().contiguous()
     return out
 
@@ -238,7 +238,7 @@ def load_deployed(directory: str | Path, model: nn.Module | None = None, *, devi
         adapter = GenericAdapter(meta["timestep_argument"])
     if adapter.to_dict() != adapter_info and adapter_info.get("name") != "generic":
         raise ValueError(f"checkpoint {directory} was made with adapter {adapter_info}, this model's is {adapter.to_dict()}")
-    hook = install_timestep_hook(model, meta["timestep_argument"], HANDLE_ATTR)
+    hook = install_device_timestep_hook(model, meta["timestep_argument"], HANDLE_ATTR, schedule)
     h = QuantHandle(QuantConfig.from_dict(meta["quant_config"]), schedule, state, adapter, {}, meta["base_fingerprint"],
                     hook, method=meta["method"], extra={DEPLOYED_KEY: {"backend": backend}})
     setattr(model, HANDLE_ATTR, h)

@@ -1,7 +1,8 @@
 """``convert``: the one way out of fake quantization. Every fake-quant layer becomes a deployed layer holding the
 integer codes of its (finetuned, possibly AdaRound-rounded) quantized weight and its static activation tables;
-every quantized attention processor becomes a ``DeployedAttnProcessor``. The timestep pre-hook and ``TimestepState``
-stay: deployed modules read the active row from the same state.
+every quantized attention processor becomes a ``DeployedAttnProcessor``. The ``TimestepState`` stays; the timestep
+pre-hook becomes the device one (``DeviceTimestepHook``): deployed modules read the rows found on the device, so a
+CUDA graph or ``torch.compile`` captures the whole forward.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from torch import nn
 from ..kernels import ops
 from ..kernels.reference import code_offset, pack_int4
 from ..nn import ActQuantizer, QuantAttnProcessor, QuantConv1d, QuantConv2d, QuantLayerMixin, QuantLinear, WeightQuantizer
-from ..prepare import handle, quant_layers
-from ..timestep import TimestepState
+from ..prepare import HANDLE_ATTR, handle, quant_layers
+from ..timestep import TimestepState, install_device_timestep_hook
 from .attention import DeployedAttnProcessor
 from .layers import BACKENDS, Backend, DeployedConv, DeployedLayer, DeployedLinear
 from .operand import ActTable, QuantizedOperand
@@ -141,15 +142,17 @@ def _table(quantizer: ActQuantizer, state: TimestepState) -> ActTable:
 
 
 def deploy_attention(processor: QuantAttnProcessor, state: TimestepState, backend: Backend) -> DeployedAttnProcessor:
-    """The deployed twin of a fake-quant attention processor."""
+    """The deployed twin of a fake-quant attention processor (either format)."""
     quantizers = processor.act_quantizers()
     if not all(q.enabled for q in quantizers) or any(q.bits > 8 for q in quantizers):
         raise ValueError("attention quantizers must be enabled and at most 8 bits to convert")
+    named = {"q": processor.q_quantizer, "k": processor.k_quantizer, "v": processor.v_quantizer,
+             "probs": processor.probs_quantizer}
+    tables = {name: _table(q, state) for name, q in named.items() if q is not None}
     probs = processor.probs_quantizer
-    if probs.zero_point.any():
+    if probs is not None and probs.zero_point.any():
         raise ValueError("the softmax-output quantizer must have a zero point of 0")
-    tables = {name: _table(q, state) for name, q in zip(("q", "k", "v", "probs"), quantizers)}
-    return DeployedAttnProcessor(tables, probs.qmax, backend)
+    return DeployedAttnProcessor(tables, None if probs is None else probs.qmax, backend)
 
 
 def convert(model: nn.Module, backend: Backend = "auto") -> nn.Module:
@@ -186,6 +189,8 @@ def convert(model: nn.Module, backend: Backend = "auto") -> nn.Module:
             if not deployed_attn.runs_kernels:
                 simulated.append(f"{name} (attention)")
     h.extra[DEPLOYED_KEY] = {"backend": backend}
+    h.hook.remove()  # deployed modules read the rows on the device: no host read per forward
+    h.hook = install_device_timestep_hook(model, h.adapter.timestep_argument, HANDLE_ATTR, h.schedule)
     kept = fake_quant_leftovers(model)
     if kept:
         warnings.warn(f"{len(kept)} modules have no deployed form yet and stay in fake quantization (exact, neither "

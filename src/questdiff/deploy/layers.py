@@ -122,8 +122,8 @@ class DeployedLinear(DeployedLayer):
 
 
 class DeployedConv(DeployedLayer):
-    """``nn.Conv1d`` / ``nn.Conv2d`` on int8 codes. 2-D convs with zero padding, no dilation and one group run the
-    implicit-GEMM kernel; the others simulate."""
+    """``nn.Conv1d`` / ``nn.Conv2d`` on int8 codes. 2-D convs with zero padding and one group run the implicit-GEMM
+    kernel; the others simulate."""
 
     def __init__(self, dims: int, in_channels: int, out_channels: int, kernel_size: tuple[int, ...],
                  stride: tuple[int, ...], padding: tuple[int, ...] | str, dilation: tuple[int, ...], groups: int,
@@ -143,8 +143,7 @@ class DeployedConv(DeployedLayer):
                 "dilation": list(self.dilation), "groups": self.groups, "padding_mode": self.padding_mode}
 
     def _geometry_fits_kernels(self) -> bool:
-        return (self.dims == 2 and self.groups == 1 and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str) and all(d == 1 for d in self.dilation))
+        return self.dims == 2 and self.groups == 1 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
 
     def _weight(self, operand: QuantizedOperand) -> torch.Tensor:
         w = operand.dequantized_weight()  # [N, taps, C]
@@ -158,7 +157,8 @@ class DeployedConv(DeployedLayer):
 
     def _kernel(self, operand: QuantizedOperand, x: torch.Tensor, bias: torch.Tensor | None,
                 residual: torch.Tensor | None, use_triton: bool) -> torch.Tensor:
-        return operand.conv2d(x, bias, residual, self.kernel_size, self.stride, self.padding, use_triton)  # type: ignore[arg-type]
+        return operand.conv2d(x, bias, residual, self.kernel_size, self.stride, self.padding,  # type: ignore[arg-type]
+                              self.dilation, use_triton)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -63,26 +63,38 @@ class ActTable(Fp32Tables):
         self.shift.copy_(zero_point.float() - o)
         self.offset.copy_(o - zero_point.float())
 
-    def row(self, device: torch.device) -> torch.Tensor:
-        return self._state.index_tensor(device)
+    def rows(self, device: torch.device) -> torch.Tensor:
+        """The active timestep rows ``[R]`` on ``device`` (``TimestepState.row_vector``): one per equal part of the
+        batch, found on the device for deployed models (no host sync; traceable and CUDA-graph safe)."""
+        return self._state.row_vector(device)
 
-    def at_row(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``table [T, ...]`` at the active row, ``[1, ...]``: a gather on the device (no host sync; traceable)."""
-        return table.index_select(0, self.row(device).reshape(1))
+    def per_sample(self, table: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """``table [T, Ca]`` at each sample's row, broadcastable against ``x`` (batch first): ``[B, .., Ca, ..]``."""
+        rows = self.rows(x.device)
+        values = table[rows].repeat_interleave(x.shape[0] // rows.numel(), dim=0)
+        shape = [x.shape[0]] + [1] * (x.ndim - 1)
+        shape[channel_dim % x.ndim] = table.shape[1]
+        return values.reshape(shape)
 
-    def codes(self, x: torch.Tensor, use_triton: bool) -> torch.Tensor:
-        """int8 codes of ``x`` at the active row (per-tensor grid), in ``x``'s layout."""
+    def tokens(self, x: torch.Tensor, channels_first: bool, sums: bool,
+               use_triton: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """int8 codes of ``x`` (per-tensor grid; ``[..., C]``, or a conv input ``[B, C, ...]`` when
+        ``channels_first``) in ``x``'s shape, channels last in memory, and the per-token code sums ``[M]`` int32 when
+        ``sums`` (else ``None``)."""
+        rows = self.rows(x.device)
+        scale, shift = self.scale[:, 0], self.shift[:, 0]
         if torch.compiler.is_compiling():  # plain ops: Inductor fuses them into the kernel producing x
-            scale, shift = (self.at_row(t, x.device).reshape(()) for t in (self.scale, self.shift))
-            return reference.quantize_codes(x, scale, shift, self.lo, self.hi)
-        return ops.quantize_codes(x, self.scale[:, 0], self.shift[:, 0], self.row(x.device), self.lo, self.hi,
-                                  use_triton)
+            view = x.movedim(1, -1) if channels_first else x
+            codes, total = reference.quantize_tokens(view.reshape(-1, view.shape[-1]), scale, shift, rows, self.lo,
+                                                     self.hi)
+            codes = codes.view(view.shape)
+            return (codes.movedim(-1, 1) if channels_first else codes), (total if sums else None)
+        codes, total = ops.quantize(x, scale, shift, rows, self.lo, self.hi, channels_first, sums, use_triton)
+        return codes, (total if sums else None)
 
     def fake_quantize(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """``scale * (codes + offset)`` of ``x``: the fake-quant activation (simulation path)."""
-        shape = [1] * x.ndim
-        shape[channel_dim % x.ndim] = -1
-        scale, shift, offset = (self.at_row(t, x.device).reshape(shape) for t in (self.scale, self.shift, self.offset))
+        scale, shift, offset = (self.per_sample(t, x, channel_dim) for t in (self.scale, self.shift, self.offset))
         codes = reference.quantize_codes(x, scale, shift, self.lo, self.hi)
         return ((codes.float() + offset) * scale).to(x.dtype)
 
@@ -165,19 +177,21 @@ class QuantizedOperand(Fp32Tables):
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                use_triton: bool) -> torch.Tensor:
         """``x [..., C]`` -> ``[..., N]`` on the GEMM kernel."""
-        codes = self.act.codes(x, use_triton).reshape(-1, x.shape[-1])
+        codes, sums = self.act.tokens(x, False, self.weight_offset_used, use_triton)
         w, sw, ow, wsum, wz = self._weight_args()
         res = None if residual is None else residual.reshape(-1, residual.shape[-1])
-        y = ops.gemm(codes, w, self.act.scale[:, 0], self.act.offset[:, 0], self.act.row(x.device), sw, ow, wsum,
-                     wz, bias, res, x.dtype, use_triton)
+        y = ops.gemm(codes.reshape(-1, x.shape[-1]), w, self.act.scale[:, 0], self.act.offset[:, 0],
+                     self.act.rows(x.device), sw, ow, wsum, wz, sums, bias, res, x.dtype, use_triton)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def conv2d(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-               use_triton: bool) -> torch.Tensor:
-        """``x [B, C, H, W]`` -> ``[B, N, Ho, Wo]`` (channels-last memory) on the implicit-GEMM kernel."""
-        codes = self.act.codes(x, use_triton)
+               dilation: tuple[int, int], use_triton: bool) -> torch.Tensor:
+        """``x [B, C, H, W]`` -> ``[B, N, Ho, Wo]`` on the implicit-GEMM kernel, in ``x``'s memory format
+        (channels-last in, channels-last out; else contiguous NCHW, as cuDNN does), so the next op copies nothing."""
+        codes, sums = self.act.tokens(x, True, self.weight_offset_used, use_triton)
         w, sw, ow, wsum, wz = self._weight_args()
-        return ops.conv2d(codes, w, self.act.scale[:, 0], self.act.offset[:, 0], self.act.row(x.device), sw, ow,
-                          wsum, wz, bias, residual, list(kernel_size), list(stride), list(padding), x.dtype,
-                          use_triton)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return ops.conv2d(codes, w, self.act.scale[:, 0], self.act.offset[:, 0], self.act.rows(x.device), sw, ow,
+                          wsum, wz, sums, bias, residual, list(kernel_size), list(stride), list(padding),
+                          list(dilation), x.dtype, channels_last, use_triton)

@@ -35,77 +35,114 @@ def triton_runs_on(device: torch.device, backend: str = "auto") -> bool:
     return backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@torch.library.custom_op("questdiff::quantize_codes", mutates_args=())
-def quantize_codes(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, row: torch.Tensor, lo: int, hi: int,
-                   use_triton: bool) -> torch.Tensor:
-    """int8 codes of ``x`` on the grid of table row ``row`` (``reference.quantize_codes``); keeps the layout."""
+@torch.library.custom_op("questdiff::quantize", mutates_args=())
+def quantize(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, rows: torch.Tensor, lo: int, hi: int,
+             channels_first: bool, sums: bool, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes of ``x`` on each token's row of the ``[T]`` tables, channels last in memory, and the per-token code
+    sums ``[M]`` int32 (empty unless ``sums``): ``reference.quantize_tokens`` on ``x`` read as tokens (``[..., C]``,
+    or a conv input ``[B, C, *spatial]`` when ``channels_first``)."""
     if use_triton:
-        from .triton_quant import quantize_codes as kernel
+        from .triton_quant import quantize as kernel
 
-        return kernel(x, scale, shift, row, lo, hi)
-    return reference.quantize_codes(x, scale[row], shift[row], lo, hi)
+        return kernel(x, scale, shift, rows, lo, hi, channels_first, sums)
+    tokens = x.movedim(1, -1) if channels_first else x
+    codes, total = reference.quantize_tokens(tokens.reshape(-1, x.shape[1 if channels_first else -1]), scale, shift,
+                                             rows, lo, hi)
+    codes = codes.view(tokens.shape)
+    return (codes.movedim(-1, 1) if channels_first else codes), (total if sums else total[:0])
 
 
-@quantize_codes.register_fake
-def _(x, scale, shift, row, lo, hi, use_triton):
-    return torch.empty_like(x, dtype=torch.int8)
+@quantize.register_fake
+def _(x, scale, shift, rows, lo, hi, channels_first, sums, use_triton):
+    if channels_first:
+        codes = x.new_empty((x.shape[0], *x.shape[2:], x.shape[1]), dtype=torch.int8).movedim(-1, 1)
+    else:
+        codes = x.new_empty(x.shape, dtype=torch.int8)
+    return codes, x.new_empty((x.numel() // x.shape[1 if channels_first else -1] if sums else 0,), dtype=torch.int32)
 
 
 @torch.library.custom_op("questdiff::gemm", mutates_args=())
-def gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, row: torch.Tensor,
+def gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, rows: torch.Tensor,
          w_scale: torch.Tensor, w_offset: Optional[torch.Tensor], w_sum: torch.Tensor, w_zero: Optional[torch.Tensor],
-         bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], out_dtype: torch.dtype,
-         use_triton: bool) -> torch.Tensor:
-    """``reference.gemm``: codes ``a [M, K]`` times weight codes -> ``[M, N]`` dequantized."""
+         a_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+         out_dtype: torch.dtype, use_triton: bool) -> torch.Tensor:
+    """``reference.gemm``: codes ``a [M, K]`` times weight codes -> ``[M, N]`` dequantized (``a_sum [M]``: the code
+    sums of ``a``'s rows, read by the Triton kernel when the weights have an offset)."""
     if use_triton:
         from .triton_gemm import gemm as kernel
 
-        return kernel(a, w, a_scale, a_offset, row, w_scale, w_offset, w_sum, w_zero, bias, residual, out_dtype)
-    return reference.gemm(a, w, a_scale, a_offset, row, w_scale, w_offset, w_sum, w_zero, bias, residual, out_dtype)
+        return kernel(a, w, a_scale, a_offset, rows, w_scale, w_offset, w_sum, w_zero, a_sum, bias, residual,
+                      out_dtype)
+    return reference.gemm(a, w, a_scale, a_offset, rows, w_scale, w_offset, w_sum, w_zero, bias, residual, out_dtype)
 
 
 @gemm.register_fake
-def _(a, w, a_scale, a_offset, row, w_scale, w_offset, w_sum, w_zero, bias, residual, out_dtype, use_triton):
+def _(a, w, a_scale, a_offset, rows, w_scale, w_offset, w_sum, w_zero, a_sum, bias, residual, out_dtype, use_triton):
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("questdiff::conv2d", mutates_args=())
-def conv2d(x: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, row: torch.Tensor,
+def conv2d(x: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, rows: torch.Tensor,
            w_scale: torch.Tensor, w_offset: Optional[torch.Tensor], w_sum: torch.Tensor,
-           w_zero: Optional[torch.Tensor], bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-           kernel_size: list[int], stride: list[int], padding: list[int], out_dtype: torch.dtype,
-           use_triton: bool) -> torch.Tensor:
-    """``reference.conv2d``: codes ``x [B, C, H, W]`` -> ``[B, N, Ho, Wo]`` (channels-last memory)."""
-    args = (x, w, a_scale, a_offset, row, w_scale, w_offset, w_sum, w_zero, bias, residual, tuple(kernel_size),
-            tuple(stride), tuple(padding), out_dtype)
+           w_zero: Optional[torch.Tensor], a_sum: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+           residual: Optional[torch.Tensor], kernel_size: list[int], stride: list[int], padding: list[int],
+           dilation: list[int], out_dtype: torch.dtype, channels_last: bool, use_triton: bool) -> torch.Tensor:
+    """``reference.conv2d``: codes ``x [B, C, H, W]`` -> ``[B, N, Ho, Wo]``, channels-last memory or contiguous NCHW
+    (``channels_last``); ``a_sum [B * H * W]``: per-pixel code sums, read by the Triton kernel when the weights have
+    an offset."""
+    geometry = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), out_dtype)
     if use_triton:
         from .triton_gemm import conv2d as kernel
 
-        return kernel(*args)
-    return reference.conv2d(*args).contiguous(memory_format=torch.channels_last)
+        return kernel(x, w, a_scale, a_offset, rows, w_scale, w_offset, w_sum, w_zero, a_sum, bias, residual,
+                      *geometry, channels_last)
+    out = reference.conv2d(x, w, a_scale, a_offset, rows, w_scale, w_offset, w_sum, w_zero, bias, residual, *geometry)
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 @conv2d.register_fake
-def _(x, w, a_scale, a_offset, row, w_scale, w_offset, w_sum, w_zero, bias, residual, kernel_size, stride, padding,
-      out_dtype, use_triton):
+def _(x, w, a_scale, a_offset, rows, w_scale, w_offset, w_sum, w_zero, a_sum, bias, residual, kernel_size, stride,
+      padding, dilation, out_dtype, channels_last, use_triton):
     batch, _, h, wd = x.shape
-    ho = (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
-    wo = (wd + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
-    return x.new_empty((batch, ho, wo, w.shape[0]), dtype=out_dtype).permute(0, 3, 1, 2)
+    ho, wo = (conv_output_size(s, *g) for s, g in zip((h, wd), zip(kernel_size, stride, padding, dilation)))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return x.new_empty((batch, w.shape[0], ho, wo), dtype=out_dtype).contiguous(memory_format=layout)
+
+
+@torch.library.custom_op("questdiff::attention_qk", mutates_args=())
+def attention_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
+                 rows: torch.Tensor, sm_scale: float, out_dtype: torch.dtype, use_triton: bool) -> torch.Tensor:
+    """``reference.attention_qk`` (no mask): codes ``q [B, Lq, H, D]``, ``k [B, Lk, H, D]``, values ``v`` ->
+    ``[B, Lq, H, D]``."""
+    if use_triton:
+        from .triton_attention import attention_qk as kernel
+
+        return kernel(q, k, v, q_scale, k_scale, rows, sm_scale, out_dtype)
+    return reference.attention_qk(q, k, v, q_scale, k_scale, rows, sm_scale, out_dtype).contiguous()
+
+
+@attention_qk.register_fake
+def _(q, k, v, q_scale, k_scale, rows, sm_scale, out_dtype, use_triton):
+    return q.new_empty(q.shape, dtype=out_dtype)
 
 
 @torch.library.custom_op("questdiff::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-              row: torch.Tensor, sm_scale: float, p_max: int, out_dtype: torch.dtype,
+              rows: torch.Tensor, sm_scale: float, p_max: int, out_dtype: torch.dtype,
               use_triton: bool) -> torch.Tensor:
-    """``reference.attention`` (no mask): codes ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` -> ``[B, Lq, H, D]``."""
+    """``reference.attention`` ("qkvp" format, no mask): codes ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` ->
+    ``[B, Lq, H, D]``."""
     if use_triton:
         from .triton_attention import attention as kernel
 
-        return kernel(q, k, v, scales, offsets, row, sm_scale, p_max, out_dtype)
-    return reference.attention(q, k, v, scales, offsets, row, sm_scale, p_max, out_dtype).contiguous()
+        return kernel(q, k, v, scales, offsets, rows, sm_scale, p_max, out_dtype)
+    return reference.attention(q, k, v, scales, offsets, rows, sm_scale, p_max, out_dtype).contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, scales, offsets, row, sm_scale, p_max, out_dtype, use_triton):
+def _(q, k, v, scales, offsets, rows, sm_scale, p_max, out_dtype, use_triton):
     return q.new_empty(q.shape, dtype=out_dtype)

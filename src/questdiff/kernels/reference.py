@@ -6,8 +6,13 @@ Conventions shared with the Triton kernels (``kernels/triton_*.py``):
   grid and ``o`` an offset that makes it fit int8 (128 for an unsigned 8-bit grid ``[0, 255]``, 0 otherwise). The
   real value is ``scale * (c + offset)`` with ``offset = o - zero_point``: every fake-quant value is reproduced
   exactly, and an integer matmul over codes is exact in int32.
-- **Timestep rows.** Static activation scales live in ``[T]`` tables indexed by the active row, a 0-d int64 tensor
-  on the device (no host sync, CUDA-graph safe).
+- **Timestep rows, per sample.** Static activation scales live in ``[T]`` tables; ``rows`` (int64 ``[R]``, on the
+  device: no host sync, CUDA-graph safe) holds the table row of each of ``R`` consecutive equal parts of the batch.
+  An operand of ``M`` tokens (pixels) with the batch outermost gives token ``m`` the row ``rows[m // (M / R)]``
+  (``R = 1``: one row for the whole batch; ``R = B``: one per sample, for batches mixing timesteps).
+- **Activation layout.** The GEMMs read activation codes as ``[M, C]`` tokens x channels (channels last, contiguous;
+  a conv's ``[B, C, H, W]`` codes in channels-last memory), with optional per-token code sums ``a_sum [M]`` int32
+  (needed only for 8-bit weights with an offset; the quantize step produces them, so no GEMM main loop sums).
 - **Weights** are ``[N, taps, C]`` (a linear layer has one tap; a conv has ``kh * kw`` taps, channels last). 8-bit
   codes are int8; 4-bit codes are unsigned nibbles ``q - qmin`` packed two per byte, ``[N, taps, C / 2]`` uint8, the
   low nibble holding channel ``j`` and the high nibble channel ``j + C / 2`` of the same tap (so a kernel unpacks
@@ -16,10 +21,13 @@ Conventions shared with the Triton kernels (``kernels/triton_*.py``):
 
 The GEMM computes, for activations ``a [M, K]`` and weights ``w [N, K]`` (codes)::
 
-    y[m, n] = sa * sw[n] * (sum_k a[m,k] w[n,k] + oa * wsum[n] + ow[n] * asum[m] + K * oa * ow[n]) + bias[n]
+    y[m, n] = sa[m] * sw[n] * (sum_k a[m,k] w[n,k] + oa[m] * wsum[n] + ow[n] * asum[m] + K * oa[m] * ow[n]) + bias[n]
 
-with ``sa, oa`` the activation scale/offset of the active row, ``sw, ow`` the per-output-channel weight scale/offset,
-``wsum[n] = sum_k w[n, k]`` and ``asum[m] = sum_k a[m, k]``; this is ``(sa (a + oa)) @ (sw (w + ow))^T``.
+with ``sa, oa`` the activation scale/offset of token ``m``'s row, ``sw, ow`` the per-output-channel weight
+scale/offset, ``wsum[n] = sum_k w[n, k]`` and ``asum[m] = sum_k a[m, k]``; this is ``(sa (a + oa)) @ (sw (w + ow))^T``.
+
+Attention ("qk" format, ``attention_qk``): q and k on symmetric static 8-bit grids (k centred on its token mean before
+quantization, which leaves the softmax unchanged), ``q kᵀ`` on int8 codes, softmax and ``P v`` in floating point.
 """
 from __future__ import annotations
 
@@ -81,10 +89,28 @@ def weight_integers(w: torch.Tensor, w_zero: torch.Tensor | None) -> torch.Tenso
     return unpack_int4(w, w_zero) if w_zero is not None else w
 
 
+def sample_values(table: torch.Tensor, rows: torch.Tensor, items: int) -> torch.Tensor:
+    """``table [T]`` at the row of each of ``items`` consecutive tokens split evenly over ``rows [R]`` -> ``[items]``."""
+    if items % rows.numel():
+        raise ValueError(f"{items} tokens cannot be split over {rows.numel()} timestep rows: the denoiser's timestep "
+                         "argument must have one entry, or one per sample of the batch")
+    return table[rows].repeat_interleave(items // rows.numel())
+
+
+def quantize_tokens(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, rows: torch.Tensor, lo: int,
+                    hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of tokens ``x [M, C]`` (any strides) on each token's row of the ``[T]`` tables -> ``(codes [M, C]``
+    int8 contiguous, ``sums [M]`` int32 = the codes summed over ``C``)."""
+    m = x.shape[0]
+    codes = quantize_codes(x, sample_values(scale, rows, m)[:, None], sample_values(shift, rows, m)[:, None], lo, hi)
+    return codes.contiguous(), codes.sum(dim=1, dtype=torch.int32)
+
+
 def _epilogue(acc: torch.Tensor, asum: torch.Tensor | None, k: int, a_scale: torch.Tensor, a_offset: torch.Tensor,
               w_scale: torch.Tensor, w_offset: torch.Tensor | None, w_sum: torch.Tensor, bias: torch.Tensor | None,
               residual: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """Dequantize an int32 accumulator ``[M, N]`` (see the module docstring)."""
+    """Dequantize an int32 accumulator ``[M, N]`` (see the module docstring); ``a_scale``/``a_offset`` are ``[M]``."""
+    a_scale, a_offset = a_scale[:, None], a_offset[:, None]
     y = acc.float() + a_offset * w_sum
     if w_offset is not None:
         assert asum is not None
@@ -97,61 +123,87 @@ def _epilogue(acc: torch.Tensor, asum: torch.Tensor | None, k: int, a_scale: tor
     return y.to(out_dtype)
 
 
-def gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, row: torch.Tensor,
+def gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, rows: torch.Tensor,
          w_scale: torch.Tensor, w_offset: torch.Tensor | None, w_sum: torch.Tensor, w_zero: torch.Tensor | None,
          bias: torch.Tensor | None, residual: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """Quantized linear on codes: ``a [M, K]`` int8, ``w [N, 1, K]`` int8 (or ``[N, 1, K/2]`` packed 4-bit) ->
-    ``[M, N]`` of ``out_dtype``; ``a_scale``/``a_offset`` are ``[T]`` tables read at ``row``; ``residual [M, N]``
-    is added after dequantization."""
+    ``[M, N]`` of ``out_dtype``; ``a_scale``/``a_offset`` are ``[T]`` tables read at each token's row of ``rows``;
+    ``residual [M, N]`` is added after dequantization. (The oracle: it sums the codes itself.)"""
+    m = a.shape[0]
     wi = weight_integers(w, w_zero).reshape(w.shape[0], -1)
     acc = int_matmul(a, wi.t())
     asum = a.sum(dim=1, dtype=torch.int32) if w_offset is not None else None
-    return _epilogue(acc, asum, a.shape[1], a_scale[row], a_offset[row], w_scale, w_offset, w_sum, bias, residual,
-                     out_dtype)
+    return _epilogue(acc, asum, a.shape[1], sample_values(a_scale, rows, m), sample_values(a_offset, rows, m),
+                     w_scale, w_offset, w_sum, bias, residual, out_dtype)
 
 
-def conv2d(x: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, row: torch.Tensor,
+def conv2d(x: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, rows: torch.Tensor,
            w_scale: torch.Tensor, w_offset: torch.Tensor | None, w_sum: torch.Tensor, w_zero: torch.Tensor | None,
            bias: torch.Tensor | None, residual: torch.Tensor | None, kernel_size: tuple[int, int],
-           stride: tuple[int, int], padding: tuple[int, int], out_dtype: torch.dtype) -> torch.Tensor:
+           stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+           out_dtype: torch.dtype) -> torch.Tensor:
     """Quantized conv on codes: ``x [B, C, H, W]`` int8 (any memory format), ``w [N, kh*kw, C]`` codes ->
-    ``[B, N, Ho, Wo]`` (channels-last memory). Padding holds the code of a real zero (``-a_offset``), as the
-    fake-quant model pads its dequantized input with zeros."""
-    oa = a_offset[row]
-    pad_code = (-oa).round().to(torch.int8)
+    ``[B, N, Ho, Wo]`` (channels-last memory). Padding holds the code of a real zero (``-a_offset`` of the image's
+    row), as the fake-quant model pads its dequantized input with zeros."""
+    batch = x.shape[0]
+    oa_img = sample_values(a_offset, rows, batch)  # [B]
+    pad_code = (-oa_img).round().view(-1, 1, 1, 1)
     kh, kw = kernel_size
     n = w.shape[0]
     wi = weight_integers(w, w_zero).reshape(n, kh, kw, -1).permute(0, 3, 1, 2)  # [N, C, kh, kw]
     ph, pw = padding
     xp = F.pad(x.float(), (pw, pw, ph, ph), value=0.0)
-    if ph or pw:  # the padded border holds the zero code
+    if ph or pw:  # the padded border holds the zero code of each image's row
         inside = torch.zeros_like(xp, dtype=torch.bool)
         inside[:, :, ph:ph + x.shape[2], pw:pw + x.shape[3]] = True
         xp = torch.where(inside, xp, pad_code.float())
     # exact: integer-valued float64 convolution (|sums| < 2^53)
-    acc = F.conv2d(xp.double(), wi.double(), stride=stride)
-    batch, _, ho, wo = acc.shape
+    acc = F.conv2d(xp.double(), wi.double(), stride=stride, dilation=dilation)
+    _, _, ho, wo = acc.shape
     acc = acc.permute(0, 2, 3, 1).reshape(-1, n).to(torch.int32)
     asum = None
     if w_offset is not None:
         ones = torch.ones(1, x.shape[1], kh, kw, dtype=torch.float64, device=x.device)
-        asum = F.conv2d(xp.double(), ones, stride=stride).reshape(-1).to(torch.int32)
+        asum = F.conv2d(xp.double(), ones, stride=stride, dilation=dilation).reshape(-1).to(torch.int32)
     res = None if residual is None else residual.permute(0, 2, 3, 1).reshape(-1, n)
-    y = _epilogue(acc, asum, wi[0].numel(), a_scale[row], oa, w_scale, w_offset, w_sum, bias, res, out_dtype)
+    pixels = batch * ho * wo
+    y = _epilogue(acc, asum, wi[0].numel(), sample_values(a_scale, rows, pixels), sample_values(a_offset, rows, pixels),
+                  w_scale, w_offset, w_sum, bias, res, out_dtype)
     return y.view(batch, ho, wo, n).permute(0, 3, 1, 2)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-              row: torch.Tensor, sm_scale: float, p_max: int, out_dtype: torch.dtype,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
-    """8-bit attention on codes ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` (int8) -> ``[B, Lq, H, D]``.
+def attention_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
+                 rows: torch.Tensor, sm_scale: float, out_dtype: torch.dtype,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """8-bit ``q kᵀ`` attention: codes ``q [B, Lq, H, D]``, ``k [B, Lk, H, D]`` (int8, symmetric grids; k already
+    centred), ``v [B, Lk, H, D]`` floating point -> ``[B, Lq, H, D]``. ``q_scale``/``k_scale`` are ``[T]`` tables read
+    at each sample's row; ``P = softmax(sm_scale sq sk (q kᵀ) + mask)`` in fp32, then ``P v`` in fp32 (the Triton
+    kernel runs ``P v`` in ``v``'s dtype). ``mask`` (optional) is additive, broadcastable to ``[B, H, Lq, Lk]``."""
+    batch = q.shape[0]
+    scale = (sample_values(q_scale, rows, batch) * sample_values(k_scale, rows, batch) * sm_scale).view(-1, 1, 1, 1)
+    dots = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()).float()  # exact integers
+    scores = dots * scale.float()
+    if mask is not None:
+        scores = scores + mask.float()
+    probs = scores.softmax(dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(out_dtype)
 
-    ``scales``/``offsets`` are ``[T, 4]`` tables (q, k, v, probabilities) read at ``row``. Computes
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+              rows: torch.Tensor, sm_scale: float, p_max: int, out_dtype: torch.dtype,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """8-bit attention of the "qkvp" format on codes ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` (int8) ->
+    ``[B, Lq, H, D]``.
+
+    ``scales``/``offsets`` are ``[T, 4]`` tables (q, k, v, probabilities) read at each sample's row. Computes
     ``P = softmax(sm_scale * (sq (q + oq)) (sk (k + ok))^T + mask)`` in fp32, quantizes ``P`` on the probability
     grid (``round(P / sp)`` clamped to ``[0, p_max]``, zero point 0) and returns ``(sp P_q) @ (sv (v + ov))``: the
     fake-quant attention of ``nn/attention.py``. ``mask`` (optional) is additive, broadcastable to
     ``[B, H, Lq, Lk]``."""
-    s, o = scales[row].float(), offsets[row].float()
+    batch = q.shape[0]
+    per_sample = [(t[rows].repeat_interleave(batch // rows.numel(), dim=0)).float().view(batch, 4, 1, 1, 1)
+                  for t in (scales, offsets)]
+    s, o = (t.unbind(1) for t in per_sample)
     qf = (q.float() + o[0]) * s[0]
     kf = (k.float() + o[1]) * s[1]
     vf = (v.float() + o[2]) * s[2]

@@ -1,9 +1,9 @@
 """Quantized attention matmuls for the attention flavours of diffusion transformers (SD3 joint attention, FLUX
 double- and single-stream attention with rotary embeddings).
 
-Same treatment as ``QuantAttnProcessor`` (spec §2.3): q and k are fake-quantized before ``q k^T`` (per head_dim
-channel at 4 bits; the softmax scale ``head_dim^-0.5`` is applied after the product), the softmax output (per
-tensor, zero point 0) and v before ``P v``. In joint attention the image and context tokens are concatenated before
+Same treatment as ``QuantAttnProcessor``, in either format (``nn/attention.py``): q and k are fake-quantized before
+``q k^T`` (the softmax scale ``head_dim^-0.5`` is applied after the product), and in the "qkvp" format the softmax
+output (per tensor, zero point 0) and v before ``P v``. In joint attention the image and context tokens are concatenated before
 the matmuls, so one quantizer covers each concatenated operand, as a kernel would see it; rotary embeddings are
 applied before quantization (the rotated q and k are the operands). The q/k/v/out projections (``to_q``,
 ``add_q_proj``, ``to_add_out``...) are ordinary ``QuantLinear`` layers wrapped separately.
@@ -14,30 +14,27 @@ Large probability tensors are recomputed in backward instead of stored, as in ``
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import math
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import RECOMPUTE_MIN_ELEMENTS
+from .attention import RECOMPUTE_MIN_ELEMENTS, OperandQuantizers, Quantize
 from .quantizer import ActQuantizer
 
-Quantize = Callable[[torch.Tensor], torch.Tensor]
 
-
-def quantized_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   quantizers: Sequence[ActQuantizer], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``quant(softmax(quant(q) quant(k)^T * d^-0.5 + mask)) quant(v)`` for ``[B, heads, tokens, d]`` operands
-    (``quantizers``: q, k, v, probabilities); returns ``[B, heads, q_tokens, d]``. ``attention_mask`` follows
+def quantized_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, quantizers: OperandQuantizers,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``quant(softmax(quant(q) quant(k)^T * d^-0.5 + mask)) quant(v)`` for ``[B, heads, tokens, d]`` operands, in
+    ``quantizers``' format; returns ``[B, heads, q_tokens, d]``. ``attention_mask`` follows
     ``scaled_dot_product_attention``: boolean (True = attend) or additive, broadcastable to the scores."""
-    elements = query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2]
-    if torch.is_grad_enabled() and elements >= RECOMPUTE_MIN_ELEMENTS:
-        # the recompute runs after this forward's timestep rows and enabled flags are gone: freeze them now
-        probs_like = query.new_empty(()).expand(*query.shape[:3], key.shape[2])
-        frozen = tuple(q.frozen(x) for q, x in zip(quantizers, (query, key, value, probs_like)))
+    probs_shape = (*query.shape[:3], key.shape[2])
+    if torch.is_grad_enabled() and math.prod(probs_shape) >= RECOMPUTE_MIN_ELEMENTS:
+        frozen = quantizers.operand_functions(query, key, value, probs_shape)
         return checkpoint(_attend, query, key, value, attention_mask, frozen, use_reentrant=False)
-    return _attend(query, key, value, attention_mask, tuple(quantizers))
+    return _attend(query, key, value, attention_mask, quantizers.operand_functions(query, key, value))
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -53,29 +50,14 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attenti
     return probs_quant(probs) @ v_quant(value)
 
 
-class _QuantOperandsProcessor(nn.Module):
-    """Four activation quantizers (q, k, v: ``[T, head_dim]`` scales; probabilities: per tensor) and the processor
-    they replace (``fallback``, used verbatim while every quantizer is disabled)."""
+class _QuantOperandsProcessor(OperandQuantizers):
+    """The operand quantizers (``OperandQuantizers``) and the processor they replace (``fallback``, used verbatim
+    while every quantizer is disabled)."""
 
-    def __init__(self, q_quantizer: ActQuantizer, k_quantizer: ActQuantizer, v_quantizer: ActQuantizer,
-                 probs_quantizer: ActQuantizer, fallback: Any) -> None:
-        super().__init__()
-        self.q_quantizer = q_quantizer
-        self.k_quantizer = k_quantizer
-        self.v_quantizer = v_quantizer
-        self.probs_quantizer = probs_quantizer
+    def __init__(self, q_quantizer: ActQuantizer, k_quantizer: ActQuantizer, v_quantizer: ActQuantizer | None,
+                 probs_quantizer: ActQuantizer | None, fallback: Any) -> None:
+        super().__init__(q_quantizer, k_quantizer, v_quantizer, probs_quantizer)
         self.fallback = fallback
-
-    def act_quantizers(self) -> list[ActQuantizer]:
-        return [self.q_quantizer, self.k_quantizer, self.v_quantizer, self.probs_quantizer]
-
-    @property
-    def enabled(self) -> bool:
-        return any(q.enabled for q in self.act_quantizers())
-
-    def set_quant_state(self, act: bool) -> None:
-        for q in self.act_quantizers():
-            q.enabled = act
 
 
 class QuantJointAttnProcessor(_QuantOperandsProcessor):
@@ -109,7 +91,7 @@ class QuantJointAttnProcessor(_QuantOperandsProcessor):
                 c_key = attn.norm_added_k(c_key)
             query, key, value = (torch.cat([x, c], dim=2) for x, c in ((query, c_query), (key, c_key), (value, c_value)))
         # JointAttnProcessor2_0 ignores attention_mask as well
-        out = quantized_sdpa(query, key, value, self.act_quantizers())
+        out = quantized_sdpa(query, key, value, self)
         out = out.transpose(1, 2).flatten(2).to(query.dtype)
         if encoder_hidden_states is not None:
             out, context = out[:, :image_tokens], out[:, image_tokens:]
@@ -151,8 +133,7 @@ class QuantFluxAttnProcessor(_QuantOperandsProcessor):
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = quantized_sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.act_quantizers(),
-                             attention_mask)
+        out = quantized_sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self, attention_mask)
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out

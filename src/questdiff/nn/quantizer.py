@@ -150,8 +150,11 @@ class ActQuantizer(nn.Module):
 
         A batch mixing timesteps (``state.rows`` set, ``[B]``) gets one row per sample: ``[B', ...]`` with the
         batch's leading dim ``B' = k * B`` (attention folds heads into the batch sample-major, so each row repeats
-        ``k`` times)."""
-        rows = self._state.rows if self.num_rows > 1 else None
+        ``k`` times). So do rows found on the device (``state.device_rows``, ``[R]``: a deployed model's fake-quant
+        leftovers)."""
+        rows = None
+        if self.num_rows > 1:  # per-sample rows: a mixed batch, or rows found on the device (deployed models)
+            rows = self._state.rows if self._state.rows is not None else self._state.device_rows
         shape = self.broadcast_shape(x)
         if rows is None:
             i = self.row_index()

@@ -29,7 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
-from .attention import RECOMPUTE_MIN_ELEMENTS
+from .attention import RECOMPUTE_MIN_ELEMENTS, OperandQuantizers
 from .quantizer import ActQuantizer
 
 SDPA_ATTR = "questdiff_sdpa"
@@ -69,24 +69,9 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_ma
     return probs @ value
 
 
-class AttentionSite(nn.Module):
-    """The quantizers of one SDPA call: q, k, v (``[..., tokens, head_dim]``, channel = head_dim) and the softmax
-    probabilities (``[..., q_tokens, k_tokens]``, per tensor, zero point 0)."""
-
-    def __init__(self, q_quantizer: ActQuantizer, k_quantizer: ActQuantizer, v_quantizer: ActQuantizer,
-                 probs_quantizer: ActQuantizer) -> None:
-        super().__init__()
-        self.q_quantizer = q_quantizer
-        self.k_quantizer = k_quantizer
-        self.v_quantizer = v_quantizer
-        self.probs_quantizer = probs_quantizer
-
-    def act_quantizers(self) -> list[ActQuantizer]:
-        return [self.q_quantizer, self.k_quantizer, self.v_quantizer, self.probs_quantizer]
-
-    @property
-    def enabled(self) -> bool:
-        return any(q.enabled for q in self.act_quantizers())
+class AttentionSite(OperandQuantizers):
+    """The quantizers of one SDPA call (``OperandQuantizers``: q, k and, in the "qkvp" format, v and the softmax
+    probabilities; q/k/v ``[..., tokens, head_dim]``, channel = head_dim)."""
 
     def attend(self, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
         """Run the SDPA call ``F.scaled_dot_product_attention(*args, **kwargs)`` with this site's quantizers."""
@@ -96,13 +81,11 @@ class AttentionSite(nn.Module):
         query, key, value = a["query"], a["key"], a["value"]
         options = (a.get("attn_mask"), float(a.get("dropout_p", 0.0)), bool(a.get("is_causal", False)), a.get("scale"),
                    bool(a.get("enable_gqa", False)))
-        quantizers: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = tuple(self.act_quantizers())
-        if torch.is_grad_enabled() and query.shape[:-1].numel() * key.shape[-2] >= RECOMPUTE_MIN_ELEMENTS:
-            # the recompute runs after this forward's timestep rows and enabled flags are gone: freeze them now
-            probs_like = query.new_empty(()).expand(*query.shape[:-1], key.shape[-2])
-            quantizers = tuple(q.frozen(x) for q, x in zip(self.act_quantizers(), (query, key, value, probs_like)))
+        probs_shape = (*query.shape[:-1], key.shape[-2])
+        if torch.is_grad_enabled() and math.prod(probs_shape) >= RECOMPUTE_MIN_ELEMENTS:
+            quantizers = self.operand_functions(query, key, value, probs_shape)
             return checkpoint(_attend, query, key, value, *options, quantizers, use_reentrant=False)
-        return _attend(query, key, value, *options, quantizers)
+        return _attend(query, key, value, *options, self.operand_functions(query, key, value))
 
 
 class QuantSDPA(nn.Module):
