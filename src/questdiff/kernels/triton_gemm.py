@@ -36,9 +36,9 @@ def interpreting() -> bool:
 
 
 def quick_bench(fn, quantiles):  # noqa: ANN001 - the autotuner's do_bench hook
-    """Autotuning timer: 25 ms per config instead of Triton's default 125 (a UNet has ~50 GEMM shapes per batch
-    size), enough to rank tiles that differ by more than launch noise."""
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+    """Autotuning timer: ~10 ms per config instead of Triton's default 125 (a UNet has ~50 GEMM shapes per batch
+    size: at 25 ms per config the first SD-1.5 call took 199 s on the H200, compiles included)."""
+    return triton.testing.do_bench(fn, warmup=2, rep=8, quantiles=quantiles)
 
 
 @functools.cache
