@@ -3,9 +3,9 @@
 The math and the storage formats are those of ``kernels/reference.py`` (its module docstring). What these kernels
 add to it:
 
-- **Linear layers** load their tiles with pointers (default) or, opt-in (``QUESTDIFF_TMA=1``), with TMA tensor
-  descriptors on Hopper (out-of-range rows and columns arrive as zeros: no masks, no address arithmetic; slower
-  than pointers with Triton 3.6 on the H200 as measured). The main loop is only loads and int8 tensor-core dots:
+- **Linear layers** load their tiles with TMA tensor descriptors on Hopper (out-of-range rows and columns arrive
+  as zeros: no masks, no address arithmetic), with pointer tiles elsewhere (``QUESTDIFF_TMA=0``; the interpreter,
+  unaligned shapes). The main loop is only loads and int8 tensor-core dots:
   the code sums that an 8-bit weight offset needs come from the quantize step (``a_sum``), not from the loop.
 - **Implicit GEMM.** A conv is a GEMM with ``M = batch * Ho * Wo`` output pixels, ``N = C_out`` and
   ``K = kh * kw * C_in``; the A tile of each (tap, channel block) step is gathered from the channels-last input
@@ -43,17 +43,19 @@ def quick_bench(fn, quantiles):  # noqa: ANN001 - the autotuner's do_bench hook
 
 @functools.cache
 def tma_available() -> bool:
-    """TMA descriptors for the linear kernel, opt-in with ``QUESTDIFF_TMA=1`` (a Hopper-class GPU and a Triton that
-    has them; in the interpreter too, for tests). Off by default: on the H200 with Triton 3.6 the pointer tiles
-    measured faster (kernel_bench, 2026-12-04: 403-439 vs 306-322 TOP/s at the large SD-1.5 shapes)."""
+    """TMA descriptors for the linear kernel: on a Hopper-class GPU with a Triton that has them (measured on the H200,
+    Triton 3.6, CUDA-graph timing: 3-8% faster than pointer tiles at the SD-1.5 shapes). ``QUESTDIFF_TMA=0`` uses
+    pointer tiles; ``QUESTDIFF_TMA=1`` also runs TMA in the interpreter (tests)."""
     choice = os.environ.get("QUESTDIFF_TMA")
-    if choice != "1":
+    if choice == "0":
         return False
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except ImportError:
         return False
-    return interpreting() or (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
+    if interpreting():
+        return choice == "1"
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
 def autotuning() -> bool:
