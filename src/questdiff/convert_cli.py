@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     with output_dir(args.out or Path(args.quantized) / "deployed") as out:
         from .deploy import DeployedLayer, convert, save_deployed
-        from .deploy.attention import DeployedAttnProcessor
+        from .deploy.attention import DeployedOperands
         from .pipelines import denoiser_of
 
         pipe, name = load_pipeline(args.model, device)
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"questdiff convert: warning: {warning.message}")
         save_deployed(model, out)
         layers = [m for m in model.modules() if isinstance(m, DeployedLayer)]
-        attention = [m.processor for m in model.modules() if isinstance(getattr(m, "processor", None), DeployedAttnProcessor)]
+        attention = [m for m in model.modules() if isinstance(m, DeployedOperands)]  # processors and SDPA sites
         fast = sum(m.runs_kernels for m in layers) + sum(p.runs_kernels for p in attention)
         summary = {
             "model": name,

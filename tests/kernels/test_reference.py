@@ -121,3 +121,10 @@ def test_attention_quantizes_probabilities_on_the_fixed_grid():
     probs = (torch.einsum("bqhd,bkhd->bhqk", qf, kf) * d**-0.5).softmax(-1)
     probs = fake_quantize(probs, s[3], torch.tensor(0.0, dtype=torch.float64), 0, 255)
     torch.testing.assert_close(out, torch.einsum("bhqk,bkhd->bqhd", probs, vf), rtol=1e-4, atol=1e-5)
+
+
+def test_int_matmul_is_exact_for_one_input_channel():
+    """A Linear(1, N) gives a [1, N] weight view whose size-1 dim keeps a stride of 1: still the exact product."""
+    a = torch.randint(-128, 128, (3, 1), dtype=torch.int8)
+    w = torch.randint(-128, 128, (16, 1), dtype=torch.int8)
+    assert torch.equal(R.int_matmul(a, w.t()), (a.long() @ w.long().t()).int())

@@ -1,4 +1,5 @@
-"""Deployed attention processor for diffusers ``Attention``: the fake-quant processor's format on int8 codes.
+"""Deployed attention: the fake-quant processors' formats on int8 codes, for every attention flavour the adapters
+quantize (diffusers ``Attention``, SD3 joint attention, FLUX attention, intercepted SDPA calls).
 
 - "qk" format: q and k codes on their static symmetric grids (k centred on its token mean first, as the fake-quant
   model does), one pass over the keys with ``q kᵀ`` as an int8 dot, online softmax and ``P v`` in ``v``'s dtype
@@ -6,9 +7,10 @@
 - "qkvp" format: q, k, v and the softmax output on their static 8-bit grids, ``q kᵀ`` and ``P v`` as int8 dots in the
   two-pass kernel (``kernels/triton_attention.attention``).
 
-It mirrors ``nn/attention.py``'s ``QuantAttnProcessor`` (diffusers' ``AttnProcessor`` math) step for step, so the
-deployed model computes what the fake-quant model computes. Attention masks and per-channel grids (4-bit q/k/v in the
-"qkvp" format) have no kernel: they run the same math in torch on dequantized values (simulated).
+Each flavour runs the same frame as its fake-quant twin (``attention_frame``, ``joint_attention_frame``,
+``flux_attention_frame``, SDPA's arguments) around ``DeployedOperands.compute``, so the deployed model computes what
+the fake-quant model computes. Attention masks and per-channel grids (4-bit q/k/v in the "qkvp" format) have no
+kernel: they run the same math in torch on dequantized values (simulated).
 """
 from __future__ import annotations
 
@@ -19,14 +21,18 @@ from torch import nn
 
 from ..kernels import ops
 from ..nn.attention import attention_frame, centre_keys
+from ..nn.attention_joint import flux_attention_frame, joint_attention_frame
+from ..nn.sdpa import sdpa_arguments
 from .layers import BACKENDS, Backend
 from .operand import ActTable
 
 OPERANDS = ("q", "k", "v", "probs")
 
 
-class DeployedAttnProcessor(nn.Module):
-    """Attention processor on int8 codes.
+class DeployedOperands(nn.Module):
+    """The deployed twin of ``OperandQuantizers``: the static tables of one attention's matmul operands and
+    ``compute`` on ``[B, heads, tokens, d]`` operands; each attention flavour's processor is a small subclass that
+    runs the flavour's frame around ``compute`` (as its fake-quant twin runs the same frame around its quantizers).
 
     Args:
         tables: ``ActTable`` of q and k (and, in the "qkvp" format, of v and the probabilities): ``[T, 1]`` or
@@ -35,6 +41,8 @@ class DeployedAttnProcessor(nn.Module):
             "qk" format.
         backend: ``"auto"`` / ``"triton"`` / ``"reference"``.
     """
+
+    kind = "operands"
 
     def __init__(self, tables: dict[str, ActTable], probs_max: int | None, backend: Backend) -> None:
         super().__init__()
@@ -52,13 +60,69 @@ class DeployedAttnProcessor(nn.Module):
         return {name: getattr(self, name) for name in OPERANDS if getattr(self, name) is not None}
 
     def spec(self) -> dict[str, Any]:
-        return {"format": self.format, "probs_max": self.probs_max,
+        return {"kind": self.kind, "format": self.format, "probs_max": self.probs_max,
                 "tables": {name: t.spec() for name, t in self.tables().items()}}
 
     @property
     def runs_kernels(self) -> bool:
         grids = all(t.per_tensor and t.fits_int8 for name, t in self.tables().items() if name != "probs")
         return grids and (self.probs_max is None or self.probs_max <= 255)
+
+    @property
+    def grid_head_dim(self) -> int | None:
+        """The head dim q's grid was made for (per-channel grids), else ``None``."""
+        return None if self.q.per_tensor else self.q.scale.shape[1]
+
+    def compute(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None,
+                scale: float | None = None) -> torch.Tensor:
+        """Attention of ``[B, heads, tokens, d]`` operands -> ``[B, heads, q_tokens, d]`` on the codes (``mask``: SDPA's,
+        boolean with True = attend or additive, broadcastable to ``[B, heads, q_tokens, k_tokens]``; ``scale``
+        defaults to ``d^-0.5``). Masked attention runs simulated."""
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, L, H, D] views, the kernels' layout
+        if self.format == "qk":
+            k = centre_keys(k, token_dim=1)  # mean over the key tokens, per sample, head and channel
+        if self.runs_kernels and mask is None:
+            out = self._kernel(q, k, v, scale)
+        else:
+            out = self._simulated(q, k, v, scale, mask)
+        return out.transpose(1, 2)
+
+    def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
+        use_triton = ops.triton_runs_on(q.device, self.backend)
+        rows = self.q.rows(q.device)
+        if self.format == "qk":
+            q_codes, k_codes = (t.tokens(x, False, False, use_triton)[0] for t, x in ((self.q, q), (self.k, k)))
+            return ops.attention_qk(q_codes, k_codes, v, self.q.scale[:, 0], self.k.scale[:, 0], rows, float(sm_scale),
+                                    q.dtype, use_triton)
+        codes = [t.tokens(x, False, False, use_triton)[0] for t, x in zip((self.q, self.k, self.v), (q, k, v))]
+        tables = (self.q, self.k, self.v, self.probs)
+        scales = torch.stack([t.scale[:, 0] for t in tables], dim=1)
+        offsets = torch.stack([t.offset[:, 0] for t in tables], dim=1)
+        return ops.attention(*codes, scales, offsets, rows, float(sm_scale), self.probs_max, q.dtype, use_triton)
+
+    def _simulated(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        """The fake-quant attention in torch, on ``[B, L, H, D]`` operands."""
+        qf, kf = (t.fake_quantize(x, -1).float() for t, x in ((self.q, q), (self.k, k)))
+        vf = (v if self.v is None else self.v.fake_quantize(v, -1)).float()
+        scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * sm_scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+        probs = scores.softmax(dim=-1)
+        if self.probs is not None:
+            probs = self.probs.fake_quantize(probs, -1)
+        return torch.einsum("bhqk,bkhd->bqhd", probs, vf).to(q.dtype)
+
+    def extra_repr(self) -> str:
+        mode = "kernels" if self.runs_kernels else "simulated"
+        return f"format={self.format}, probs_max={self.probs_max}, backend={self.backend}, {mode}"
+
+
+class DeployedAttnProcessor(DeployedOperands):
+    """diffusers ``Attention`` (UNets, DiT, PixArt): ``attention_frame`` around ``compute``."""
+
+    kind = "attn"
 
     def __call__(  # type: ignore[override]
         self,
@@ -75,45 +139,60 @@ class DeployedAttnProcessor(nn.Module):
     def _core(self, attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None) -> torch.Tensor:
         heads = attn.heads
-        q, k, v = (t.view(t.shape[0], t.shape[1], heads, t.shape[2] // heads) for t in (query, key, value))
+        q, k, v = (t.unflatten(-1, (heads, -1)) for t in (query, key, value))  # [B, L, H, D]
         if getattr(attn, "norm_q", None) is not None:
             q = attn.norm_q(q)
         if getattr(attn, "norm_k", None) is not None:
             k = attn.norm_k(k)
-        if self.format == "qk":
-            k = centre_keys(k, token_dim=1)  # mean over the key tokens, per sample, head and channel
-        if self.runs_kernels and attention_mask is None:
-            out = self._kernel(q, k, v, attn.scale)
-        else:
-            out = self._simulated(q, k, v, attn.scale, attention_mask, heads)
-        return out.reshape(out.shape[0], out.shape[1], -1).to(query.dtype)
+        mask = None  # diffusers' additive [B * heads, 1 | Lq, Lk] -> [B, heads, 1 | Lq, Lk]
+        if attention_mask is not None:
+            mask = attention_mask.reshape(q.shape[0], heads, *attention_mask.shape[1:])
+        out = self.compute(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, attn.scale)
+        return out.transpose(1, 2).flatten(2).to(query.dtype)
 
-    def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float) -> torch.Tensor:
-        use_triton = ops.triton_runs_on(q.device, self.backend)
-        rows = self.q.rows(q.device)
-        if self.format == "qk":
-            q_codes, k_codes = (t.tokens(x, False, False, use_triton)[0] for t, x in ((self.q, q), (self.k, k)))
-            return ops.attention_qk(q_codes, k_codes, v, self.q.scale[:, 0], self.k.scale[:, 0], rows, float(sm_scale),
-                                    q.dtype, use_triton)
-        codes = [t.tokens(x, False, False, use_triton)[0] for t, x in zip((self.q, self.k, self.v), (q, k, v))]
-        tables = (self.q, self.k, self.v, self.probs)
-        scales = torch.stack([t.scale[:, 0] for t in tables], dim=1)
-        offsets = torch.stack([t.offset[:, 0] for t in tables], dim=1)
-        return ops.attention(*codes, scales, offsets, rows, float(sm_scale), self.probs_max, q.dtype, use_triton)
 
-    def _simulated(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float,
-                   mask: torch.Tensor | None, heads: int) -> torch.Tensor:
-        """The fake-quant attention in torch, on ``[B, L, H, D]`` operands."""
-        qf, kf = (t.fake_quantize(x, -1).float() for t, x in ((self.q, q), (self.k, k)))
-        vf = (v if self.v is None else self.v.fake_quantize(v, -1)).float()
-        scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * sm_scale
-        if mask is not None:  # diffusers' [B * heads, 1 | Lq, Lk]
-            scores = scores + mask.reshape(q.shape[0], heads, *mask.shape[1:]).float()
-        probs = scores.softmax(dim=-1)
-        if self.probs is not None:
-            probs = self.probs.fake_quantize(probs, -1)
-        return torch.einsum("bhqk,bkhd->bqhd", probs, vf)
+class DeployedJointAttnProcessor(DeployedOperands):
+    """SD3 / SD3.5 joint attention: ``joint_attention_frame`` around ``compute``."""
 
-    def extra_repr(self) -> str:
-        mode = "kernels" if self.runs_kernels else "simulated"
-        return f"format={self.format}, probs_max={self.probs_max}, backend={self.backend}, {mode}"
+    kind = "joint"
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,  # type: ignore[override]
+                 attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        return joint_attention_frame(attn, hidden_states, encoder_hidden_states, self.compute)
+
+
+class DeployedFluxAttnProcessor(DeployedOperands):
+    """FLUX double- and single-stream attention: ``flux_attention_frame`` (rotary embedding first) around
+    ``compute``."""
+
+    kind = "flux"
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,  # type: ignore[override]
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
+        return flux_attention_frame(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                                    self.compute)
+
+
+class DeployedSite(DeployedOperands):
+    """An intercepted ``F.scaled_dot_product_attention`` call (``nn/sdpa.py``'s ``AttentionSite``), deployed: the SDPA
+    semantics (``attn_mask``, ``is_causal``, ``scale``, ``enable_gqa``) around ``compute``; dropout is refused."""
+
+    kind = "sdpa"
+
+    def attend(self, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+        a = sdpa_arguments(args, kwargs)
+        query, key, value = a["query"], a["key"], a["value"]
+        if float(a.get("dropout_p", 0.0)) > 0.0:
+            raise ValueError("a deployed attention call takes no dropout: run the model in eval mode (dropout_p=0)")
+        if a.get("enable_gqa", False):
+            repeat = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+        mask = a.get("attn_mask")
+        if a.get("is_causal", False):
+            mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        return self.compute(query, key, value, mask, a.get("scale"))
+
+
+PROCESSORS: dict[str, type[DeployedOperands]] = {cls.kind: cls for cls in (DeployedAttnProcessor,
+                                                 DeployedJointAttnProcessor, DeployedFluxAttnProcessor, DeployedSite)}

@@ -24,9 +24,10 @@ from ..adapters import GenericAdapter, get_adapter
 from ..config import QuantConfig
 from ..io_utils import atomic_path, atomic_write_text, ensure_writable_dir
 from ..nn.rotation import ChannelRotation
+from ..nn.sdpa import SDPA_ATTR, install_sdpa_quantizers
 from ..prepare import HANDLE_ATTR, QuantHandle, handle
 from ..timestep import KEYS_ATTR, TimestepSchedule, TimestepState, install_device_timestep_hook
-from .attention import OPERANDS, DeployedAttnProcessor
+from .attention import OPERANDS, PROCESSORS, DeployedOperands
 from .convert import DEPLOYED_KEY, fake_quant_leftovers, is_deployed
 from .layers import Backend, DeployedConv, DeployedLayer, DeployedLinear
 from .operand import ActTable, QuantizedOperand
@@ -108,8 +109,11 @@ def save_deployed(model: nn.Module, directory: str | Path) -> Path:
         "backend": h.extra[DEPLOYED_KEY]["backend"],
         "layers": {n: m.spec() for n, m in model.named_modules() if isinstance(m, DeployedLayer)},
         "attention": {n: m.processor.spec() for n, m in model.named_modules()
-                      if isinstance(getattr(m, "processor", None), DeployedAttnProcessor)},
+                      if isinstance(getattr(m, "processor", None), DeployedOperands)},
     }
+    router = getattr(model, SDPA_ATTR, None)
+    if router is not None:
+        meta["sdpa"] = {"owners": router.owners, "sites": [site.spec() for site in router.sites]}
     meta["digests"] = {"weights_sha256": _sha256(weights), "config_sha256": _canonical(meta)}
     atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2))
     logger.info("saved deployed %s to %s", type(model).__name__, directory)
@@ -187,10 +191,12 @@ def _layer(spec: dict[str, Any], state: TimestepState, backend: Backend) -> Depl
                         g["groups"], g["padding_mode"], **common)
 
 
-def _attention(spec: dict[str, Any], state: TimestepState, backend: Backend) -> DeployedAttnProcessor:
+def _attention(spec: dict[str, Any], state: TimestepState, backend: Backend) -> DeployedOperands:
+    """An empty deployed attention of ``spec``'s flavour (``kind``: absent in checkpoints written when diffusers
+    ``Attention`` was the only deployed flavour)."""
     tables = {name: ActTable(t["rows"], t["channels"], tuple(t["code_range"]), state)
               for name, t in spec["tables"].items() if name in OPERANDS}
-    return DeployedAttnProcessor(tables, spec["probs_max"], backend)
+    return PROCESSORS[spec.get("kind", "attn")](tables, spec["probs_max"], backend)
 
 
 def load_deployed(directory: str | Path, model: nn.Module | None = None, *, device: str | torch.device = "cpu",
@@ -215,6 +221,9 @@ def load_deployed(directory: str | Path, model: nn.Module | None = None, *, devi
         model.set_submodule(name, _layer(spec, state, backend))
     for name, spec in meta["attention"].items():
         model.get_submodule(name).set_processor(_attention(spec, state, backend))
+    if "sdpa" in meta:  # intercepted SDPA calls: the same routing, deployed sites
+        sites = [_attention(spec, state, backend) for spec in meta["sdpa"]["sites"]]
+        install_sdpa_quantizers(model, meta["sdpa"]["owners"], sites, meta["attention"])
     model.to_empty(device=device)
     try:
         tensors = load_file(str(directory / WEIGHTS_NAME), device=str(device))

@@ -1,6 +1,7 @@
 """``convert``: the one way out of fake quantization. Every fake-quant layer becomes a deployed layer holding the
 integer codes of its (finetuned, possibly AdaRound-rounded) quantized weight and its static activation tables;
-every quantized attention processor becomes a ``DeployedAttnProcessor``. The ``TimestepState`` stays; the timestep
+every quantized attention processor and intercepted SDPA call becomes the deployed twin of its flavour
+(``deploy/attention.py``: diffusers ``Attention``, SD3 joint, FLUX, SDPA sites). The ``TimestepState`` stays; the timestep
 pre-hook becomes the device one (``DeviceTimestepHook``): deployed modules read the rows found on the device, so a
 CUDA graph or ``torch.compile`` captures the whole forward.
 """
@@ -14,16 +15,24 @@ from torch import nn
 
 from ..kernels import ops
 from ..kernels.reference import code_offset, pack_int4
-from ..nn import ActQuantizer, QuantAttnProcessor, QuantConv1d, QuantConv2d, QuantLayerMixin, QuantLinear, WeightQuantizer
+from ..nn import (ActQuantizer, QuantAttnProcessor, QuantConv1d, QuantConv2d, QuantFluxAttnProcessor,
+                  QuantJointAttnProcessor, QuantLayerMixin, QuantLinear, WeightQuantizer)
+from ..nn.attention import OperandQuantizers
+from ..nn.sdpa import SDPA_ATTR, AttentionSite
 from ..prepare import HANDLE_ATTR, handle, quant_layers
 from ..timestep import TimestepState, install_device_timestep_hook
-from .attention import DeployedAttnProcessor
+from .attention import PROCESSORS, DeployedOperands
 from .layers import BACKENDS, Backend, DeployedConv, DeployedLayer, DeployedLinear
 from .operand import ActTable, QuantizedOperand
 
 logger = logging.getLogger(__name__)
 
 DEPLOYED_KEY = "deployed"
+
+# fake-quant attention flavour -> the kind of its deployed twin (``deploy.attention.PROCESSORS``); subclasses first
+DEPLOYED_FLAVOURS: tuple[tuple[type[OperandQuantizers], str], ...] = (
+    (QuantJointAttnProcessor, "joint"), (QuantFluxAttnProcessor, "flux"), (QuantAttnProcessor, "attn"),
+    (AttentionSite, "sdpa"))
 
 
 def is_deployed(model: nn.Module) -> bool:
@@ -141,18 +150,22 @@ def _table(quantizer: ActQuantizer, state: TimestepState) -> ActTable:
     return table
 
 
-def deploy_attention(processor: QuantAttnProcessor, state: TimestepState, backend: Backend) -> DeployedAttnProcessor:
-    """The deployed twin of a fake-quant attention processor (either format)."""
-    quantizers = processor.act_quantizers()
+def deploy_attention(operands: OperandQuantizers, state: TimestepState, backend: Backend) -> DeployedOperands:
+    """The deployed twin of a fake-quant attention processor or SDPA site (either format): the deployed class of
+    the same flavour (``DEPLOYED_FLAVOURS``), holding the quantizers' static tables."""
+    kind = next((kind for cls, kind in DEPLOYED_FLAVOURS if isinstance(operands, cls)), None)
+    if kind is None:
+        raise NotImplementedError(f"{type(operands).__name__} has no deployed form")
+    quantizers = operands.act_quantizers()
     if not all(q.enabled for q in quantizers) or any(q.bits > 8 for q in quantizers):
         raise ValueError("attention quantizers must be enabled and at most 8 bits to convert")
-    named = {"q": processor.q_quantizer, "k": processor.k_quantizer, "v": processor.v_quantizer,
-             "probs": processor.probs_quantizer}
+    named = {"q": operands.q_quantizer, "k": operands.k_quantizer, "v": operands.v_quantizer,
+             "probs": operands.probs_quantizer}
     tables = {name: _table(q, state) for name, q in named.items() if q is not None}
-    probs = processor.probs_quantizer
+    probs = operands.probs_quantizer
     if probs is not None and probs.zero_point.any():
         raise ValueError("the softmax-output quantizer must have a zero point of 0")
-    return DeployedAttnProcessor(tables, None if probs is None else probs.qmax, backend)
+    return PROCESSORS[kind](tables, None if probs is None else probs.qmax, backend)
 
 
 def convert(model: nn.Module, backend: Backend = "auto") -> nn.Module:
@@ -183,11 +196,16 @@ def convert(model: nn.Module, backend: Backend = "auto") -> nn.Module:
             simulated.append(name)
     for name, module in model.named_modules():
         processor = getattr(module, "processor", None)
-        if isinstance(processor, QuantAttnProcessor):
+        if isinstance(processor, OperandQuantizers):
             deployed_attn = deploy_attention(processor, h.state, backend)
             module.set_processor(deployed_attn)
             if not deployed_attn.runs_kernels:
                 simulated.append(f"{name} (attention)")
+    router = getattr(model, SDPA_ATTR, None)
+    for i, site in enumerate(router.sites if router is not None else []):
+        router.sites[i] = deployed_site = deploy_attention(site, h.state, backend)
+        if not deployed_site.runs_kernels:
+            simulated.append(f"{SDPA_ATTR}.sites.{i} (attention call of {router.owners[i] or 'the forward'})")
     h.extra[DEPLOYED_KEY] = {"backend": backend}
     h.hook.remove()  # deployed modules read the rows on the device: no host read per forward
     h.hook = install_device_timestep_hook(model, h.adapter.timestep_argument, HANDLE_ATTR, h.schedule)

@@ -55,11 +55,18 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, lo
     return codes.clamp_(lo, hi).to(torch.int8)
 
 
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    """``x [R, C]`` with strides exactly ``(C, 1)``: ``contiguous()`` keeps a size-1 dim's stride as it is, and
+    ``torch._int_mm`` reads that stride as the leading dimension (``Linear(1, N)``'s ``[1, N]`` weight view gave
+    garbage on the CPU, torch 2.13)."""
+    return x if x.stride() == (x.shape[1], 1) else x.clone(memory_format=torch.contiguous_format)
+
+
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact ``a [M, K] @ b [K, N]`` of int8 codes -> int32 (``torch._int_mm`` where it applies, else float64)."""
     if a.device.type == "cpu" or (a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0):
         try:
-            return torch._int_mm(a.contiguous(), b.contiguous())
+            return torch._int_mm(_row_major(a), _row_major(b))
         except RuntimeError:
             pass
     return (a.double() @ b.double()).to(torch.int32)

@@ -15,7 +15,7 @@ Large probability tensors are recomputed in backward instead of stored, as in ``
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -60,10 +60,76 @@ class _QuantOperandsProcessor(OperandQuantizers):
         self.fallback = fallback
 
 
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def joint_attention_frame(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                          attend: Attend) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """diffusers ``JointAttnProcessor2_0`` (SD3 / SD3.5 MMDiT) around ``attend(q, k, v, mask)`` on ``[B, heads,
+    tokens, d]`` operands: image tokens first, then the context tokens of ``add_{q,k,v}_proj``; without
+    ``encoder_hidden_states`` (SD3.5's second attention) plain self-attention. The fake-quant and the deployed
+    processors differ only in ``attend``."""
+    image_tokens = hidden_states.shape[1]
+    query, key, value = _heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if encoder_hidden_states is not None:
+        c_query, c_key, c_value = _heads(attn, attn.add_q_proj(encoder_hidden_states),
+                                         attn.add_k_proj(encoder_hidden_states), attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            c_query = attn.norm_added_q(c_query)
+        if attn.norm_added_k is not None:
+            c_key = attn.norm_added_k(c_key)
+        query, key, value = (torch.cat([x, c], dim=2) for x, c in ((query, c_query), (key, c_key), (value, c_value)))
+    # JointAttnProcessor2_0 ignores attention_mask as well
+    out = attend(query, key, value, None)
+    out = out.transpose(1, 2).flatten(2).to(query.dtype)
+    if encoder_hidden_states is not None:
+        out, context = out[:, :image_tokens], out[:, image_tokens:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+    out = attn.to_out[1](attn.to_out[0](out))
+    return (out, context) if encoder_hidden_states is not None else out
+
+
+def flux_attention_frame(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                         attention_mask: torch.Tensor | None, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+                         attend: Attend) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """diffusers ``FluxAttnProcessor`` (FLUX double-stream blocks: context tokens first, then image tokens; single
+    stream blocks: one sequence, no output projection) around ``attend(q, k, v, mask)``, the rotary embedding
+    applied before it (the rotated q and k are the operands)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    if getattr(attn, "fused_projections", False):
+        raise ValueError("quantized FLUX attention needs separate q/k/v projections: call "
+                         "transformer.unfuse_qkv_projections() before questdiff.quantize")
+    split = (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
+    query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in split)  # [B, tokens, heads, d]
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+    if joint:
+        split = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                 attn.add_v_proj(encoder_hidden_states))
+        c_query, c_key, c_value = (x.unflatten(-1, (-1, attn.head_dim)) for x in split)
+        c_query, c_key = attn.norm_added_q(c_query), attn.norm_added_k(c_key)
+        query, key, value = (torch.cat([c, x], dim=1) for c, x in ((c_query, query), (c_key, key), (c_value, value)))
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    out = attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask)
+    out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+    if encoder_hidden_states is None:
+        return out
+    context_tokens = encoder_hidden_states.shape[1]
+    context, out = out[:, :context_tokens], out[:, context_tokens:]
+    out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+    return out, attn.to_add_out(context.contiguous())
+
+
 class QuantJointAttnProcessor(_QuantOperandsProcessor):
-    """diffusers ``JointAttnProcessor2_0`` (SD3 / SD3.5 MMDiT) with quantized matmul operands: image tokens first,
-    then the context tokens of ``add_{q,k,v}_proj``; without ``encoder_hidden_states`` (SD3.5's second attention)
-    plain self-attention."""
+    """``joint_attention_frame`` with fake-quantized matmul operands (SD3 / SD3.5 joint attention)."""
 
     def __call__(  # type: ignore[override]
         self,
@@ -76,34 +142,15 @@ class QuantJointAttnProcessor(_QuantOperandsProcessor):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not self.enabled:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        image_tokens = hidden_states.shape[1]
-        query, key, value = _heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if encoder_hidden_states is not None:
-            c_query, c_key, c_value = _heads(attn, attn.add_q_proj(encoder_hidden_states),
-                                             attn.add_k_proj(encoder_hidden_states), attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                c_query = attn.norm_added_q(c_query)
-            if attn.norm_added_k is not None:
-                c_key = attn.norm_added_k(c_key)
-            query, key, value = (torch.cat([x, c], dim=2) for x, c in ((query, c_query), (key, c_key), (value, c_value)))
-        # JointAttnProcessor2_0 ignores attention_mask as well
-        out = quantized_sdpa(query, key, value, self)
-        out = out.transpose(1, 2).flatten(2).to(query.dtype)
-        if encoder_hidden_states is not None:
-            out, context = out[:, :image_tokens], out[:, image_tokens:]
-            if not attn.context_pre_only:
-                context = attn.to_add_out(context)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return (out, context) if encoder_hidden_states is not None else out
+        return joint_attention_frame(attn, hidden_states, encoder_hidden_states, self._attend)
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        return quantized_sdpa(query, key, value, self, mask)
 
 
 class QuantFluxAttnProcessor(_QuantOperandsProcessor):
-    """diffusers ``FluxAttnProcessor`` (FLUX double-stream blocks: context tokens first, then image tokens; single
-    stream blocks: one sequence, no output projection) with quantized matmul operands after the rotary embedding."""
+    """``flux_attention_frame`` with fake-quantized matmul operands (FLUX double- and single-stream attention)."""
 
     def __call__(  # type: ignore[override]
         self,
@@ -115,32 +162,10 @@ class QuantFluxAttnProcessor(_QuantOperandsProcessor):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not self.enabled:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        from diffusers.models.embeddings import apply_rotary_emb
+        return flux_attention_frame(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                                    self._attend)
 
-        if getattr(attn, "fused_projections", False):
-            raise ValueError("quantized FLUX attention needs separate q/k/v projections: call "
-                             "transformer.unfuse_qkv_projections() before questdiff.quantize")
-        split = (attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states))
-        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in split)  # [B, tokens, heads, d]
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
-        if joint:
-            split = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
-                     attn.add_v_proj(encoder_hidden_states))
-            c_query, c_key, c_value = (x.unflatten(-1, (-1, attn.head_dim)) for x in split)
-            c_query, c_key = attn.norm_added_q(c_query), attn.norm_added_k(c_key)
-            query, key, value = (torch.cat([c, x], dim=1) for c, x in ((c_query, query), (c_key, key), (c_value, value)))
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = quantized_sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self, attention_mask)
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return out
-        context_tokens = encoder_hidden_states.shape[1]
-        context, out = out[:, :context_tokens], out[:, context_tokens:]
-        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
-        return out, attn.to_add_out(context.contiguous())
+    _attend = QuantJointAttnProcessor._attend
 
 
 def _heads(attn: nn.Module, *projections: torch.Tensor) -> tuple[torch.Tensor, ...]:

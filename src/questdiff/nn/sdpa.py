@@ -71,7 +71,13 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_ma
 
 class AttentionSite(OperandQuantizers):
     """The quantizers of one SDPA call (``OperandQuantizers``: q, k and, in the "qkvp" format, v and the softmax
-    probabilities; q/k/v ``[..., tokens, head_dim]``, channel = head_dim)."""
+    probabilities; q/k/v ``[..., tokens, head_dim]``, channel = head_dim). ``QuantSDPA`` routes calls to any site
+    with ``attend`` and ``grid_head_dim`` (the deployed ``DeployedSite`` too)."""
+
+    @property
+    def grid_head_dim(self) -> int | None:
+        """The head dim q's grid was made for (per-channel grids), else ``None``."""
+        return self.q_quantizer.scale.shape[1] if self.q_quantizer.per_channel else None
 
     def attend(self, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Tensor:
         """Run the SDPA call ``F.scaled_dot_product_attention(*args, **kwargs)`` with this site's quantizers."""
@@ -92,7 +98,7 @@ class QuantSDPA(nn.Module):
     """Every quantized SDPA call of a denoiser (attached to it as ``questdiff_sdpa``): ``sites[i]`` serves the
     ``index[i]``-th call of each run of module ``owners[i]`` (``""``: the denoiser's own forward)."""
 
-    def __init__(self, owners: Sequence[str], sites: Sequence[AttentionSite]) -> None:
+    def __init__(self, owners: Sequence[str], sites: Sequence[nn.Module]) -> None:
         super().__init__()
         self.sites = nn.ModuleList(sites)
         self.owners = list(owners)
@@ -130,9 +136,9 @@ class QuantSDPA(nn.Module):
         if index >= len(sites):
             raise AttentionCallError(self._mismatch(owner, index + 1))
         site = self.sites[sites[index]]
-        head_dim = site.q_quantizer.scale.shape[1]
+        head_dim = site.grid_head_dim
         query = sdpa_arguments(args, kwargs)["query"]
-        if site.q_quantizer.per_channel and query.shape[-1] != head_dim:
+        if head_dim is not None and query.shape[-1] != head_dim:
             raise AttentionCallError(f"{self._name(owner)}'s attention call {index} has head_dim {query.shape[-1]}, traced "
                                      f"{head_dim}: {self._advice}")
         return site.attend(args, kwargs)
@@ -180,7 +186,7 @@ class _Exit(_Enter):
         self.router.exit(self.owner, finished=output is not None)
 
 
-def install_sdpa_quantizers(model: nn.Module, owners: Sequence[str], sites: Sequence[AttentionSite],
+def install_sdpa_quantizers(model: nn.Module, owners: Sequence[str], sites: Sequence[nn.Module],
                             passthrough: Iterable[str] = ()) -> QuantSDPA:
     """Attach ``QuantSDPA(owners, sites)`` to ``model`` and hook the owner modules. Calls made inside the
     ``passthrough`` modules (attention modules quantized otherwise, e.g. by a ``QuantAttnProcessor``) run unchanged."""
