@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,52 +32,11 @@ from torch import nn
 
 import questdiff as qd
 from architectures import build_sd15  # benchmarks/ is on sys.path when run as a script
+from deployed_bench import MODES, deployed_constant, graphed, median_ms, model_bytes, runner, torchao_fp8
 from questdiff.calibration.common import output_tensor
-from questdiff.calibration.weights import init_weights
-from questdiff.config import WeightSpec, preset
 from questdiff.deploy import convert
-from questdiff.prepare import act_quantizers, prepare
-from questdiff.timestep import TimestepSchedule
 
 CONTEXT = (77, 768)
-
-
-def _sync_time(fn: Callable[[], Any], reps: int) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` runs (CUDA events, after warm-up)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def graphed(model: Callable[..., Any], inputs: dict[str, torch.Tensor]) -> Callable[[], Any]:
-    """One denoiser call captured in a CUDA graph, timestep hook included (a deployed model finds its rows on the
-    device): the returned ``replay()`` runs it with no CPU launch cost, for whatever timestep ``inputs["timestep"]``
-    holds then, and returns the graph's output."""
-    with torch.no_grad():
-        model(**inputs)  # autotunes the kernels
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            model(**inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = model(**inputs)
-
-    def replay() -> Any:
-        graph.replay()
-        return out
-
-    return replay
 
 
 class GraphedDenoiser(nn.Module):
@@ -121,44 +79,15 @@ class GraphedDenoiser(nn.Module):
         return UNet2DConditionOutput(sample=out)
 
 
-def _bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
-def quantized_sd15(label: str, rows: int = 20) -> nn.Module:
-    """SD-1.5 UNet, fake-quantized at ``label`` with min-max weight grids and constant activation scales, deployed."""
-    config = preset(label)
-    config = config.replace(weight=WeightSpec(bits=config.weight.bits, scale_method="minmax"))
+def sd15_model(label: str) -> nn.Module:
+    """bf16, a questdiff preset deployed (constant quantizer values) or the torchao fp8 peer, on the GPU."""
     with torch.device("cuda"):
         unet = build_sd15()
-    schedule = TimestepSchedule.from_timesteps(torch.linspace(981, 1, rows).round())
-    prepare(unet, config, schedule)
-    init_weights(unet)
-    with torch.no_grad():
-        for q in act_quantizers(unet).values():
-            q.scale.fill_(0.02)
-            q.zero_point.fill_(0 if q.symmetric or q.always_zero else (q.qmax + 1) // 2)
-    convert(unet)
-    return unet.to(torch.bfloat16).eval()
-
-
-def torchao_fp8_sd15() -> nn.Module:
-    """The peer: torchao's dynamic fp8 row-wise quantization of every Linear (no calibration; convs stay bf16)."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-
-    with torch.device("cuda"):
-        unet = build_sd15().to(torch.bfloat16).eval()
-    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-    return unet
-
-
-def sd15_model(label: str) -> nn.Module:
     if label == "bf16":
-        with torch.device("cuda"):
-            return build_sd15().to(torch.bfloat16).eval()
+        return unet.to(torch.bfloat16).eval()
     if label == "torchao-fp8-row":
-        return torchao_fp8_sd15()
-    return quantized_sd15(label)
+        return torchao_fp8(unet.to(torch.bfloat16).eval())
+    return deployed_constant(unet, label)
 
 
 def sd15_inputs(batch: int) -> dict[str, torch.Tensor]:
@@ -195,20 +124,6 @@ def profile_kinds(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
-def _runner(model: nn.Module, mode: str, inputs: dict[str, torch.Tensor], compiled: dict[str, Any]) -> Callable[[], Any]:
-    """A no-argument call of ``model`` on ``inputs`` in ``mode``: eager, cuda-graph, compile (Inductor, default mode)
-    or compile+graph (the compiled model captured in a CUDA graph); the compiled module is made once per model."""
-    if mode in ("compile", "compile+graph"):
-        if "module" not in compiled:
-            compiled["module"] = torch.compile(model)
-        run = compiled["module"]
-    else:
-        run = model
-    if mode.endswith("graph"):
-        return graphed(run, inputs)
-    return lambda: run(**inputs)
-
-
 def _graph_serves_every_step(model: nn.Module, inputs: dict[str, torch.Tensor], replay: Callable[[], Any]) -> float:
     """Relative difference between the captured graph replayed at another timestep and an eager call there."""
     inputs["timestep"].fill_(900)
@@ -228,7 +143,7 @@ def run_sd15(args: argparse.Namespace, save: Callable[[list[dict[str, Any]]], No
             rows.append({"model": label, "error": repr(err)})
             print(f"sd15 {label}: cannot build: {err!r}", flush=True)
             continue
-        weight_mib = _bytes(model) / 2**20
+        weight_mib = model_bytes(model) / 2**20
         compiled: dict[str, Any] = {}
         for mode in args.modes:
             batches = args.compile_batches if mode.startswith("compile") and args.compile_batches else args.batches
@@ -240,11 +155,11 @@ def run_sd15(args: argparse.Namespace, save: Callable[[list[dict[str, Any]]], No
                 start = time.perf_counter()
                 try:
                     with torch.no_grad():
-                        call = _runner(model, mode, inputs, compiled)
+                        call = runner(model, mode, inputs, compiled)
                         call()
                         torch.cuda.synchronize()
                         first = time.perf_counter() - start
-                        ms = _sync_time(call, args.reps)
+                        ms = median_ms(call, args.reps)
                 except Exception as err:  # noqa: BLE001 - record the failure, time the rest
                     rows.append({"model": label, "mode": mode, "batch": batch, "error": repr(err)})
                     print(f"sd15 {label} {mode} batch {batch}: FAILED {err!r}", flush=True)
@@ -313,7 +228,7 @@ def run_pipeline(args: argparse.Namespace) -> list[dict[str, Any]]:
             try:
                 with torch.no_grad():
                     latents[mode] = call("latent").images
-                    ms = _sync_time(call, max(3, args.reps // 5))
+                    ms = median_ms(call, max(3, args.reps // 5))
             except Exception as err:  # noqa: BLE001
                 rows.append({"model": label, "mode": mode, "batch": batch, "error": repr(err)})
                 print(f"pipeline {label} {mode}: FAILED {err!r}", flush=True)
@@ -416,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["bf16", "W8A8", "W4A8"],
                         help="bf16, questdiff presets (W8A8, W4A8, ...) and the peer torchao-fp8-row (compiled only)")
     parser.add_argument("--modes", nargs="+", default=["eager", "cuda-graph"],
-                        choices=["eager", "cuda-graph", "compile", "compile+graph"])
+                        choices=list(MODES))
     parser.add_argument("--compile-batches", type=int, nargs="+", default=None,
                         help="batches for the compiled modes (default: --batches)")
     parser.add_argument("--profile", action="store_true", help="per-layer-kind breakdown at the largest batch")

@@ -116,3 +116,15 @@ def test_deploy_latency_zoo_comparison_runs_on_the_cpu(tmp_path):
     # the FP model is smooth: float-noise-sized output changes stay float-noise sized after sampling
     assert report["psnr_fp_vs_itself_perturbed_db"] > 80
     assert report["psnr_deployed_vs_fake_quant_db"] > 20
+
+
+def test_dit_latency_tiny_runs_every_architecture_deployed(tmp_path):
+    """The DiT latency benchmark's plumbing (build, deploy, inputs, timing) on tiny configs: every architecture's
+    bf16 and deployed W8A8 rows are measured, none fails."""
+    out = tmp_path / "dit.json"
+    assert _script("dit_latency").main(["--tiny", "--modes", "eager", "--reps", "1", "--batches", "2",
+                                        "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for name in ("flux", "dit", "pixart"):
+        rows = report[name]
+        assert {r["model"] for r in rows} == {"bf16", "W8A8"} and all("error" not in r and r["ms"] > 0 for r in rows)

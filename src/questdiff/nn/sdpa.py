@@ -30,7 +30,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from .attention import RECOMPUTE_MIN_ELEMENTS, OperandQuantizers
-from .quantizer import ActQuantizer
 
 SDPA_ATTR = "questdiff_sdpa"
 SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
