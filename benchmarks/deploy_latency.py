@@ -32,7 +32,7 @@ from torch import nn
 
 import questdiff as qd
 from architectures import build_sd15  # benchmarks/ is on sys.path when run as a script
-from deployed_bench import MODES, deployed_constant, graphed, median_ms, model_bytes, runner, torchao_fp8
+from deployed_bench import MODES, deployed_constant, graphed, measure_modes, median_ms, torchao_fp8
 from questdiff.calibration.common import output_tensor
 from questdiff.deploy import convert
 
@@ -136,6 +136,10 @@ def _graph_serves_every_step(model: nn.Module, inputs: dict[str, torch.Tensor], 
 
 def run_sd15(args: argparse.Namespace, save: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+
+    def batches(mode: str) -> list[int]:
+        return args.compile_batches if mode.startswith("compile") and args.compile_batches else args.batches
+
     for label in args.models:
         try:
             model = sd15_model(label)
@@ -143,42 +147,19 @@ def run_sd15(args: argparse.Namespace, save: Callable[[list[dict[str, Any]]], No
             rows.append({"model": label, "error": repr(err)})
             print(f"sd15 {label}: cannot build: {err!r}", flush=True)
             continue
-        weight_mib = model_bytes(model) / 2**20
-        compiled: dict[str, Any] = {}
-        for mode in args.modes:
-            batches = args.compile_batches if mode.startswith("compile") and args.compile_batches else args.batches
-            if label == "torchao-fp8-row" and not mode.startswith("compile"):
-                continue  # torchao's fp8 path is meant to be compiled
-            for batch in batches:
-                inputs = sd15_inputs(batch)
-                torch.cuda.reset_peak_memory_stats()
-                start = time.perf_counter()
-                try:
-                    with torch.no_grad():
-                        call = runner(model, mode, inputs, compiled)
-                        call()
-                        torch.cuda.synchronize()
-                        first = time.perf_counter() - start
-                        ms = median_ms(call, args.reps)
-                except Exception as err:  # noqa: BLE001 - record the failure, time the rest
-                    rows.append({"model": label, "mode": mode, "batch": batch, "error": repr(err)})
-                    print(f"sd15 {label} {mode} batch {batch}: FAILED {err!r}", flush=True)
-                    continue
-                row = {"model": label, "mode": mode, "batch": batch, "ms": ms, "weight_mib": weight_mib,
-                       "peak_mib": torch.cuda.max_memory_allocated() / 2**20, "first_call_s": first}
-                if mode.endswith("graph"):
-                    row["graph_vs_eager_at_another_t"] = _graph_serves_every_step(model, inputs, call)
-                rows.append(row)
-                save(rows)
-                print(f"sd15 {label:15s} {mode:13s} batch {batch}: {ms:7.2f} ms  weights {weight_mib:7.1f} MiB  "
-                      f"peak {row['peak_mib']:7.0f} MiB  (first call {first:.1f} s)", flush=True)
+
+        def check_graph(row: dict[str, Any], mode: str, call: Callable[[], Any], inputs: dict[str, Any],
+                        model: nn.Module = model) -> None:
+            if mode.endswith("graph"):
+                row["graph_vs_eager_at_another_t"] = _graph_serves_every_step(model, inputs, call)
+
+        measure_modes(model, label, args.modes, batches, sd15_inputs, args.reps, "sd15", rows, lambda: save(rows),
+                      check_graph)
         if args.profile and label != "torchao-fp8-row":
             kinds = profile_kinds(model, sd15_inputs(max(args.batches)))
             rows.append({"model": label, "profile_batch": max(args.batches), "kinds_ms": kinds})
             print(f"sd15 {label} eager batch {max(args.batches)} by kind (ms): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in kinds.items()), flush=True)
-        del model, compiled
-        torch._dynamo.reset()
         torch.cuda.empty_cache()
     return rows
 

@@ -82,6 +82,48 @@ def runner(model: nn.Module, mode: str, inputs: dict[str, Any], compiled: dict[s
     return lambda: run(**inputs)
 
 
+def measure_modes(model: nn.Module, label: str, modes: list[str], batches: Callable[[str], list[int]],
+                  inputs: Callable[[int], dict[str, Any]], reps: int, tag: str, rows: list[dict[str, Any]],
+                  save: Callable[[], None], extra: Callable[[dict[str, Any], str, Callable[[], Any], dict[str, Any]], None]
+                  | None = None) -> None:
+    """Time ``model`` (named ``label``) in each of ``modes`` at each of ``batches(mode)``, appending one row per
+    measurement to ``rows`` (``{model, mode, batch, ms, weight_mib, peak_mib, first_call_s}``, or ``error``) and
+    calling ``save`` after each; ``extra(row, mode, call, inputs)`` may add fields. The torchao peer runs compiled
+    modes only. Printed lines start with ``tag``."""
+    weight_mib = model_bytes(model) / 2**20
+    cuda = torch.cuda.is_available()
+    compiled: dict[str, Any] = {}
+    for mode in modes:
+        if label == "torchao-fp8-row" and not mode.startswith("compile"):
+            continue  # torchao's fp8 path is meant to be compiled
+        for batch in batches(mode):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    args = inputs(batch)
+                    call = runner(model, mode, args, compiled)
+                    call()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    first = time.perf_counter() - start
+                    ms = median_ms(call, reps)
+            except Exception as err:  # noqa: BLE001 - record the failure, time the rest
+                rows.append({"model": label, "mode": mode, "batch": batch, "error": repr(err)})
+                print(f"{tag} {label} {mode} batch {batch}: FAILED {err!r}", flush=True)
+                continue
+            row = {"model": label, "mode": mode, "batch": batch, "ms": ms, "weight_mib": weight_mib,
+                   "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None, "first_call_s": first}
+            if extra is not None:
+                extra(row, mode, call, args)
+            rows.append(row)
+            save()
+            print(f"{tag} {label:15s} {mode:13s} batch {batch:2d}: {ms:8.2f} ms  weights {weight_mib:8.1f} MiB  "
+                  f"(first call {first:.1f} s)", flush=True)
+    torch._dynamo.reset()
+
+
 def model_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer."""
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from deployed_bench import MODES, deployed_constant, median_ms, model_bytes, runner, torchao_fp8
+from deployed_bench import MODES, deployed_constant, measure_modes, torchao_fp8
 
 # name -> (diffusers class, full config, tiny config, batches, timestep range (high, low))
 ARCHITECTURES: dict[str, tuple[str, dict[str, Any], dict[str, Any], tuple[int, ...], tuple[float, float]]] = {
@@ -107,7 +106,7 @@ def model_for(name: str, label: str, args: argparse.Namespace, device: torch.dev
 
 def run(name: str, args: argparse.Namespace, device: torch.device,
         save: Callable[[], None], rows: list[dict[str, Any]]) -> None:
-    batches = args.batches or ARCHITECTURES[name][3]
+    batches = args.batches or list(ARCHITECTURES[name][3])
     for label in args.models:
         try:
             model = model_for(name, label, args, device)
@@ -115,30 +114,9 @@ def run(name: str, args: argparse.Namespace, device: torch.device,
             rows.append({"model": label, "error": repr(err)})
             print(f"{name} {label}: cannot build: {err!r}", flush=True)
             continue
-        weight_mib = model_bytes(model) / 2**20
-        compiled: dict[str, Any] = {}
-        for mode in args.modes:
-            if label == "torchao-fp8-row" and not mode.startswith("compile"):
-                continue  # torchao's fp8 path is meant to be compiled
-            for batch in batches:
-                start = time.perf_counter()
-                try:
-                    with torch.no_grad():
-                        call = runner(model, mode, inputs(name, model, batch, device, args.dtype), compiled)
-                        call()
-                        first = time.perf_counter() - start
-                        ms = median_ms(call, args.reps)
-                except Exception as err:  # noqa: BLE001 - record the failure, time the rest
-                    rows.append({"model": label, "mode": mode, "batch": batch, "error": repr(err)})
-                    print(f"{name} {label} {mode} batch {batch}: FAILED {err!r}", flush=True)
-                    continue
-                rows.append({"model": label, "mode": mode, "batch": batch, "ms": ms, "weight_mib": weight_mib,
-                             "first_call_s": first})
-                save()
-                print(f"{name:6s} {label:15s} {mode:13s} batch {batch:2d}: {ms:8.2f} ms  weights {weight_mib:8.1f} MiB "
-                      f"(first call {first:.1f} s)", flush=True)
-        del model, compiled
-        torch._dynamo.reset()
+        measure_modes(model, label, args.modes, lambda mode: batches,
+                      lambda batch, m=model: inputs(name, m, batch, device, args.dtype), args.reps, f"{name:6s}", rows,
+                      save)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

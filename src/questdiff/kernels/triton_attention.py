@@ -91,25 +91,34 @@ def _attention_qk_kernel(
              mask=(rm < LQ)[:, None] & d_ok[None, :])
 
 
-def attention_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
-                 rows: torch.Tensor, sm_scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """Triton twin of ``reference.attention_qk`` (no mask): codes ``q [B, Lq, H, D]``, ``k [B, Lk, H, D]``, values
-    ``v [B, Lk, H, D]`` (16-bit or fp32), each with unit stride along D -> ``[B, Lq, H, D]`` of ``out_dtype``."""
+def _launch(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,  # noqa: ANN001
+            tables: tuple[torch.Tensor, torch.Tensor], out_dtype: torch.dtype, *scalars: float,
+            **constexprs: int) -> torch.Tensor:
+    """Run an attention kernel on ``[B, L, H, D]`` operands (unit stride along D: copied if not) with the shared
+    argument layout (operands, output, rows, two tables, sizes, strides); returns ``[B, Lq, H, D]``."""
     batch, lq, heads, d = q.shape
-    lk = k.shape[1]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if batch % rows.numel():
         raise ValueError(f"a batch of {batch} cannot take per-sample rows for {rows.numel()} timesteps")
     out = torch.empty((batch, lq, heads, d), device=q.device, dtype=out_dtype)
     block_d = max(32, triton.next_power_of_2(d))
     grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    _attention_qk_kernel[grid](
-        q, k, v, out, rows, q_scale, k_scale, lq, lk, heads, d, batch // rows.numel(),
+    kernel[grid](
+        q, k, v, out, rows, *tables, lq, k.shape[1], heads, d, batch // rows.numel(),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        float(sm_scale), BLOCK_D=block_d, EVEN_D=block_d == d,
+        *scalars, BLOCK_D=block_d, **constexprs,
     )
     return out
+
+
+def attention_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
+                 rows: torch.Tensor, sm_scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """Triton twin of ``reference.attention_qk`` (no mask): codes ``q [B, Lq, H, D]``, ``k [B, Lk, H, D]``, values
+    ``v [B, Lk, H, D]`` (16-bit or fp32) -> ``[B, Lq, H, D]`` of ``out_dtype``."""
+    d = q.shape[-1]
+    return _launch(_attention_qk_kernel, q, k, v, rows, (q_scale, k_scale), out_dtype, float(sm_scale),
+                   EVEN_D=max(32, triton.next_power_of_2(d)) == d)
 
 
 def _configs() -> list[triton.Config]:
@@ -195,20 +204,7 @@ def _attention_kernel(
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
               rows: torch.Tensor, sm_scale: float, p_max: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """Triton twin of ``reference.attention`` (no mask): codes ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` with
-    unit stride along D -> ``[B, Lq, H, D]`` of ``out_dtype``."""
-    batch, lq, heads, d = q.shape
-    lk = k.shape[1]
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if batch % rows.numel():
-        raise ValueError(f"a batch of {batch} cannot take per-sample rows for {rows.numel()} timesteps")
-    out = torch.empty((batch, lq, heads, d), device=q.device, dtype=out_dtype)
-    block_d = max(32, triton.next_power_of_2(d))
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    _attention_kernel[grid](
-        q, k, v, out, rows, scales, offsets, lq, lk, heads, d, batch // rows.numel(),
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        float(sm_scale), float(p_max), P_OFF=128 if p_max > 127 else 0, BLOCK_D=block_d,
-    )
-    return out
+    """Triton twin of ``reference.attention`` (no mask): codes ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` ->
+    ``[B, Lq, H, D]`` of ``out_dtype``."""
+    return _launch(_attention_kernel, q, k, v, rows, (scales, offsets), out_dtype, float(sm_scale), float(p_max),
+                   P_OFF=128 if p_max > 127 else 0)
