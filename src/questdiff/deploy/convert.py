@@ -14,15 +14,13 @@ from torch import nn
 from ..kernels import ops
 from ..kernels.reference import code_offset, pack_int4
 from ..nn import ActQuantizer, QuantAttnProcessor, QuantConv1d, QuantConv2d, QuantLayerMixin, QuantLinear, WeightQuantizer
-from ..prepare import handle, quant_layers
+from ..prepare import DEPLOYED_KEY, handle, quant_layers
 from ..timestep import TimestepState
 from .attention import DeployedAttnProcessor
 from .layers import BACKENDS, Backend, DeployedConv, DeployedLayer, DeployedLinear
 from .operand import ActTable, QuantizedOperand
 
 logger = logging.getLogger(__name__)
-
-DEPLOYED_KEY = "deployed"
 
 
 def is_deployed(model: nn.Module) -> bool:
