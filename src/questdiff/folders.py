@@ -28,10 +28,15 @@ def checkpoint_kinds(directory: str | Path) -> list[Kind]:
     return [kind for kind, name in _CONFIGS.items() if (Path(directory) / name).is_file()]
 
 
+def other_kind(directory: str | Path, kind: Kind) -> Kind | None:
+    """The kind of checkpoint in ``directory`` that is not ``kind``, if any."""
+    return next((k for k in checkpoint_kinds(directory) if k != kind), None)
+
+
 def refuse_other_kind(directory: str | Path, kind: Kind) -> None:
-    """Raise ``ValueError`` if ``directory`` holds a checkpoint of another kind than ``kind`` (before anything is
-    written into it)."""
-    others = [k for k in checkpoint_kinds(directory) if k != kind]
-    if others:
-        raise ValueError(f"{directory} holds {describe(others[0])}; a folder holds one kind of checkpoint: save the "
+    """Raise ``ValueError`` if ``directory`` holds a checkpoint of another kind than ``kind`` (checked before anything
+    is written into it)."""
+    other = other_kind(directory, kind)
+    if other is not None:
+        raise ValueError(f"{directory} holds {describe(other)}; a folder holds one kind of checkpoint: save the "
                          f"{kind} model into another folder")
