@@ -149,12 +149,12 @@ def next_commands(args: argparse.Namespace, out: Path, model_name: str, zoo_mode
     model = ["--model", args.model] if args.model is not None else []
     device = ["--device", args.device] if args.device is not None else []
     commands = [command_line("questdiff", "sample", *model, "--quantized", str(out), *device,
-                              "--out", str(out / "samples")),
+                             "--out", str(out / "samples")),
                 command_line("questdiff", "convert", *model, "--quantized", str(out), *device,
-                              "--out", str(out / "deployed"))]
+                             "--out", str(out / "deployed"))]
     if zoo_model:  # `questdiff eval` measures zoo models against their dataset
         commands.append(command_line("questdiff", "eval", *(["--model", model_name] if args.model else []),
-                                      "--quantized", str(out), *device, "--out", str(out / "eval")))
+                                     "--quantized", str(out), *device, "--out", str(out / "eval")))
     return commands
 
 

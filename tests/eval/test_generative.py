@@ -80,7 +80,7 @@ def test_too_few_samples_for_is_are_warned_about() -> None:
                                           "FMNIST features"))[0]
 
     assert balanced(10) == pytest.approx(1.0) and balanced(100) < 7.0 and balanced(MEANINGFUL_SAMPLES) > 9.0
-    assert "sets of 1 (one sample per set scores exactly 1.0)" in small_sample_warning(10)
+    assert "10 sets of 1 (" in small_sample_warning(10) and "one sample per set scores exactly 1.0" in small_sample_warning(10)
     assert small_sample_warning(MEANINGFUL_SAMPLES - 1) is not None and small_sample_warning(MEANINGFUL_SAMPLES) is None
 
 

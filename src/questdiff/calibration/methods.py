@@ -309,7 +309,7 @@ def has_stage_records(work_dir: str | Path) -> bool:
 
 def progress_summary(work_dir: str | Path) -> list[str]:
     """What ``work_dir`` keeps for a resume, in words: ``["2 finished stage(s) (weight_init, brecq)",
-    "20 finished part(s) of act_init"]`` (empty if nothing finished)."""
+    "20 finished part(s) of brecq"]`` (empty if nothing finished)."""
     stage_dir = Path(work_dir) / "stages"
     files = _stage_files(stage_dir)
     stages = [p.stem.split("-", 1)[1] for p in files if p.suffix == ".json"]

@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=zoo.DEFAULT_MODEL, help="zoo model name (default: %(default)s)")
     parser.add_argument("--quantized", metavar="DIR",
                         help="quantized checkpoint of --model saved by questdiff.save (default: evaluate the FP model only)")
-    parser.add_argument("--num-samples", type=positive_int, default=1000, help="samples per model (default: %(default)s)")
+    parser.add_argument("--num-samples", type=positive_int, default=1000,
+                        help="samples per model; fewer than 500 give IS/KID that mean nothing, and a warning (FID wants "
+                             "2048 or more) (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default: %(default)s)")
     parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the model's paper setting)")
     parser.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the model's)")

@@ -35,7 +35,8 @@ def small_sample_warning(num_samples: int) -> str | None:
     if num_samples >= MEANINGFUL_SAMPLES:
         return None
     return (f"{num_samples} samples are too few for IS and KID to mean anything: IS splits them into {IS_SPLITS} sets "
-            f"of {num_samples // IS_SPLITS} (one sample per set scores exactly 1.0) and KID compares subsets of "
+            f"of {num_samples // IS_SPLITS} (smaller sets pull IS towards 1.0 whatever the model; one sample per set "
+            f"scores exactly 1.0) and KID compares subsets of "
             f"{min(num_samples, KID_SUBSET_SIZE)} (noise-dominated, negative values included); use {MEANINGFUL_SAMPLES} "
             f"or more samples for IS/KID ({RECOMMENDED_SAMPLES} or more for FID)")
 
