@@ -188,6 +188,25 @@ def test_calibration_in_out_collected_with_other_options_is_refused(options, exp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.safetensors"] and path.read_bytes() == before
 
 
+def test_other_calibration_data_is_refused_where_stages_were_computed_from_it(tmp_path, capsys, no_long_work):
+    """Where finished stages (or a finished run's record) were computed from ``--out``'s calibration data, new data
+    would orphan them: ``--recollect`` is refused before any work, and a mismatch names another ``--out`` as the
+    fix instead of ``--recollect``."""
+    path = tmp_path / "calibration.safetensors"
+    _calibration().save(path, DEFAULT_COLLECTION)
+    (tmp_path / "work" / "stages").mkdir(parents=True)
+    (tmp_path / "work" / "stages" / "finished.json").write_text("{}")
+    before = path.read_bytes()
+    code, err = _main(["quantize", "--recollect", "--out", str(tmp_path)], capsys)
+    assert code == 2 and err.splitlines()[-1] == (
+        f"questdiff quantize: error: --recollect: {tmp_path} holds stages computed from its calibration data, which "
+        f"new data would not match; use another --out, or delete {tmp_path} to start over")
+    code, err = _main(["quantize", "--seed", "3", "--out", str(tmp_path)], capsys)
+    assert code == 2 and err.splitlines()[-1].endswith(
+        f"; use another --out, or delete {tmp_path} to start over (its stages were computed from that data)")
+    assert path.read_bytes() == before
+
+
 def test_full_disk_is_one_line_and_leaves_no_folder(paths, tmp_path, capsys, monkeypatch):
     from safetensors import SafetensorError
 

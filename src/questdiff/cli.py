@@ -176,7 +176,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     options = _method_options(args)
     prompts = _read_prompts(args.prompts)
     device = resolve_device(args.device)
-    check_out(args.out)
+    check_out(args.out, args.recollect)
     with output_dir(args.out) as out:
         try:
             return _quantize(args, config, options, prompts, device, out, start)
@@ -327,9 +327,10 @@ def _quantize_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--steps", type=positive_int, default=None, help="sampler steps for calibration (default: the pipeline's)")
     q.add_argument("--guidance", type=finite_float, default=None, help="CFG scale for calibration (default: the pipeline's)")
     q.add_argument("--recollect", action="store_true",
-                   help="sample calibration data again even if OUT has it (by default a rerun reuses OUT's calibration "
-                        "data, and refuses it if it was collected with other --calib-samples, --calib-steps, "
-                        "--samples-per-step, --steps, --guidance, --seed or --prompts)")
+                   help="sample calibration data again even if OUT has it; refused once stages were computed from it "
+                        "(by default a rerun reuses OUT's calibration data, and refuses it if it was collected with "
+                        "other --calib-samples, --calib-steps, --samples-per-step, --steps, --guidance, --seed or "
+                        "--prompts)")
     q.add_argument("--recon-iters", type=non_negative_int, default=None, help="BRECQ/AdaRound iterations per block (default: 20000)")
     q.add_argument("--tla-epochs", type=non_negative_int, default=None, help="TLA epochs per timestep (default: 200)")
     q.add_argument("--cma-epochs", type=non_negative_int, default=None, help="CMA epochs over all timesteps (default: 20)")

@@ -47,7 +47,7 @@ def check_reused_calibration(calib: Any, saved: dict[str, Any] | None, wanted: d
     """Calibration data found in ``--out`` must have been collected with ``wanted`` (``collection_settings``; files
     of older versions carry no ``saved`` settings: only their timestep count is checked) and fit this model: one
     forward on one row catches another model's data (shapes, channels, dtype) before any stage runs."""
-    fix = "pass --recollect to sample new calibration data, or use another --out"
+    fix = _fix(path.parent)
     if saved is None:
         calib_steps = wanted["calib-steps"]
         if calib_steps is not None and len(calib.timesteps) != calib_steps:
@@ -67,13 +67,31 @@ def check_reused_calibration(calib: Any, saved: dict[str, Any] | None, wanted: d
         raise ValueError(f"{path} does not fit this model ({reason}); {fix}") from None
 
 
-def check_out(out: str | Path) -> None:
-    """Before anything loads: ``--out`` holds no deployed checkpoint, and a fake-quant checkpoint there is the
-    result of a ``questdiff quantize`` run into this folder (it has the run's stage records, which a rerun checks
-    against its settings), not a model saved there otherwise, which the run would overwrite."""
+def _has_stage_records(out: Path) -> bool:
     from .calibration.methods import has_stage_records
 
+    return has_stage_records(out / "work")
+
+
+def _fix(out: Path) -> str:
+    """How to get other calibration data into ``out``: recollect, unless stages computed from the data there would be
+    orphaned by it (their records refuse other data: a new run needs a folder of its own)."""
+    if _has_stage_records(out):
+        return f"use another --out, or delete {out} to start over (its stages were computed from that data)"
+    return "pass --recollect to sample new calibration data, or use another --out"
+
+
+def check_out(out: str | Path, recollect: bool = False) -> None:
+    """Before anything loads: ``--out`` holds no deployed checkpoint; a fake-quant checkpoint there is the result of
+    a ``questdiff quantize`` run into this folder (it has the run's stage records, which a rerun checks against its
+    settings), not a model saved there otherwise, which the run would overwrite; and ``--recollect`` is refused where
+    stages were computed from the calibration data it would replace."""
+    out = Path(out)
     check_out_kind(out, "fake-quant")
-    if (Path(out) / FAKE_QUANT_CONFIG).is_file() and not has_stage_records(Path(out) / "work"):
+    records = _has_stage_records(out)
+    if (out / FAKE_QUANT_CONFIG).is_file() and not records:
         raise ValueError(f"--out {out}: holds a quantized model that no questdiff quantize run into this folder made "
                          "(no stage records in work/), which this run would overwrite; choose another --out")
+    if recollect and records:
+        raise ValueError(f"--recollect: {out} holds stages computed from its calibration data, which new data would "
+                         f"not match; use another --out, or delete {out} to start over")
