@@ -158,8 +158,9 @@ def install_tiny_zoo(feature_net: torch.nn.Module, real: torch.Tensor,
     setattr_(zoo, "load", load)
     setattr_(zoo, "load_feature_net", lambda name, device=None: feature_net)
     setattr_(zoo_data, "load_split", lambda name, split="train", data_dir=None: (real, torch.arange(len(real)) % 10))
-    setattr_(qd, "load", load_quantized)
-    setattr_(cli, "checkpoint_label", lambda path: "stand-in")  # the stand-in checkpoint has no questdiff.json
+    # the stand-in checkpoint has no questdiff.json
+    setattr_(cli, "load_quantized", load_quantized)
+    setattr_(cli, "checkpoint_label", lambda path: "stand-in")
 
 
 def evaluate(feature_net: torch.nn.Module, real: torch.Tensor, argv: list[str]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """save -> load round trips and every bad checkpoint input."""
+import copy
 import json
 
 import pytest
@@ -169,3 +170,47 @@ def test_rotated_model_round_trips_bit_exactly_and_the_base_is_rotated_once(tmp_
         assert torch.equal(unet(**kwargs).sample, restored(**kwargs).sample)
         with qd.quant_state(restored, weight=False, act=False):  # the loaded weights pair with ONE input rotation
             torch.testing.assert_close(restored(**kwargs).sample, tiny_unet2d()(**kwargs).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_refused_save_leaves_the_checkpoint_there_intact(saved, calib, tmp_path):
+    """Issue 20 item 2: a model that is not quantized, or a deployed one, is refused before anything is written;
+    a deployed model is sent to ``save_deployed``, and neither kind of checkpoint is written into the other's folder."""
+    unet, folder = saved
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ValueError, match="is not quantized"):
+        qd.save(tiny_unet2d(), folder)
+    deployed = qd.convert(qd.quantize(tiny_unet2d(), "W8A8", calib, progress=False))
+    with pytest.raises(ValueError, match="the model is deployed .*save it with questdiff.save_deployed"):
+        qd.save(deployed, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    qd.load(folder, base=tiny_unet2d())  # still the checkpoint that was saved
+
+    qd.save_deployed(deployed, tmp_path / "deployed")
+    with pytest.raises(ValueError, match="holds a deployed checkpoint .*save the fake-quant model into another folder"):
+        qd.save(unet, tmp_path / "deployed")
+    with pytest.raises(ValueError, match="holds a fake-quant checkpoint .*save the deployed model into another folder"):
+        qd.save_deployed(deployed, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in (tmp_path / "deployed").iterdir()) == ["deployed.safetensors", "questdiff-deployed.json"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_load_into_a_half_precision_base_runs_in_its_dtype(dtype, calib, tmp_path):
+    """Issue 20 item 4: ``load(path, base=unet.to(dtype))`` returns a model whose forward runs in ``dtype``; the
+    quantizer state (scales, zero points, rounding) stays fp32, and the output is that of the fp32 quantized model
+    on the same half-rounded weights and inputs up to half-precision arithmetic: much closer to it than the FP
+    model is (so quantization does run in half precision)."""
+    fp = tiny_unet2d()
+    qd.save(qd.quantize(copy.deepcopy(fp), "W4A8", calib, progress=False), tmp_path / "q")
+    half = qd.load(tmp_path / "q", base=copy.deepcopy(fp).to(dtype))
+    reference = qd.load(tmp_path / "q", base=copy.deepcopy(fp).to(dtype).float())
+    assert {v.dtype for k, v in half.state_dict().items() if "_quantizer." in k and v.is_floating_point()} == {torch.float32}
+    kwargs = calib.model_kwargs(torch.arange(4))
+    sample = kwargs.pop("sample").to(dtype)
+    with torch.no_grad():
+        out = half(sample, **kwargs).sample
+        expected = reference(sample.float(), **kwargs).sample
+        full_precision = fp(sample.float(), **kwargs).sample
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    gap = float((out.float() - expected).norm() / expected.norm())
+    assert gap < 0.5 * float((full_precision - expected).norm() / expected.norm()), gap

@@ -28,17 +28,17 @@ def test_quantize_then_sample(pipeline_folder, tmp_path, capsys):
     from questdiff.cli import main
 
     out = tmp_path / "w4a8"
-    assert main(["quantize", "--model", str(pipeline_folder), "--preset", "W4A8", "--calib-samples", "4",
-                 "--calib-steps", "3", "--steps", "6", "--device", "cpu", "--out", str(out)]) == 0
+    command = ["quantize", "--model", str(pipeline_folder), "--preset", "W4A8", "--calib-samples", "4",
+               "--calib-steps", "3", "--steps", "6", "--device", "cpu", "--out", str(out)]
+    assert main(command) == 0
     stdout = capsys.readouterr().out
     assert "questdiff quantize: done" in stdout and "W4A8" in stdout
     assert {"model.safetensors", "questdiff.json", "calibration.safetensors", "summary.json"} <= {p.name for p in out.iterdir()}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["calibrated timesteps"] == 3
-    # a second run resumes: the calibration data and every stage come from OUT
-    assert main(["quantize", "--model", str(pipeline_folder), "--preset", "W4A8", "--steps", "6", "--device", "cpu",
-                 "--out", str(out)]) == 0
-    assert "resumed" in capsys.readouterr().out
+    # rerunning the same command reloads the finished run: the calibration data and every stage come from OUT
+    assert main(command) == 0
+    assert "weight_init resumed, act_init resumed" in capsys.readouterr().out
     samples = tmp_path / "samples"
     assert main(["sample", "--model", str(pipeline_folder), "--quantized", str(out), "--num-images", "3",
                  "--steps", "6", "--scheduler", "ddim", "--device", "cpu", "--out", str(samples)]) == 0
@@ -110,7 +110,7 @@ def test_quantize_on_two_processes_writes_the_one_process_result(pipeline_folder
     from questdiff.cli import main
 
     common = ["quantize", "--model", str(pipeline_folder), "--preset", "W4A8", "--calib-samples", "4", "--batch-size",
-              "2", "--calib-steps", "3", "--steps", "6", "--device", "cpu"]
+              "2", "--calib-steps", "3", "--steps", "6", "--device", "cpu", "--keep-stages"]
     two = _run(*common, "--nproc", "2", "--out", str(tmp_path / "two"))
     assert two.stdout.count("questdiff quantize: done") == 1  # rank 0 alone reports
     assert main([*common, "--out", str(tmp_path / "one")]) == 0

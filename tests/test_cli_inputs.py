@@ -32,6 +32,11 @@ def paths(tmp_path_factory):
     broken.mkdir()
     (broken / "questdiff.json").write_text(json.dumps({"format": "questdiff", "format_version": 1}))
     ddim_pipeline().save_pretrained(root / "uncond")  # unconditional: no guidance, no prompts
+    for name, files in {"deployed": ["questdiff-deployed.json"], "saved": ["questdiff.json"],  # (issue 20 item 3)
+                        "mixed": ["questdiff.json", "questdiff-deployed.json"], "samples/images": ["notes.txt"]}.items():
+        (root / name).mkdir(parents=True)
+        for file in files:
+            (root / name / file).write_text("{}")
     return root
 
 
@@ -91,6 +96,14 @@ CASES = [
     (["eval", "--quantized", "{paths}/broken"], "--quantized {paths}/broken: {paths}/broken/questdiff.json misses the entries base_fingerprint"),
     (["eval", "--device", "tpu"], "--device 'tpu'"),
     (["eval", "--data", "{paths}/missing"], "--data {paths}/missing: no such folder"),
+    # 3. issue 20: one kind of checkpoint per folder, no stale results, full-chain step counts
+    (["quantize", "--out", "{paths}/deployed"], "--out {paths}/deployed: holds a deployed checkpoint (questdiff-deployed.json"),
+    (["quantize", "--out", "{paths}/saved"], "--out {paths}/saved: holds a quantized model that no questdiff quantize run"),
+    (["sample", "--quantized", "{paths}/mixed"], "--quantized {paths}/mixed: holds both a fake-quant and a deployed checkpoint"),
+    (["sample", "--out", "{paths}/samples"], "--out {paths}/samples: its images/ holds files that questdiff sample did not "
+                                             "write (notes.txt)"),
+    (["sample", "--steps", "1001"], "--steps 1001 is more than the 1000 timesteps ClassConditionalLDMPipeline's scheduler"),
+    (["quantize", "--steps", "1001"], "--steps 1001 is more than the 1000 timesteps"),
     (["zoo", "train", "mnist-ddpm", "--out", ""], "argument --out: must name a folder"),
     (["zoo", "train", "mnist-ddpm", "--out", "{out}", "--steps", "0"], "argument --steps: must be >= 1"),
     (["zoo", "eval", "mnist-ddpm", "--model", "{paths}/folder", "--num-samples", "0"], "argument --num-samples: must be >= 1"),
@@ -141,6 +154,57 @@ def test_calibration_in_out_from_another_model_is_refused(calib, expected, tmp_p
     line = err.splitlines()[-1]
     assert code == 2 and expected in line and "pass --recollect" in line, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.safetensors"]
+
+
+# what `questdiff quantize` with no collection option records for the default zoo model (20 DDIM steps, CFG 3.0)
+DEFAULT_COLLECTION = {"calib-samples": 64, "calib-steps": None, "samples-per-step": None, "steps": 20, "guidance": 3.0,
+                      "seed": 0, "prompts": None}
+
+
+@pytest.mark.parametrize("options, expected", [
+    ([], None),  # the same options: the data is reused (and the run goes on to quantize)
+    (["--steps", "20", "--guidance", "3"], None),  # the pipeline's defaults, given explicitly
+    (["--calib-samples", "8"], "--calib-samples: {path} was collected with --calib-samples 64, this run asks for "
+                               "--calib-samples 8"),
+    (["--steps", "10"], "--steps: {path} was collected with --steps 20, this run asks for --steps 10"),
+    (["--guidance", "1.5"], "--guidance: {path} was collected with --guidance 3.0, this run asks for --guidance 1.5"),
+    (["--seed", "1"], "--seed: {path} was collected with --seed 0, this run asks for --seed 1"),
+    (["--calib-steps", "5"], "--calib-steps: {path} was collected with no --calib-steps, this run asks for --calib-steps 5"),
+    (["--samples-per-step", "2"], "--samples-per-step: {path} was collected with no --samples-per-step"),
+])
+def test_calibration_in_out_collected_with_other_options_is_refused(options, expected, tmp_path, capsys, no_long_work):
+    """Issue 20 item 1: a rerun into an ``--out`` whose calibration data was collected with other options is refused
+    naming the option, before any work, and nothing in ``--out`` changes."""
+    path = tmp_path / "calibration.safetensors"
+    _calibration().save(path, DEFAULT_COLLECTION)
+    before = path.read_bytes()
+    code, err = _main(["quantize", *options, "--out", str(tmp_path)], capsys)
+    if expected is None:  # accepted: the run goes on to quantization (booby-trapped)
+        assert code == 1 and "long work started before the input was checked" in err, err
+        return
+    line = err.splitlines()[-1]
+    assert code == 2 and line.startswith("questdiff quantize: error: ") and expected.format(path=path) in line, err
+    assert line.endswith("; pass --recollect to sample new calibration data, or use another --out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.safetensors"] and path.read_bytes() == before
+
+
+def test_other_calibration_data_is_refused_where_stages_were_computed_from_it(tmp_path, capsys, no_long_work):
+    """Where finished stages (or a finished run's record) were computed from ``--out``'s calibration data, new data
+    would orphan them: ``--recollect`` is refused before any work, and a mismatch names another ``--out`` as the
+    fix instead of ``--recollect``."""
+    path = tmp_path / "calibration.safetensors"
+    _calibration().save(path, DEFAULT_COLLECTION)
+    (tmp_path / "work" / "stages").mkdir(parents=True)
+    (tmp_path / "work" / "stages" / "finished.json").write_text("{}")
+    before = path.read_bytes()
+    code, err = _main(["quantize", "--recollect", "--out", str(tmp_path)], capsys)
+    assert code == 2 and err.splitlines()[-1] == (
+        f"questdiff quantize: error: --recollect: {tmp_path} holds stages computed from its calibration data, which "
+        f"new data would not match; use another --out, or delete {tmp_path} to start over")
+    code, err = _main(["quantize", "--seed", "3", "--out", str(tmp_path)], capsys)
+    assert code == 2 and err.splitlines()[-1].endswith(
+        f"; use another --out, or delete {tmp_path} to start over (its stages were computed from that data)")
+    assert path.read_bytes() == before
 
 
 def test_full_disk_is_one_line_and_leaves_no_folder(paths, tmp_path, capsys, monkeypatch):

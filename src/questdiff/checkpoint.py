@@ -19,8 +19,9 @@ from torch import nn
 from .adapters import ModelAdapter, get_adapter
 from .config import QuantConfig
 from .digest import file_digest, json_digest
-from .io_utils import atomic_path, atomic_write_text, ensure_writable_dir
-from .prepare import fingerprint, handle, prepare
+from .folders import FAKE_QUANT_CONFIG, refuse_other_kind
+from .io_utils import atomic_path, ensure_writable_dir
+from .prepare import DEPLOYED_KEY, fingerprint, handle, prepare
 from .timestep import TimestepSchedule
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ FORMAT_VERSION = 2  # 2 added "digests"; version 1 checkpoints still load, unver
 READABLE_VERSIONS = (1, 2)
 DIGESTS = "digests"
 WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "questdiff.json"
+CONFIG_NAME = FAKE_QUANT_CONFIG
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -106,12 +107,21 @@ def _digests(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write a quantized denoiser to ``directory`` (created if needed); returns the folder."""
-    directory = ensure_writable_dir(directory)
-    save_state(model, directory / WEIGHTS_NAME)
+    """Write a quantized denoiser to ``directory`` (created if needed); returns the folder.
+
+    Everything is checked before anything is written, and both files are written under temporary names and renamed
+    only once both are complete, so a refused or failed save leaves the checkpoint that was there intact."""
+    h = handle(model)  # raises for a model that is not quantized
+    if DEPLOYED_KEY in h.extra:
+        raise ValueError("the model is deployed (questdiff.convert): save it with questdiff.save_deployed; "
+                         "questdiff.save stores fake-quant models")
     meta = json.loads(json.dumps(metadata(model)))  # the digest covers exactly what a reader gets back
-    meta[DIGESTS] = {"weights": file_digest(directory / WEIGHTS_NAME), "config": json_digest(meta)}
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2))
+    refuse_other_kind(directory, "fake-quant")
+    directory = ensure_writable_dir(directory)
+    with atomic_path(directory / WEIGHTS_NAME) as weights, atomic_path(directory / CONFIG_NAME) as config:
+        save_file(_state(model), str(weights))
+        meta[DIGESTS] = {"weights": file_digest(weights), "config": json_digest(meta)}
+        config.write_text(json.dumps(meta, indent=2))
     logger.info("saved quantized %s to %s", type(model).__name__, directory)
     return directory
 

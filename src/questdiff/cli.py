@@ -11,11 +11,9 @@ Heavy modules (calibration, diffusers models, evaluation) are imported only by t
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import json
 import logging
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from .cli_common import (
     CommandParser,
     Interrupted,
     checkpoint_label,
+    command_line,
     finite_float,
     folder,
     load_quantized,
@@ -34,7 +33,7 @@ from .cli_common import (
     run_command,
     table,
 )
-from .io_utils import atomic_write_text, ensure_writable_dir, output_dir
+from .io_utils import atomic_write_text, output_dir
 
 if TYPE_CHECKING:
     import torch
@@ -106,21 +105,9 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- checks against the loaded pipeline (cheap: before any sampling) -----------------------------------------------
-def _sampler_steps(pipe: Any, steps: int | None) -> int | None:
-    """Denoising steps the pipeline will run: ``--steps``, else its configured or ``__call__`` default."""
-    if steps is not None:
-        return steps
-    config = getattr(pipe, "config", None) or {}
-    default = config.get("default_num_inference_steps")
-    if default is None:
-        parameter = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
-        default = parameter.default if parameter is not None else None
-    return default if isinstance(default, int) else None
-
-
 def _check_pipeline_options(pipe: Any, args: argparse.Namespace, prompts: list[str] | None) -> None:
     """Refuse options the pipeline would silently ignore or that contradict it."""
-    from .pipelines import call_parameters
+    from .pipelines import call_parameters, sampler_steps
 
     params = call_parameters(pipe)
     kind = type(pipe).__name__
@@ -133,31 +120,16 @@ def _check_pipeline_options(pipe: Any, args: argparse.Namespace, prompts: list[s
         raise ValueError(f"--guidance does not apply: {kind} has no classifier-free guidance; leave out --guidance")
     if args.steps is not None and "num_inference_steps" not in params:
         raise ValueError(f"--steps does not apply: {kind} takes no num_inference_steps; leave out --steps")
+    trained = (getattr(getattr(pipe, "scheduler", None), "config", None) or {}).get("num_train_timesteps")
+    if args.steps is not None and trained is not None and args.steps > trained:
+        raise ValueError(f"--steps {args.steps} is more than the {trained} timesteps {kind}'s scheduler was trained "
+                         f"with; use --steps {trained} or fewer")
     calib_steps = getattr(args, "calib_steps", None)
-    steps = _sampler_steps(pipe, args.steps)
+    steps = sampler_steps(pipe, args.steps)
     if calib_steps is not None and steps is not None and calib_steps > steps:
         source = "--steps" if args.steps is not None else f"{kind}'s default"
         raise ValueError(f"--calib-steps {calib_steps} is more than the sampler's {steps} steps ({source}); use "
                          f"--calib-steps {steps} or fewer, or --steps {calib_steps} or more")
-
-
-def _check_reused_calibration(calib: Any, unet: Any, path: Path, args: argparse.Namespace,
-                              device: torch.device) -> None:
-    """Calibration data found in ``--out`` must come from this model and match the asked timestep count: one
-    forward on one row catches another model's data (shapes, channels, dtype) before any stage runs."""
-    import torch
-
-    if args.calib_steps is not None and len(calib.timesteps) != args.calib_steps:
-        raise ValueError(f"{path} holds {len(calib.timesteps)} calibrated timesteps but --calib-steps is "
-                         f"{args.calib_steps}; pass --recollect to sample new calibration data, or use another --out")
-    try:
-        calib.validate(unet)
-        with torch.no_grad():
-            unet(**calib.model_kwargs(torch.arange(1), device))
-    except (ValueError, RuntimeError, TypeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path} does not fit this model ({reason}); pass --recollect to sample new calibration "
-                         "data, or use another --out") from None
 
 
 # -- quantize ------------------------------------------------------------------------------------------------------
@@ -172,28 +144,24 @@ def _packed_size_mib(model: torch.nn.Module) -> tuple[float, float]:
     return fp / 2**20, packed / 2**20
 
 
-def _command_line(*words: str | None) -> str:
-    return " ".join(shlex.quote(w) for w in words if w is not None)
-
-
 def next_commands(args: argparse.Namespace, out: Path, model_name: str, zoo_model: bool) -> list[str]:
     """The exact commands that use what ``quantize`` wrote (same model and device)."""
     model = ["--model", args.model] if args.model is not None else []
     device = ["--device", args.device] if args.device is not None else []
-    commands = [_command_line("questdiff", "sample", *model, "--quantized", str(out), *device,
-                              "--out", str(out / "samples")),
-                _command_line("questdiff", "convert", *model, "--quantized", str(out), *device,
-                              "--out", str(out / "deployed"))]
+    commands = [command_line("questdiff", "sample", *model, "--quantized", str(out), *device,
+                             "--out", str(out / "samples")),
+                command_line("questdiff", "convert", *model, "--quantized", str(out), *device,
+                             "--out", str(out / "deployed"))]
     if zoo_model:  # `questdiff eval` measures zoo models against their dataset
-        commands.append(_command_line("questdiff", "eval", *(["--model", model_name] if args.model else []),
-                                      "--quantized", str(out), *device, "--out", str(out / "eval")))
+        commands.append(command_line("questdiff", "eval", *(["--model", model_name] if args.model else []),
+                                     "--quantized", str(out), *device, "--out", str(out / "eval")))
     return commands
 
 
 def _kept_for_resume(out: Path) -> str:
-    stages = sorted((out / "work" / "stages").glob("*.json")) if (out / "work" / "stages").is_dir() else []
-    kept = (["calibration data"] if (out / "calibration.safetensors").is_file() else []) + \
-        ([f"{len(stages)} finished stage(s) ({', '.join(p.stem.split('-', 1)[1] for p in stages)})"] if stages else [])
+    from .calibration.methods import progress_summary
+
+    kept = (["calibration data"] if (out / "calibration.safetensors").is_file() else []) + progress_summary(out / "work")
     if not kept:
         return "nothing had finished yet, nothing was kept"
     return f"kept {' and '.join(kept)} in {out}; run the same command again to resume from there"
@@ -201,12 +169,14 @@ def _kept_for_resume(out: Path) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .loading import resolve_device
+    from .quantize_out import check_out
 
     start = time.perf_counter()
     config = _preset(args.preset, args.rotate)
     options = _method_options(args)
     prompts = _read_prompts(args.prompts)
     device = resolve_device(args.device)
+    check_out(args.out, args.recollect)
     with output_dir(args.out) as out:
         try:
             return _quantize(args, config, options, prompts, device, out, start)
@@ -219,17 +189,21 @@ def _quantize(args: argparse.Namespace, config: Any, options: dict[str, Any], pr
     from . import checkpoint, distributed, zoo
     from .api import quantize
     from .calibration import CalibrationSet, collect_calibration
+    from .calibration.methods import finish_stages
     from .loading import load_pipeline
-    from .pipelines import denoiser_of
+    from .pipelines import denoiser_of, fit_scheduler, sampler_steps
     from .prepare import act_quantizers, handle, quant_layers
+    from .quantize_out import check_reused_calibration, collection_settings
 
     pipe, name = load_pipeline(args.model, device)
     _check_pipeline_options(pipe, args, prompts)
+    fit_scheduler(pipe, sampler_steps(pipe, args.steps))
     unet = denoiser_of(pipe)
     calib_path = out / "calibration.safetensors"
+    settings = collection_settings(pipe, args, prompts)
     if distributed.on_main(lambda: calib_path.is_file() and not args.recollect):
         calib = CalibrationSet.load(calib_path)
-        _check_reused_calibration(calib, unet, calib_path, args, device)
+        check_reused_calibration(calib, CalibrationSet.saved_settings(calib_path), settings, unet, calib_path, device)
         logger.info("reusing calibration data %s (%d rows); --recollect to sample again", calib_path, len(calib))
     else:
         calib = collect_calibration(
@@ -243,10 +217,12 @@ def _quantize(args: argparse.Namespace, config: Any, options: dict[str, Any], pr
             guidance_scale=args.guidance,
             prompts=prompts,
         )
-        distributed.on_main(lambda: calib.save(calib_path))
+        distributed.on_main(lambda: calib.save(calib_path, settings))
     quantize(unet, config, calib, args.method, device=device, batch_size=args.batch_size, work_dir=out / "work",
              seed=args.seed, **options)
     distributed.on_main(lambda: checkpoint.save(unet, out))
+    if not args.keep_stages:  # the stage files are model-sized each; a rerun loads the saved model instead
+        distributed.on_main(lambda: finish_stages(out / "work", out / checkpoint.WEIGHTS_NAME))
     h = handle(unet)
     fp_mib, packed_mib = _packed_size_mib(unet)
     summary = {
@@ -272,20 +248,25 @@ def _quantize(args: argparse.Namespace, config: Any, options: dict[str, Any], pr
 
 # -- sample --------------------------------------------------------------------------------------------------------
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .eval.report import foreign_files
     from .loading import resolve_device
 
     prompts = _read_prompts(args.prompts)
     device = resolve_device(args.device)
     label = checkpoint_label(args.quantized) if args.quantized else "FP"
+    foreign = foreign_files(Path(args.out) / "images")
+    if foreign:  # the images folder is replaced by this run's: never delete what sample did not write
+        raise ValueError(f"--out {args.out}: its images/ holds files that questdiff sample did not write "
+                         f"({', '.join(foreign[:3])}); move them away or choose another --out")
     with output_dir(args.out) as out:
         return _sample(args, prompts, device, label, out)
 
 
 def _sample(args: argparse.Namespace, prompts: list[str] | None, device: torch.device, label: str, out: Path) -> int:
-    from .eval.report import save_grid
+    from .eval.report import save_grid, save_image_folder
     from .eval.sampling import generate
     from .loading import load_pipeline
-    from .pipelines import denoiser_of, quiet, set_denoiser, set_scheduler
+    from .pipelines import denoiser_of, fit_scheduler, quiet, sampler_steps, set_denoiser, set_scheduler
 
     start = time.perf_counter()
     pipe, name = load_pipeline(args.model, device)
@@ -296,20 +277,20 @@ def _sample(args: argparse.Namespace, prompts: list[str] | None, device: torch.d
         print("questdiff sample: no --quantized given: sampling the full-precision (FP) model")
     if args.scheduler:
         set_scheduler(pipe, args.scheduler)
+    fit_scheduler(pipe, sampler_steps(pipe, args.steps))
     quiet(pipe)
     images = generate(
         pipe, args.num_images, seed=args.seed, batch_size=args.batch_size, num_inference_steps=args.steps,
         guidance_scale=args.guidance, prompts=prompts, desc=f"sampling {label}",
     )
+    replaced = save_image_folder(images, out / "images")
     grid = save_grid(images, out / "grid.png", nrow=min(8, args.num_images))
-    image_dir = ensure_writable_dir(out / "images")
-    for i, image in enumerate(images):
-        save_grid(image[None], image_dir / f"{i:05d}.png", nrow=1)
     summary = {
         "model": name,
         "weights": label if args.quantized else "FP (no --quantized given)",
         "scheduler": type(pipe.scheduler).__name__,
-        "images": f"{len(images)} x {tuple(images.shape[1:])}",
+        "images": f"{len(images)} x {tuple(images.shape[1:])} in {out / 'images'}"
+                  + (f" (replacing the {replaced} of an earlier run)" if replaced else ""),
         "seed": args.seed,
         "grid": str(grid),
         "wall time": f"{time.perf_counter() - start:.1f} s",
@@ -345,14 +326,24 @@ def _quantize_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--samples-per-step", type=positive_int, default=None, help="cap on calibration rows per timestep (default: no cap)")
     q.add_argument("--steps", type=positive_int, default=None, help="sampler steps for calibration (default: the pipeline's)")
     q.add_argument("--guidance", type=finite_float, default=None, help="CFG scale for calibration (default: the pipeline's)")
-    q.add_argument("--recollect", action="store_true", help="sample calibration data again even if OUT has it")
+    q.add_argument("--recollect", action="store_true",
+                   help="sample calibration data again even if OUT has it; refused once stages were computed from it "
+                        "(by default a rerun reuses OUT's calibration data, and refuses it if it was collected with "
+                        "other --calib-samples, --calib-steps, --samples-per-step, --steps, --guidance, --seed or "
+                        "--prompts)")
     q.add_argument("--recon-iters", type=non_negative_int, default=None, help="BRECQ/AdaRound iterations per block (default: 20000)")
     q.add_argument("--tla-epochs", type=non_negative_int, default=None, help="TLA epochs per timestep (default: 200)")
     q.add_argument("--cma-epochs", type=non_negative_int, default=None, help="CMA epochs over all timesteps (default: 20)")
     q.add_argument("--order", default=None, choices=ORDERS,
                    help="TLA/CMA batch order (default: 'shuffled', one timestep per step as in the paper; 'mixed' puts "
                         "every timestep in each step: the same rows and epochs in far fewer steps, for GPUs)")
-    q.add_argument("--out", type=folder, default="runs/quantized", help="output folder (checkpoint, calibration data, stage checkpoints)")
+    q.add_argument("--out", type=folder, default="runs/quantized",
+                   help="output folder (checkpoint, calibration data, stage checkpoints); rerunning the same command "
+                        "resumes a killed run there (finished stages, and finished BRECQ units) or reloads a finished "
+                        "one; other settings, or a folder holding a deployed checkpoint, are refused")
+    q.add_argument("--keep-stages", action="store_true",
+                   help="keep the per-stage checkpoints in OUT/work once the final model is saved (default: they are "
+                        "removed then, a record of the run's settings stays so that a rerun reloads the final model)")
     add_nproc_argument(q)
     q.set_defaults(func=cmd_quantize)
 
@@ -368,7 +359,9 @@ def _sample_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the pipeline's)")
     s.add_argument("--guidance", type=finite_float, default=None, help="CFG scale (default: the pipeline's)")
     s.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS), help="swap the sampler (default: the pipeline's)")
-    s.add_argument("--out", type=folder, default="runs/samples", help="output folder (grid.png, images/)")
+    s.add_argument("--out", type=folder, default="runs/samples",
+                   help="output folder (grid.png, images/): a rerun replaces the grid and images of an earlier run there "
+                        "(once the new ones are written), so images of two runs are never mixed")
     s.set_defaults(func=cmd_sample)
 
 

@@ -12,10 +12,14 @@ import contextlib
 import errno
 import logging
 import math
+import shlex
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
+
+from .folders import Kind, checkpoint_kinds, describe, other_kind
 
 logger = logging.getLogger("questdiff")
 
@@ -113,36 +117,70 @@ def _missing_key(path: str, err: KeyError) -> ValueError:
                       "questdiff version); quantize the model again")
 
 
-def checkpoint_label(path: str) -> str:
-    """The preset name of the checkpoint in ``--quantized`` (a fake-quant folder from ``questdiff quantize`` or a
-    deployed one from ``questdiff convert``): read before any model loads, so a wrong folder fails first."""
+def quantized_metadata(path: str) -> tuple[dict[str, Any], bool]:
+    """``(json, deployed)`` of the checkpoint in ``--quantized`` (a fake-quant folder from ``questdiff quantize`` or
+    a deployed one from ``questdiff convert``), read before any model loads; raises a one-line ``ValueError``."""
     from .checkpoint import read_metadata
-    from .deploy.checkpoint import is_deployed_checkpoint, read_deployed_metadata
+    from .deploy.checkpoint import read_deployed_metadata
 
-    deployed = is_deployed_checkpoint(path)
+    kinds = checkpoint_kinds(path)
+    if len(kinds) > 1:
+        raise ValueError(f"--quantized {path}: holds both a fake-quant and a deployed checkpoint (a folder mixed by an "
+                         "older questdiff), so which one is current is unknown; move deployed.safetensors and "
+                         "questdiff-deployed.json into a folder of their own and pass the one you mean")
+    deployed = kinds == ["deployed"]
     try:
-        meta = read_deployed_metadata(path, verify=False) if deployed else read_metadata(path)
-        return (meta["quant_config"].get("name") or "quantized") + (" deployed" if deployed else "")
-    except KeyError as err:
-        raise _missing_key(path, err) from None
+        return (read_deployed_metadata(path, verify=False) if deployed else read_metadata(path)), deployed
     except (ValueError, OSError) as err:
         raise ValueError(f"--quantized {path}: {err}") from None
 
 
+def checkpoint_label(path: str) -> str:
+    """The preset name of the checkpoint in ``--quantized`` (``"W4A4"``, ``"W4A4 deployed"``): read before any
+    model loads, so a wrong folder fails first."""
+    meta, deployed = quantized_metadata(path)
+    try:
+        return (meta["quant_config"].get("name") or "quantized") + (" deployed" if deployed else "")
+    except KeyError as err:
+        raise _missing_key(path, err) from None
+
+
 def load_quantized(path: str, base: Any) -> Any:
     """The denoiser in ``--quantized``: ``questdiff.load(path, base)`` for a fake-quant folder, or
-    ``questdiff.load_deployed`` (on ``base``'s device; ``base``'s weights unused) for a deployed one; a malformed
-    json is reported as a one-line ``ValueError``."""
+    ``questdiff.load_deployed`` (on ``base``'s device; ``base``'s weights unused) for a deployed one. A checkpoint
+    made from another model than ``base`` (the ``--model`` pipeline's denoiser) is refused naming ``--model``,
+    and a malformed json is a one-line ``ValueError``."""
     from . import load
-    from .deploy import is_deployed_checkpoint, load_deployed
+    from .deploy import load_deployed
+    from .prepare import fingerprint
 
+    meta, deployed = quantized_metadata(path)
     try:
-        if is_deployed_checkpoint(path):
-            device = next(base.parameters()).device
-            return load_deployed(path, device=device)
+        found = fingerprint(base)
+        if meta["base_fingerprint"] != found:
+            raise ValueError(f"--model: {path} was quantized from another model (base fingerprint "
+                             f"{meta['base_fingerprint']}) than this pipeline's {type(base).__name__} ({found}); pass "
+                             "the --model it was quantized from (questdiff quantize's --model; default: the embedded "
+                             "zoo model)")
+        if deployed:
+            return load_deployed(path, device=next(base.parameters()).device)
         return load(path, base=base)
     except KeyError as err:
         raise _missing_key(path, err) from None
+
+
+def check_out_kind(out: str | Path, kind: Kind, option: str = "--out") -> None:
+    """Refuse an output folder that holds another kind of checkpoint than the ``kind`` the command writes there
+    (a folder holds one kind: a reader could not tell which model is current)."""
+    other = other_kind(out, kind)
+    if other is not None:
+        raise ValueError(f"{option} {out}: holds {describe(other)}; a folder holds one kind of checkpoint: choose "
+                         f"another {option}")
+
+
+def command_line(*words: str) -> str:
+    """``words`` as one shell command line, each quoted where the shell needs it (paths with spaces)."""
+    return shlex.join(words)
 
 
 def table(rows: list[tuple[str, Any]]) -> str:

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .devices import check_device
+
 
 def load_pipeline(model: str | None, device: str | torch.device | None = None) -> tuple[Any, str]:
     """``(pipeline, name)`` for a folder path, a zoo model name, or ``None`` (the zoo's default model)."""
@@ -50,23 +52,4 @@ def default_device() -> str:
 def resolve_device(name: str | None) -> torch.device:
     """The ``--device`` value as a usable ``torch.device`` (``None``: ``default_device()``); raises ``ValueError``
     naming the fix for a misspelt device or one this machine does not have."""
-    if name is None:
-        return torch.device(default_device())
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        reason = "unknown device type" if "Expected one of" in str(err) else str(err).splitlines()[0]
-        raise ValueError(f"--device {name!r} is not a torch device ({reason}); use cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
-        return device
-    backend = getattr(torch, device.type, None) if device.type != "mps" else torch.backends.mps
-    if backend is None or not hasattr(backend, "is_available"):
-        raise ValueError(f"--device {name!r} cannot run models; use cpu, cuda or cuda:N")
-    if not backend.is_available():
-        built = " (this torch is built without CUDA)" if device.type == "cuda" and torch.version.cuda is None else ""
-        raise ValueError(f"--device {name!r}: no {device.type.upper()} device is available here{built}; use --device cpu")
-    count = backend.device_count() if hasattr(backend, "device_count") else 1
-    if device.index is not None and device.index >= count:
-        raise ValueError(f"--device {name!r}: this machine has {count} {device.type} device(s), "
-                         f"{device.type}:0 to {device.type}:{count - 1}")
-    return device
+    return torch.device(default_device()) if name is None else check_device(name, "--device")

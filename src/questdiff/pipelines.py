@@ -49,8 +49,44 @@ def set_scheduler(pipe: Any, name: str) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
 
 
+def fit_scheduler(pipe: Any, steps: int | None) -> None:
+    """Make the pipeline's scheduler able to run ``steps`` steps: where its ``steps_offset`` would push the first
+    timestep past the last trained one (``leading`` spacing with the LDM setting ``steps_offset=1`` at ``steps ==
+    num_train_timesteps``: timestep 1000 of 0..999, an IndexError in every sampler), the offset is lowered just
+    enough (the full chain then runs 999..0). Any other step count keeps the configured timesteps."""
+    import copy
+
+    scheduler = getattr(pipe, "scheduler", None)
+    config = getattr(scheduler, "config", None) or {}
+    offset, trained = config.get("steps_offset", 0), config.get("num_train_timesteps")
+    if steps is None or not offset or trained is None or steps > trained:  # more steps: diffusers refuses them
+        return
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(steps)
+    excess = int(probe.timesteps.max()) - (trained - 1)
+    if excess > 0:
+        pipe.scheduler = type(scheduler).from_config(config, steps_offset=max(offset - excess, 0))
+
+
 def call_parameters(pipe: Any) -> set[str]:
     return set(inspect.signature(pipe.__call__).parameters)
+
+
+def call_default(pipe: Any, name: str) -> Any:
+    """The value ``pipe(...)`` uses for its argument ``name`` when it is not passed: the pipeline config's
+    ``default_<name>`` (zoo pipelines), else ``__call__``'s default; ``None`` if it has neither."""
+    config = getattr(pipe, "config", None) or {}
+    default = config.get(f"default_{name}")
+    if default is None:
+        parameter = inspect.signature(pipe.__call__).parameters.get(name)
+        default = parameter.default if parameter is not None and parameter.default is not inspect.Parameter.empty else None
+    return default
+
+
+def sampler_steps(pipe: Any, steps: int | None = None) -> int | None:
+    """Denoising steps ``pipe`` will run: ``steps``, else its default (``call_default``); ``None`` if unknown."""
+    value = steps if steps is not None else call_default(pipe, "num_inference_steps")
+    return value if isinstance(value, int) else None
 
 
 def is_class_conditional(pipe: Any) -> bool:

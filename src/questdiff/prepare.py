@@ -27,6 +27,7 @@ from .nn.sdpa import AttentionSite, install_sdpa_quantizers
 from .timestep import TimestepSchedule, TimestepState, install_timestep_hook
 
 HANDLE_ATTR = "_questdiff"
+DEPLOYED_KEY = "deployed"  # the ``QuantHandle.extra`` entry of a model that ``convert`` turned into deployed modules
 
 
 @dataclass

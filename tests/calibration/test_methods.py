@@ -79,3 +79,63 @@ def test_two_ranks_resume_the_stages_rank_0_wrote(calib, tmp_path):
         assert [r.get("resumed", False) for r in first] == [False, False]
         assert [r.get("resumed", False) for r in second] == [True, True]  # both ranks read rank 0's files
         assert all(torch.equal(v, ranks[0]["state"][k]) for k, v in result["state"].items())
+
+
+def test_ctrl_c_inside_brecq_keeps_the_finished_units_and_resumes_to_the_uninterrupted_result(
+        class_conditional_folder, tmp_path, capsys, monkeypatch):
+    """Issue 20 item 5: Ctrl-C in the middle of BRECQ keeps every unit finished so far; the rerun reconstructs only
+    the others and ends bit-exactly where an uninterrupted run does."""
+    from questdiff.calibration import brecq
+
+    reconstruct_unit, calls, interrupt_at = brecq.reconstruct_unit, [], [None]
+
+    def counted(unit, *args, **kwargs):
+        calls.append(kwargs["name"])
+        if len(calls) == interrupt_at[0]:
+            raise KeyboardInterrupt  # Ctrl-C while this unit trains
+        return reconstruct_unit(unit, *args, **kwargs)
+
+    monkeypatch.setattr(brecq, "reconstruct_unit", counted)
+    reference = tmp_path / "uninterrupted"
+    _quantize(class_conditional_folder, reference, capsys)
+    units, interrupt_at[0] = list(calls), 4
+    calls.clear()
+    killed = tmp_path / "killed"
+    assert cli.main(_arguments(class_conditional_folder, killed)) == 130
+    assert "1 finished stage(s) (weight_init) and 3 finished part(s) of brecq" in capsys.readouterr().err
+
+    calls.clear()
+    interrupt_at[0] = None
+    resumed = _quantize(class_conditional_folder, killed, capsys)
+    assert "weight_init resumed" in resumed and "brecq resumed" not in resumed
+    assert len(units) > 4 and calls == units[3:]  # the three finished units are restored, not reconstructed
+    expected, got = load_file(reference / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert [p.name for p in (killed / "work" / "stages").iterdir()] == ["finished.json"]  # parts and stages removed
+
+
+def test_stage_files_are_removed_once_the_model_is_saved_unless_kept(class_conditional_folder, tmp_path, capsys):
+    """Issue 20 item 7: the model-sized stage files are replaced by one small record once the final model is saved
+    (``--keep-stages`` keeps them); a rerun with the same settings loads the saved model, one with other settings
+    is refused."""
+    removed, kept = tmp_path / "removed", tmp_path / "kept"
+    _quantize(class_conditional_folder, removed, capsys)
+    assert cli.main([*_arguments(class_conditional_folder, kept), "--keep-stages"]) == 0
+    capsys.readouterr()
+    assert [p.name for p in (removed / "work" / "stages").iterdir()] == ["finished.json"]
+    assert {"00-weight_init.safetensors", "01-brecq.safetensors", "02-act_init.safetensors"} <= {
+        p.name for p in (kept / "work" / "stages").iterdir()}
+    size = sum(p.stat().st_size for p in removed.rglob("*") if p.is_file())
+    model = (removed / "model.safetensors").stat().st_size + (removed / "calibration.safetensors").stat().st_size
+    assert size < model + 20_000, (size, model)  # the model, its calibration data and small json files
+    assert load_file(removed / "model.safetensors").keys() == load_file(kept / "model.safetensors").keys()
+
+    before = (removed / "model.safetensors").read_bytes()
+    again = _quantize(class_conditional_folder, removed, capsys)
+    assert all(f"{stage} resumed" in again for stage in ("weight_init", "brecq", "act_init"))
+    assert (removed / "model.safetensors").read_bytes() == before
+    other = [*_arguments(class_conditional_folder, removed)]
+    other[other.index("--recon-iters") + 1] = "6"
+    assert cli.main(other) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "finished.json records a finished run with other settings" in err and "brecq.iters: saved 5, now 6" in err

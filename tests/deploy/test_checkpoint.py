@@ -95,3 +95,15 @@ def test_foreign_denoiser_loads_onto_a_skeleton(tmp_path):
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x, torch.full((2,), 100)), model(x, torch.full((2,), 100)))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 7, reason="this machine has a cuda:7")
+def test_a_device_that_does_not_exist_is_a_clear_error(deployed_pair, tmp_path):
+    """Issue 20 item 6: ``load_deployed(device="cuda:7")`` was a raw assertion from inside torch."""
+    qd.save_deployed(deployed_pair(tiny_unet2d, "W8A8")[1], tmp_path / "d")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    reason = f"this machine has {count} cuda device" if count else "no CUDA device is available here"
+    with pytest.raises(ValueError, match=f"^device 'cuda:7': {reason}"):
+        qd.load_deployed(tmp_path / "d", device="cuda:7")
+    with pytest.raises(ValueError, match="^device 'gpu0' is not a torch device .*use cpu, cuda or cuda:N"):
+        qd.load_deployed(tmp_path / "d", device="gpu0")

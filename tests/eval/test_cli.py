@@ -41,8 +41,11 @@ def test_eval_fp_and_quantized_writes_metrics_and_images(tiny_zoo, tmp_path, cap
     assert files == ["grid.png", "grid_quantized.png", "metrics.json", "side_by_side.png"]
     assert Image.open(out / "grid.png").size == (10 * 34 + 2, 2 * 34 + 2)  # 20 samples, 10 per row
     assert Image.open(out / "side_by_side.png").size == (8 * 34 + 2, 4 * 34 + 2)  # 16 seeds: 2 bands of FP + Q
-    summary = capsys.readouterr().out
-    assert "FID (FMNIST features)" in summary and "PSNR (dB), quantized vs FP" in summary
+    captured = capsys.readouterr()
+    assert "FID (FMNIST features)" in captured.out and "PSNR (dB), quantized vs FP" in captured.out
+    # issue 20 item 6: 20 samples are too few for IS/KID: said before sampling, and recorded with the metrics
+    assert "questdiff eval: warning: --num-samples 20: 20 samples are too few for IS and KID" in captured.err
+    assert metrics["warnings"] == [generative.small_sample_warning(20)]
 
 
 def test_eval_without_quantized_writes_fp_outputs_only(tiny_zoo, tmp_path, monkeypatch) -> None:

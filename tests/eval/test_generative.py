@@ -9,11 +9,13 @@ import torch
 
 from questdiff.eval.features import FeatureSet, extract_features
 from questdiff.eval.generative import (
+    MEANINGFUL_SAMPLES,
     RECOMMENDED_SAMPLES,
     frechet_distance,
     generative_metrics,
     inception_score,
     kernel_distance,
+    small_sample_warning,
 )
 
 
@@ -69,6 +71,19 @@ def test_inception_score_counts_the_classes_it_sees() -> None:
     assert one_class == pytest.approx(1.0) and std == pytest.approx(0.0, abs=1e-6)
 
 
+def test_too_few_samples_for_is_are_warned_about() -> None:
+    """Issue 20 item 6: a perfect 10-class generator scores IS 10; from 10 samples (splits of one) it scores exactly
+    1.0 and from 100 about 6.6: below ``MEANINGFUL_SAMPLES`` the numbers say little, and the warning says so."""
+    def balanced(n: int) -> float:
+        classes = torch.arange(n) % 10
+        return inception_score(FeatureSet(torch.zeros(n, 256), torch.zeros(n, 2048), 50.0 * torch.eye(10)[classes],
+                                          "FMNIST features"))[0]
+
+    assert balanced(10) == pytest.approx(1.0) and balanced(100) < 7.0 and balanced(MEANINGFUL_SAMPLES) > 9.0
+    assert "10 sets of 1 (" in small_sample_warning(10) and "one sample per set scores exactly 1.0" in small_sample_warning(10)
+    assert small_sample_warning(MEANINGFUL_SAMPLES - 1) is not None and small_sample_warning(MEANINGFUL_SAMPLES) is None
+
+
 def test_generative_metrics_are_named_after_the_feature_network_and_warn_below_the_recommended_count(
     sets, caplog
 ) -> None:
@@ -80,6 +95,7 @@ def test_generative_metrics_are_named_after_the_feature_network_and_warn_below_t
     assert all(isinstance(v, float) for v in metrics.values())
     assert metrics["FID (FMNIST features)"] == frechet_distance(sets["b"], sets["a"])
     assert "256 images" in caplog.text and f">= {RECOMMENDED_SAMPLES} recommended" in caplog.text
+    assert "256 samples are too few for IS and KID" in caplog.text
 
 
 def test_features_of_different_networks_are_not_compared(sets) -> None:

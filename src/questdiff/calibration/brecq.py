@@ -21,10 +21,11 @@ every row, as one process does), each iteration's batch is split over the ranks 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -40,6 +41,9 @@ from .adaround import AdaRoundConfig, beta_at, convert_layer, rounding_regulariz
 from .common import generator, output_tensor, rows_by_quantizer_row, trainable_only
 from .data import CalibrationSet
 from .timing import format_seconds, forward_backward_seconds, synchronize
+
+if TYPE_CHECKING:
+    from .methods import StageProgress
 
 logger = logging.getLogger(__name__)
 
@@ -446,11 +450,15 @@ def reconstruct(
     batch_size: int = 64,
     progress: bool = True,
     seed: int = 0,
+    parts: StageProgress | None = None,
 ) -> list[UnitResult]:
     """BRECQ/AdaRound weight reconstruction of a prepared ``model`` whose weight quantizers are initialised.
 
     Returns one ``UnitResult`` per unit (forward order). Afterwards every weight quantizer is a hard
-    ``AdaRoundQuantizer``.
+    ``AdaRoundQuantizer``. With ``parts`` every finished unit is kept there as it finishes, and units it already
+    holds are restored instead of reconstructed: a killed run resumes at its first unfinished unit and ends
+    bit-exactly where an uninterrupted run does (each unit draws from its own seed, and its inputs are captured
+    from the units before it, restored exactly).
     """
     config = config or BrecqConfig()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -458,12 +466,15 @@ def reconstruct(
     dtype = _DTYPES[config.storage_dtype]
     capture_bs = config.capture_batch_size or batch_size
     started = time.perf_counter()
-    units, parts, capture_s, iterations_s = estimate_reconstruction(model, calib, config, device=device,
+    units, rows, capture_s, iterations_s = estimate_reconstruction(model, calib, config, device=device,
                                                                     batch_size=batch_size, seed=seed)
     estimate = capture_s + iterations_s
     logger.info("BRECQ/AdaRound: %d units x %d iterations on %d rows: about %s on this device (capturing %s, "
-                "iterations %s; from timed passes of the model)", len(units), config.iters, sum(len(p) for p in parts),
+                "iterations %s; from timed passes of the model)", len(units), config.iters, sum(len(p) for p in rows),
                 format_seconds(estimate), format_seconds(capture_s), format_seconds(iterations_s))
+    done = sum(parts.notes(name) is not None for _, name in units) if parts is not None else 0
+    if done:
+        logger.info("BRECQ/AdaRound: %d of %d units finished in an earlier run: resuming after them", done, len(units))
     results: list[UnitResult] = []
     # the bar counts units and moves inside each: its capture, then every iteration, weighted by the estimate's
     # split, so its rate and remaining time follow the real work (capture dominates on large calibration sets)
@@ -474,12 +485,23 @@ def reconstruct(
     with quant_state(model, weight=True, act=False):
         for position, (number, name) in enumerate(units):
             unit = model.get_submodule(name)
+            notes = parts.notes(name) if parts is not None else None
+            if notes is not None:  # finished by an earlier, killed run
+                assert parts is not None
+                for layer in unit.modules():
+                    if isinstance(layer, QuantLayerMixin):
+                        convert_layer(layer, soft=False, config=config.adaround)
+                parts.load(name, unit)
+                results.append(UnitResult(**notes))
+                bar.update(position + 1 - bar.n)
+                bar.set_postfix_str(f"{name}: resumed")
+                continue
             bar.set_postfix_str(f"{name}: capturing")
             start = time.perf_counter()
             kwargs = {"device": device, "batch_size": capture_bs, "storage": storage, "dtype": dtype}
-            inputs = capture(model, unit, calib, parts, what="input", **kwargs)
+            inputs = capture(model, unit, calib, rows, what="input", **kwargs)
             with quant_state(model, weight=False, act=False):
-                targets = capture(model, unit, calib, parts, what="output", **kwargs)
+                targets = capture(model, unit, calib, rows, what="output", **kwargs)
             synchronize(device)
             captured = time.perf_counter() - start
             bar.update(capture_share)
@@ -490,6 +512,8 @@ def reconstruct(
             result.capture_seconds = captured
             result.seconds = time.perf_counter() - start
             results.append(result)
+            if parts is not None:
+                parts.save(name, unit, dataclasses.asdict(result))
             bar.set_postfix_str(f"{name}: {result.rtn_loss:.3g} -> {result.loss:.3g}")
             del inputs, targets
     bar.close()

@@ -13,7 +13,7 @@ import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -252,8 +252,9 @@ class CalibrationSet:
             )
 
     # -- persistence ---------------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write the set to one safetensors file (atomically)."""
+    def save(self, path: str | Path, settings: Mapping[str, Any] | None = None) -> Path:
+        """Write the set to one safetensors file (atomically). ``settings``: JSON-able notes on how the set was
+        made (e.g. the command line's collection options), stored in the same file; ``saved_settings`` reads them."""
         path = Path(path)
         tensors = {f"inputs{_SEP}{k}": v.contiguous() for k, v in self.inputs.items()}
         tensors.update({f"constants{_SEP}{k}": v.contiguous() for k, v in self.constants.items()})
@@ -266,9 +267,23 @@ class CalibrationSet:
             "timestep_shape": json.dumps(list(self.timestep_shape)),
             "static": json.dumps(self.static),
         }
+        if settings is not None:
+            meta["settings"] = json.dumps(dict(settings))
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         return path
+
+    @staticmethod
+    def saved_settings(path: str | Path) -> dict[str, Any] | None:
+        """The ``settings`` given to ``save`` (``None`` if none were, e.g. a file of an older questdiff)."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"calibration file {path} is truncated or corrupt ({err}); collect it again") from err
+        return json.loads(meta["settings"]) if "settings" in meta else None
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationSet":

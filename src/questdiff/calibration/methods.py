@@ -5,13 +5,17 @@ With a ``work_dir`` every finished stage's state is saved (``work_dir/stages/<nn
 when several processes run) and a restarted run loads it instead of recomputing, so a killed calibration resumes
 where it stopped. Each saved stage carries a signature (base weights, calibration set, quantization config, seed,
 and the settings of it and every stage before it): resuming from a folder made with other settings is refused
-instead of silently mixing runs. Each stage logs its wall time and peak memory. New methods (QuEST) register more
-stages with ``register_method``.
+instead of silently mixing runs. A long stage also keeps its finished parts as they finish (``StageProgress``: BRECQ's
+units), so a run killed inside it resumes there. Once the caller has saved the final model, ``finish_stages``
+replaces the stage files by one record pointing at it: a rerun with the same settings loads that model instead of
+recomputing. Each stage logs its wall time and peak memory. New methods (QuEST) register more stages with
+``register_method``.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ from torch import nn
 from .. import distributed
 from ..adapters import LayerInfo, ModelAdapter
 from ..checkpoint import load_state, metadata, save_state
+from ..digest import file_digest
 from ..io_utils import atomic_write_text, ensure_writable_dir
 from ..prepare import handle, weights_digest
 from .activations import init_activations
@@ -34,9 +39,70 @@ from .weights import init_weights
 logger = logging.getLogger(__name__)
 
 
+FINISHED = "finished.json"  # in the stage folder once the final model is saved: what replaced the stage files
+PARTS = "parts.json"
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+class StageProgress:
+    """The finished parts of the running stage (e.g. BRECQ's units), each saved as it finishes into
+    ``<stage file>.parts/`` (the part's module state, and its notes in ``parts.json`` with the stage's signature),
+    so that a run killed inside the stage resumes after its last finished part, with the same result. Parts saved
+    by a run with other settings are refused like a stage file. Without a folder (no ``work_dir``) nothing is kept.
+    Rank 0 writes; every rank reads the same files."""
+
+    def __init__(self, directory: Path | None = None, signature: dict[str, Any] | None = None) -> None:
+        self.directory = directory
+        self.signature = _json(signature or {})
+        self._parts: dict[str, Any] = distributed.on_main(self._read) if directory is not None else {}
+
+    def _read(self) -> dict[str, Any]:
+        assert self.directory is not None
+        path = self.directory / PARTS
+        if not path.is_file():
+            return {}
+        saved = json.loads(path.read_text())
+        differences = _differences(saved.get("signature"), self.signature)
+        if differences:
+            raise ValueError(f"{self.directory} was made with other settings than this run ({'; '.join(differences[:4])}); "
+                             f"use another work directory, or delete {self.directory.parent} to start over")
+        return saved["parts"]
+
+    def notes(self, key: str) -> dict[str, Any] | None:
+        """The notes saved with part ``key``, or ``None`` if it has not finished."""
+        return self._parts.get(key)
+
+    def load(self, key: str, module: nn.Module) -> None:
+        """Restore part ``key`` onto ``module``, which must have the structure it had when saved."""
+        assert self.directory is not None
+        load_state(module, self.directory / f"{key}.safetensors")
+
+    def save(self, key: str, module: nn.Module, notes: dict[str, Any]) -> None:
+        """Keep ``module``'s state and ``notes`` as finished part ``key`` (no-op without a folder)."""
+        if self.directory is None:
+            return
+        self._parts[key] = _json(notes)
+
+        def write() -> None:
+            assert self.directory is not None
+            save_state(module, ensure_writable_dir(self.directory) / f"{key}.safetensors")
+            atomic_write_text(self.directory / PARTS, json.dumps({"signature": self.signature, "parts": self._parts},
+                                                                 indent=2))
+        distributed.on_main(write)
+
+    def clear(self) -> None:
+        """Remove the parts (the finished stage's own file holds them now)."""
+        if self.directory is not None:
+            distributed.on_main(lambda: shutil.rmtree(self.directory, ignore_errors=True))
+        self._parts = {}
+
+
 @dataclass
 class StageContext:
-    """Run-time settings shared by all stages of one ``quantize`` call."""
+    """Run-time settings shared by all stages of one ``quantize`` call; ``parts`` is the running stage's."""
 
     device: torch.device
     batch_size: int = 64
@@ -45,6 +111,7 @@ class StageContext:
     options: dict[str, Any] = field(default_factory=dict)
     report: list[dict[str, Any]] = field(default_factory=list)
     method: str = ""
+    parts: StageProgress = field(default_factory=StageProgress)
 
 
 @dataclass(frozen=True)
@@ -158,7 +225,7 @@ def _resumable(path: Path, signature: dict[str, Any]) -> bool:
         logger.warning("stage file %s has no %s beside it: running the stage again", path, info.name)
         return False
     saved = json.loads(info.read_text()).get("signature")
-    differences = _differences(saved, json.loads(json.dumps(signature, default=str)))
+    differences = _differences(saved, _json(signature))
     if differences:
         raise ValueError(
             f"{path} was made with other settings than this run ({'; '.join(differences[:4])}); use another work "
@@ -187,16 +254,22 @@ def log_time_plan(model: nn.Module, calib: CalibrationSet, method: str, ctx: Sta
 def run_stages(
     model: nn.Module, calib: CalibrationSet, method: str, ctx: StageContext, work_dir: str | Path | None = None
 ) -> None:
-    """Run ``method``'s stages on a prepared ``model``, resuming finished ones from ``work_dir``."""
+    """Run ``method``'s stages on a prepared ``model``, resuming finished ones (and finished parts of the one that
+    was running) from ``work_dir``, or loading the final model a finished run with the same settings saved."""
     h = handle(model)
     h.method = method
+    stages = method_stages(method)
     stage_dir = ensure_writable_dir(Path(work_dir) / "stages") if work_dir is not None else None
+    run = _run_signature(model, calib, ctx) if stage_dir else {}
+    settings = {stage.name: stage.settings(model, ctx) if stage.settings is not None else {} for stage in stages}
+    if stage_dir is not None and distributed.on_main(lambda: _finished_weights(stage_dir, {"run": run, "stages": settings})):
+        _load_finished(model, stage_dir, stages, ctx)
+        return
     log_time_plan(model, calib, method, ctx, stage_dir)
-    signature: dict[str, Any] = {"run": _run_signature(model, calib, ctx) if stage_dir else {}, "stages": {}}
-    for number, stage in enumerate(method_stages(method)):
+    signature: dict[str, Any] = {"run": run, "stages": {}}
+    for number, stage in enumerate(stages):
         path = stage_dir / f"{number:02d}-{stage.name}.safetensors" if stage_dir else None
-        settings = stage.settings(model, ctx) if stage.settings is not None else {}
-        signature["stages"][stage.name] = settings
+        signature["stages"][stage.name] = settings[stage.name]
         if path is not None and distributed.on_main(lambda: path.is_file() and _resumable(path, signature)):
             if stage.rebuild is not None:
                 stage.rebuild(model)
@@ -208,6 +281,7 @@ def run_stages(
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         start = time.perf_counter()
+        ctx.parts = StageProgress(path.with_suffix(".parts") if path is not None else None, signature)
         stage.run(model, calib, ctx)
         distributed.broadcast_module(model)  # every rank continues from rank 0's result (see distributed.py)
         seconds = time.perf_counter() - start
@@ -218,6 +292,82 @@ def run_stages(
                     f", peak {entry['peak_memory_mib']:.0f} MiB" if entry["peak_memory_mib"] is not None else "")
         if path is not None:
             distributed.on_main(lambda: _save_stage(model, path, entry, signature))
+        ctx.parts.clear()
+        ctx.parts = StageProgress()
+
+
+def _stage_files(stage_dir: Path) -> list[Path]:
+    """The stage files and part folders in ``stage_dir`` (named ``<nn>-<stage>...``)."""
+    return sorted(p for p in stage_dir.glob("[0-9][0-9]-*")) if stage_dir.is_dir() else []
+
+
+def has_stage_records(work_dir: str | Path) -> bool:
+    """Whether ``work_dir`` holds anything of a ``run_stages`` run: stage files, parts, or a finished record."""
+    stage_dir = Path(work_dir) / "stages"
+    return bool(_stage_files(stage_dir)) or (stage_dir / FINISHED).is_file()
+
+
+def progress_summary(work_dir: str | Path) -> list[str]:
+    """What ``work_dir`` keeps for a resume, in words: ``["2 finished stage(s) (weight_init, brecq)",
+    "20 finished part(s) of brecq"]`` (empty if nothing finished)."""
+    stage_dir = Path(work_dir) / "stages"
+    files = _stage_files(stage_dir)
+    stages = [p.stem.split("-", 1)[1] for p in files if p.suffix == ".json"]
+    out = [f"{len(stages)} finished stage(s) ({', '.join(stages)})"] if stages else []
+    for folder in files:
+        if folder.suffix == ".parts" and (folder / PARTS).is_file():
+            count = len(json.loads((folder / PARTS).read_text()).get("parts", {}))
+            out.append(f"{count} finished part(s) of {folder.stem.split('-', 1)[1]}")
+    return out
+
+
+def finish_stages(work_dir: str | Path, weights: str | Path) -> None:
+    """After the final model is saved to ``weights`` (a ``save_state`` / ``questdiff.save`` weights file): replace
+    the stage files in ``work_dir`` by a record of the run's signature and that file's digest (the stage files are
+    model-sized each). A rerun with the same settings then loads ``weights`` (``run_stages``)."""
+    stage_dir = Path(work_dir) / "stages"
+    files = _stage_files(stage_dir)
+    last = [p for p in files if p.suffix == ".json"] or [stage_dir / FINISHED]  # a run that loaded its record
+    if not last[-1].is_file():
+        return
+    signature = json.loads(last[-1].read_text())["signature"]
+    record = {"signature": signature, "weights": os.path.relpath(weights, stage_dir), "digest": file_digest(weights)}
+    atomic_write_text(stage_dir / FINISHED, json.dumps(record, indent=2))
+    for path in files:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _finished_weights(stage_dir: Path, signature: dict[str, Any]) -> bool:
+    """Whether ``stage_dir`` records a finished run with ``signature`` whose final weights are still there as saved;
+    raises if it records a run with other settings."""
+    info = stage_dir / FINISHED
+    if not info.is_file():
+        return False
+    record = json.loads(info.read_text())
+    differences = _differences(record.get("signature"), _json(signature))
+    if differences:
+        raise ValueError(f"{info} records a finished run with other settings than this one "
+                         f"({'; '.join(differences[:4])}); use another work directory, or delete {stage_dir} to start over")
+    weights = stage_dir / record["weights"]
+    if not weights.is_file() or file_digest(weights) != record["digest"]:
+        logger.warning("%s: the final model it records (%s) is gone or was changed since: running the stages again",
+                       info, weights)
+        return False
+    return True
+
+
+def _load_finished(model: nn.Module, stage_dir: Path, stages: list[Stage], ctx: StageContext) -> None:
+    """Give ``model`` the structure of every stage and the state of the finished run's final model."""
+    weights = stage_dir / json.loads((stage_dir / FINISHED).read_text())["weights"]
+    h = handle(model)
+    h.stages = [stage.name for stage in stages]
+    rebuild_structure(model)
+    load_state(model, weights)
+    ctx.report.extend({"stage": stage.name, "resumed": True} for stage in stages)
+    logger.info("%s: finished before with these settings: loaded its final model %s", h.method, weights)
 
 
 def _save_stage(model: nn.Module, path: Path, entry: dict[str, Any], signature: dict[str, Any]) -> None:

@@ -109,7 +109,8 @@ def _finish_finetuning(model: nn.Module, stage: str) -> None:
 
 def _brecq_stage(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> None:
     config = resolve_options(ctx.options, handle(model).method).brecq
-    results = reconstruct(model, calib, config, device=ctx.device, batch_size=ctx.batch_size, progress=ctx.progress, seed=ctx.seed)
+    results = reconstruct(model, calib, config, device=ctx.device, batch_size=ctx.batch_size, progress=ctx.progress,
+                          seed=ctx.seed, parts=ctx.parts)
     _record(model, "brecq", {
         "units": len(results),
         "rtn_loss": sum(r.rtn_loss for r in results),

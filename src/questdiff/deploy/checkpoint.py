@@ -22,6 +22,8 @@ from torch import nn
 
 from ..adapters import GenericAdapter, get_adapter
 from ..config import QuantConfig
+from ..devices import check_device
+from ..folders import DEPLOYED_CONFIG, refuse_other_kind
 from ..io_utils import atomic_path, atomic_write_text, ensure_writable_dir
 from ..nn.rotation import ChannelRotation
 from ..nn.sdpa import SDPA_ATTR, install_sdpa_quantizers
@@ -37,7 +39,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "questdiff-deployed"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "deployed.safetensors"
-CONFIG_NAME = "questdiff-deployed.json"
+CONFIG_NAME = DEPLOYED_CONFIG
 _NONPERSISTENT = "__buffer__."  # prefix of non-persistent buffers in the weights file
 
 
@@ -88,6 +90,7 @@ def save_deployed(model: nn.Module, directory: str | Path) -> Path:
         raise ValueError(f"the model still has fake-quant modules that convert cannot pack yet ({', '.join(kept[:5])}); "
                          "save it with questdiff.save (fake-quant checkpoint) instead")
     h = handle(model)
+    refuse_other_kind(directory, "deployed")
     directory = ensure_writable_dir(directory)
     weights = directory / WEIGHTS_NAME
     with atomic_path(weights) as tmp:
@@ -210,6 +213,7 @@ def load_deployed(directory: str | Path, model: nn.Module | None = None, *, devi
         verify: check the content digests of both files first (a corrupt or edited file raises ``ValueError``).
     """
     directory = Path(directory)
+    device = check_device(device)
     meta = read_deployed_metadata(directory, verify)
     backend = backend or meta["backend"]
     model = model if model is not None else _skeleton(meta)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,15 +20,13 @@ from ..nn import (ActQuantizer, QuantAttnProcessor, QuantConv1d, QuantConv2d, Qu
                   QuantJointAttnProcessor, QuantLayerMixin, QuantLinear, WeightQuantizer)
 from ..nn.attention import OperandQuantizers
 from ..nn.sdpa import SDPA_ATTR, AttentionSite
-from ..prepare import HANDLE_ATTR, handle, quant_layers
+from ..prepare import DEPLOYED_KEY, HANDLE_ATTR, handle, quant_layers
 from ..timestep import TimestepState, install_device_timestep_hook
 from .attention import PROCESSORS, DeployedOperands
 from .layers import BACKENDS, Backend, DeployedConv, DeployedLayer, DeployedLinear
 from .operand import ActTable, QuantizedOperand
 
 logger = logging.getLogger(__name__)
-
-DEPLOYED_KEY = "deployed"
 
 # fake-quant attention flavour -> the kind of its deployed twin (``deploy.attention.PROCESSORS``); subclasses first
 DEPLOYED_FLAVOURS: tuple[tuple[type[OperandQuantizers], str], ...] = (
@@ -218,6 +217,33 @@ def convert(model: nn.Module, backend: Backend = "auto") -> nn.Module:
         warnings.warn(f"{len(simulated)} layers have no low-bit kernel for their quantization grids and run "
                       f"simulated (exact, not faster): {', '.join(simulated[:8])}{' ...' if len(simulated) > 8 else ''}",
                       stacklevel=2)
-    logger.info("converted %s: %d deployed layers, %d simulated, %d kept fake-quant", type(model).__name__,
-                sum(isinstance(m, DeployedLayer) for m in model.modules()), len(simulated), len(kept))
+    logger.info("converted %s: %s", type(model).__name__, deployment(model).describe())
     return model
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What a deployed model runs: its deployed layers and attention processors, how many of them run the low-bit
+    kernels (the others run simulated), and the modules still in fake quantization."""
+
+    layers: int
+    attention: int
+    on_kernels: int
+    fake_quant: int
+
+    @property
+    def simulated(self) -> int:
+        return self.layers + self.attention - self.on_kernels
+
+    def describe(self) -> str:
+        kept = f", {self.fake_quant} kept fake-quant" if self.fake_quant else ""
+        return (f"{self.layers} layers + {self.attention} attention deployed ({self.on_kernels} on kernels, "
+                f"{self.simulated} simulated){kept}")
+
+
+def deployment(model: nn.Module) -> Deployment:
+    """The one count of a deployed model's modules, for ``convert``'s log and the command line's summary alike."""
+    layers = [m for m in model.modules() if isinstance(m, DeployedLayer)]
+    attention = [m for m in model.modules() if isinstance(m, DeployedOperands)]  # processors and SDPA sites
+    return Deployment(len(layers), len(attention), sum(m.runs_kernels for m in [*layers, *attention]),
+                      len(fake_quant_leftovers(model)))

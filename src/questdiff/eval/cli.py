@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=zoo.DEFAULT_MODEL, help="zoo model name (default: %(default)s)")
     parser.add_argument("--quantized", metavar="DIR",
                         help="quantized checkpoint of --model saved by questdiff.save (default: evaluate the FP model only)")
-    parser.add_argument("--num-samples", type=positive_int, default=1000, help="samples per model (default: %(default)s)")
+    parser.add_argument("--num-samples", type=positive_int, default=1000,
+                        help="samples per model; fewer than 500 give IS/KID that mean nothing, and a warning (FID wants "
+                             "2048 or more) (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default: %(default)s)")
     parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the model's paper setting)")
     parser.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the model's)")
@@ -113,7 +116,7 @@ def _check_args(args: argparse.Namespace) -> str:
     """Refuse bad options before any work; returns the device to run on."""
     from ..loading import resolve_device
     from ..zoo.registry import FEATURES, get_spec
-    from .generative import IS_SPLITS
+    from .generative import IS_SPLITS, small_sample_warning
 
     if args.num_samples < IS_SPLITS:
         raise ValueError(f"--num-samples must be >= {IS_SPLITS} (IS uses {IS_SPLITS} splits), got {args.num_samples}")
@@ -130,7 +133,11 @@ def _check_args(args: argparse.Namespace) -> str:
             raise ValueError(f"{option} {path}: no such {'folder' if option == '--data' else 'file'}")
     if args.quantized:
         checkpoint_label(args.quantized)  # a wrong folder fails now, not after sampling the FP model
-    return str(resolve_device(args.device))
+    device = str(resolve_device(args.device))
+    caveat = small_sample_warning(args.num_samples)
+    if caveat is not None:  # before the sampling, so the run can be stopped and restarted with more
+        print(f"questdiff eval: warning: --num-samples {args.num_samples}: {caveat}", file=sys.stderr)
+    return device
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -142,17 +149,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _evaluate(args: argparse.Namespace, device: str, out: Path, start_time: float) -> dict[str, Any]:
-    from ..pipelines import denoiser_of, quiet, set_denoiser
+    from ..pipelines import denoiser_of, fit_scheduler, quiet, sampler_steps, set_denoiser
     from ..zoo import data as zoo_data
     from ..zoo.registry import get_spec
     from .features import extract_features
     from .fidelity import fidelity_metrics
+    from .generative import small_sample_warning
     from .report import save_grid, save_side_by_side, write_metrics_json
     from .sampling import class_labels, generate
     from .standard import INCEPTION_LABEL, InceptionPool3, inception_fid
 
     spec = get_spec(args.model)
     pipe = zoo.load(args.model, device=device)
+    fit_scheduler(pipe, sampler_steps(pipe, args.steps))
     quiet(pipe)
     feature_name = spec.feature_net
     net = zoo.load_feature_net(feature_name, device=device)
@@ -191,6 +200,9 @@ def _evaluate(args: argparse.Namespace, device: str, out: Path, start_time: floa
         "eta": args.eta if args.eta is not None else pipe.config.get("default_eta"),
         "device": device,
     }
+    caveat = small_sample_warning(args.num_samples)
+    if caveat is not None:
+        metrics["warnings"] = [caveat]
     for name, imgs in images.items():
         feats = extract_features(net, imgs, feature_name, device=device)
         metrics[name] = _model_metrics(feats, reference, labels, args.seed, device)

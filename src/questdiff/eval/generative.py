@@ -26,6 +26,19 @@ RECOMMENDED_SAMPLES = 2048  # 8x the 256 pooled dims; below this the covariance 
 IS_SPLITS = 10
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
+# IS splits of 50 samples (a 10-class split's class marginal then biases IS by less than ~10 %), KID subsets of 500
+MEANINGFUL_SAMPLES = 500
+
+
+def small_sample_warning(num_samples: int) -> str | None:
+    """Why IS and KID of ``num_samples`` generated images mean nothing, or ``None`` when there are enough."""
+    if num_samples >= MEANINGFUL_SAMPLES:
+        return None
+    return (f"{num_samples} samples are too few for IS and KID to mean anything: IS splits them into {IS_SPLITS} sets "
+            f"of {num_samples // IS_SPLITS} (smaller sets pull IS towards 1.0 whatever the model; one sample per set "
+            f"scores exactly 1.0) and KID compares subsets of "
+            f"{min(num_samples, KID_SUBSET_SIZE)} (noise-dominated, negative values included); use {MEANINGFUL_SAMPLES} "
+            f"or more samples for IS/KID ({RECOMMENDED_SAMPLES} or more for FID)")
 
 
 class _Precomputed(nn.Module):
@@ -125,9 +138,13 @@ def generative_metrics(
 
     Returns e.g. ``{"FID (FMNIST features)": ..., "sFID (FMNIST features)": ..., "IS (FMNIST features)": ...,
     "IS std (FMNIST features)": ..., "KID (FMNIST features)": ..., "KID std (FMNIST features)": ...}``.
-    Logs a warning when a set has fewer than ``RECOMMENDED_SAMPLES`` images.
+    Logs a warning when a set has fewer than ``RECOMMENDED_SAMPLES`` images, and when the generated set is too small
+    for IS and KID (``small_sample_warning``).
     """
     _check_pair(fake, real)
+    caveat = small_sample_warning(len(fake))
+    if caveat is not None:
+        logger.warning("%s", caveat)
     label = fake.label
     is_mean, is_std = inception_score(fake, seed=seed, device=device)
     kid_mean, kid_std = kernel_distance(fake, real, seed=seed, device=device)

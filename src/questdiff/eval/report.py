@@ -95,3 +95,44 @@ def save_side_by_side(
         fill = fp.new_zeros(ncol - fp.shape[0], *fp.shape[1:])  # keeps a short last band aligned: FP over Q
         tiles += [fp, fill, q, fill]
     return save_grid(torch.cat(tiles), path, nrow=ncol)
+
+
+def _image_name(index: int) -> str:
+    return f"{index:05d}.png"
+
+
+def foreign_files(folder: str | os.PathLike[str]) -> list[str]:
+    """Entries of an image folder that ``save_image_folder`` did not write (``save_image_folder`` refuses them)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if not (p.is_file() and len(p.name) == 9 and p.name[:5].isdigit() and p.suffix == ".png"))
+
+
+def save_image_folder(images: torch.Tensor, folder: str | os.PathLike[str]) -> int:
+    """Save ``[N, C, H, W]`` images as ``folder/00000.png`` ... so that the folder holds exactly these images: those
+    of an earlier call are replaced, never mixed in. The new images are written beside the folder first and swapped
+    in once complete. Returns how many earlier images were replaced; raises ``ValueError`` if the folder holds files
+    it did not write (they are not deleted)."""
+    import shutil
+
+    folder = Path(folder)
+    foreign = foreign_files(folder)
+    if foreign:
+        raise ValueError(f"{folder} holds files that are not sampled images ({', '.join(foreign[:3])}); move them away")
+    fresh = folder.parent / f".{folder.name}.new"
+    if fresh.exists():  # left by a killed call
+        shutil.rmtree(fresh)
+    fresh.mkdir(parents=True)
+    try:
+        for i, image in enumerate(images):
+            _to_pil(make_grid(image[None], 1)).save(fresh / _image_name(i), format="PNG")
+        replaced = len(list(folder.iterdir())) if folder.is_dir() else 0
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        os.replace(fresh, folder)
+    finally:
+        if fresh.exists():
+            shutil.rmtree(fresh)
+    return replaced

@@ -74,7 +74,9 @@ class WeightQuantizer(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
-        return self.quantize_view(self.view(weight)).reshape(weight.shape)
+        # computed against the fp32 scales (a half weight promotes), returned in the weight's own dtype: a
+        # half/bf16 model runs its layers in that dtype
+        return self.quantize_view(self.view(weight)).reshape(weight.shape).to(weight.dtype)
 
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, symmetric={self.spec.symmetric}, granularity={self.spec.granularity}"
@@ -151,14 +153,15 @@ class ActQuantizer(nn.Module):
         A batch mixing timesteps (``state.rows`` set, ``[B]``) gets one row per sample: ``[B', ...]`` with the
         batch's leading dim ``B' = k * B`` (attention folds heads into the batch sample-major, so each row repeats
         ``k`` times). So do rows found on the device (``state.device_rows``, ``[R]``: a deployed model's fake-quant
-        leftovers)."""
+        leftovers). They come in ``compute_dtype(x.dtype)``."""
         rows = None
         if self.num_rows > 1:  # per-sample rows: a mixed batch, or rows found on the device (deployed models)
             rows = self._state.rows if self._state.rows is not None else self._state.device_rows
         shape = self.broadcast_shape(x)
+        dtype = compute_dtype(x.dtype)
         if rows is None:
             i = self.row_index()
-            return self.scale[i].reshape(shape).to(x.dtype), self.zero_point[i].reshape(shape).to(x.dtype)
+            return self.scale[i].reshape(shape).to(dtype), self.zero_point[i].reshape(shape).to(dtype)
         repeat, rest = divmod(x.shape[0], len(rows))
         if rest or not repeat:
             raise TimestepError(f"an input of batch {x.shape[0]} cannot take per-sample rows for {len(rows)} timesteps: "
@@ -167,7 +170,7 @@ class ActQuantizer(nn.Module):
         if repeat > 1:
             rows = rows.repeat_interleave(repeat)
         shape[0] = x.shape[0]
-        return self.scale[rows].reshape(shape).to(x.dtype), self.zero_point[rows].reshape(shape).to(x.dtype)
+        return self.scale[rows].reshape(shape).to(dtype), self.zero_point[rows].reshape(shape).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.frozen(x)(x)
@@ -181,11 +184,19 @@ class ActQuantizer(nn.Module):
             return _identity
         scale, zero_point = self.row_params(like)
         qmin, qmax = self.qmin, self.qmax
-        return lambda x: fake_quantize(x, scale, zero_point, qmin, qmax)
+        if scale.dtype == like.dtype:
+            return lambda x: fake_quantize(x, scale, zero_point, qmin, qmax)
+        return lambda x: fake_quantize(x.to(scale.dtype), scale, zero_point, qmin, qmax).to(x.dtype)
 
     def extra_repr(self) -> str:
         kind = "channel" if self.per_channel else "tensor"
         return f"bits={self.bits}, symmetric={self.symmetric}, rows={self.num_rows}, per={kind}"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype activation fake quantization runs in for inputs of ``dtype``: fp16/bf16 inputs are quantized in
+    fp32 (``x / scale`` rounded in half precision would move values across rounding boundaries), then cast back."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
