@@ -184,9 +184,10 @@ def reference_for(name: str | None, pipe: Any, args: argparse.Namespace) -> Refe
 # -- quantization ------------------------------------------------------------------------------------------------------
 def preset_label(preset_name: str, args: argparse.Namespace) -> str:
     """The rows' preset column and work folder: ``W4A4``, ``W4A4-rot64`` with ``--rotate 64``, ``W4A4-tensor`` /
-    ``W4A4-channel`` with ``--act-granularity``."""
+    ``W4A4-channel`` with ``--act-granularity``, ``W4A4-qkvp`` with ``--attention qkvp``."""
     granularity = f"-{args.act_granularity}" if args.act_granularity else ""
-    return preset_name + (f"-rot{args.rotate}" if args.rotate else "") + granularity
+    attention = f"-{args.attention}" if args.attention else ""
+    return preset_name + (f"-rot{args.rotate}" if args.rotate else "") + granularity + attention
 
 
 def variant_config(preset_name: str, variant: Variant, args: argparse.Namespace) -> QuantConfig:
@@ -198,6 +199,8 @@ def variant_config(preset_name: str, variant: Variant, args: argparse.Namespace)
         changes["channelwise"] = args.act_granularity == "channel"
     if changes:
         config = config.replace(activation=dataclasses.replace(config.activation, **changes))
+    if args.attention:
+        config = config.replace(attention=args.attention)
     return config
 
 
@@ -316,6 +319,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--act-granularity", default=None, choices=["tensor", "channel"],
                    help="activation grids per tensor or per input channel (default: the preset's rule, per channel at "
                         "4 bits unless --rotate); rows read e.g. W4A4-tensor")
+    p.add_argument("--attention", default=None, choices=["qk", "qkvp"],
+                   help="attention format (default: the preset's, 'qk'); rows read e.g. W4A4-qkvp")
     p.add_argument("--feature-net", default=None, help="zoo feature network for --model folders (e.g. mnist-features)")
     p.add_argument("--data", default=None, help="dataset folder for the test images (default: questdiff.zoo.data lookup)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -349,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = {k: getattr(args, k) for k in ("presets", "num_samples", "calib_samples", "calib_steps", "steps",
                                               "recon_iters", "tla_epochs", "cma_epochs", "tla_batch", "cma_batch", "order", "seed", "device",
-                                              "autocast", "cma_critical", "cma_top_k", "rotate", "act_granularity")}
+                                              "autocast", "cma_critical", "cma_top_k", "rotate", "act_granularity", "attention")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "quest_tables-quick" if args.quick else "quest_tables"

@@ -150,3 +150,31 @@ def test_attention_qkvp(kernels, lq, lk, d):
     assert flips < 0.01
     torch.testing.assert_close(out.median(), ref.median(), rtol=1e-3, atol=1e-4)
     assert (out - ref).abs().max() <= 2 * float(scales[1:, 3].max() * scales[1:, 2].max() * 300)
+
+
+def _fp8_codes(*shape, device):
+    return (torch.randn(*shape, device=device) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
+def test_gemm_on_fp8_codes(kernels, tiles):
+    """FP8 (e4m3) codes run the same GEMM with fp32 accumulation: symmetric grids, zero offset tables."""
+    _, gemm, _, device = kernels
+    m, n, k = (38, 45, 96) if device == "cpu" else (334, 257, 640)
+    a, w = _fp8_codes(m, k, device=device), _fp8_codes(n, 1, k, device=device)
+    scale, rows = torch.rand(3, device=device) * 0.01 + 0.001, torch.tensor([2, 0], device=device)
+    zeros = torch.zeros(3, device=device)
+    args = (a, w, scale, zeros, rows, torch.rand(n, device=device) * 0.01, None, torch.zeros(n, device=device), None)
+    tail = (torch.randn(n, device=device), torch.randn(m, n, device=device), torch.float32)
+    torch.testing.assert_close(gemm.gemm(*args, None, *tail), R.gemm(*args, *tail), rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_on_fp8_codes(kernels):
+    _, gemm, _, device = kernels
+    b, c, h, wd, n = (2, 24, 7, 6, 20) if device == "cpu" else (4, 96, 17, 13, 72)
+    x = _fp8_codes(b, h, wd, c, device=device).permute(0, 3, 1, 2)  # channels-last codes
+    w = _fp8_codes(n, 9, c, device=device)
+    scale, rows = torch.rand(3, device=device) * 0.01 + 0.001, torch.tensor([2, 0], device=device)
+    head = (w, scale, torch.zeros(3, device=device), rows, torch.rand(n, device=device) * 0.01, None,
+            torch.zeros(n, device=device), None)
+    tail = (torch.randn(n, device=device), None, (3, 3), (1, 1), (1, 1), (1, 1), torch.float32)
+    torch.testing.assert_close(gemm.conv2d(x, *head, None, *tail), R.conv2d(x, *head, *tail), rtol=1e-5, atol=1e-4)

@@ -5,7 +5,8 @@ Conventions shared with the Triton kernels (``kernels/triton_*.py``):
 - **Codes.** A quantized tensor is stored as int8 *codes* ``c = q - o`` where ``q`` is the integer of the fake-quant
   grid and ``o`` an offset that makes it fit int8 (128 for an unsigned 8-bit grid ``[0, 255]``, 0 otherwise). The
   real value is ``scale * (c + offset)`` with ``offset = o - zero_point``: every fake-quant value is reproduced
-  exactly, and an integer matmul over codes is exact in int32.
+  exactly, and an integer matmul over codes is exact in int32. On the FP8 grid the codes are ``float8_e4m3fn``
+  values ``c = e4m3(x / scale)`` (symmetric: offsets and weight sums are zero) and a GEMM accumulates in fp32.
 - **Timestep rows, per sample.** Static activation scales live in ``[T]`` tables; ``rows`` (int64 ``[R]``, on the
   device: no host sync, CUDA-graph safe) holds the table row of each of ``R`` consecutive equal parts of the batch.
   An operand of ``M`` tokens (pixels) with the batch outermost gives token ``m`` the row ``rows[m // (M / R)]``
@@ -62,8 +63,16 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride() == (x.shape[1], 1) else x.clone(memory_format=torch.contiguous_format)
 
 
+def is_fp8(codes: torch.Tensor) -> bool:
+    """Whether ``codes`` are FP8 e4m3 codes (symmetric grids, no zero points) rather than int8 codes."""
+    return codes.dtype == torch.float8_e4m3fn
+
+
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact ``a [M, K] @ b [K, N]`` of int8 codes -> int32 (``torch._int_mm`` where it applies, else float64)."""
+    """Exact ``a [M, K] @ b [K, N]`` of int8 codes -> int32 (``torch._int_mm`` where it applies, else float64); FP8
+    codes -> their fp32 product (each code product is exact in fp32; the sum rounds as any fp32 GEMM does)."""
+    if is_fp8(a):
+        return a.float() @ b.float()
     if a.device.type == "cpu" or (a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0):
         try:
             return torch._int_mm(_row_major(a), _row_major(b))
@@ -167,7 +176,8 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: to
     # exact: integer-valued float64 convolution (|sums| < 2^53)
     acc = F.conv2d(xp.double(), wi.double(), stride=stride, dilation=dilation)
     _, _, ho, wo = acc.shape
-    acc = acc.permute(0, 2, 3, 1).reshape(-1, n).to(torch.int32)
+    acc = acc.permute(0, 2, 3, 1).reshape(-1, n)
+    acc = acc.float() if is_fp8(x) else acc.to(torch.int32)
     asum = None
     if w_offset is not None:
         ones = torch.ones(1, x.shape[1], kh, kw, dtype=torch.float64, device=x.device)

@@ -16,6 +16,8 @@ add to it:
   written once, in the model's dtype.
 - **4-bit weights** are unpacked in registers: each packed step holds channels ``[c, c + BK/2)`` and the same block
   of the upper channel half, so one step runs two ``BK/2``-deep int8 dots without shuffles.
+- **FP8 (e4m3) codes** run the same kernels with fp32 accumulation (``FP8``, from the codes' dtype): symmetric grids,
+  so the zero-point terms vanish (their tables are zeros) and a real zero is code 0.
 
 Tiles are autotuned per shape; the timestep rows and the scale tables are read on the device, so a launch needs no
 host sync and is CUDA-graph safe.
@@ -140,14 +142,15 @@ def _linear_configs() -> list[triton.Config]:
     return _tiles(_GEMM_TILES, pre_hook=_set_tma_blocks)
 
 
-@triton.autotune(configs=_linear_configs(), key=["M", "N", "K", "W4", "TMA"],
+@triton.autotune(configs=_linear_configs(), key=["M", "N", "K", "W4", "FP8", "TMA"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=quick_bench)
 @triton.jit
 def _linear_kernel(
     a, w, out_ptr, res_ptr, bias_ptr, rows_ptr, a_scale_ptr, a_off_ptr, w_scale_ptr, w_off_ptr, w_sum_ptr,
     a_sum_ptr, w_zero_ptr,
     M, N, K, ROWS_PER_T, sam, swn, som, srm,
-    TMA: tl.constexpr, W4: tl.constexpr, HAS_W_OFF: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    TMA: tl.constexpr, W4: tl.constexpr, FP8: tl.constexpr, HAS_W_OFF: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # ``a`` / ``w``: TMA descriptors of the codes [M, K] / weights [N, K] (4-bit: [N, K/2] packed), or pointers
@@ -156,7 +159,10 @@ def _linear_kernel(
     off_n = pid_n * BN
     rm = off_m + tl.arange(0, BM)
     rn = off_n + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    if FP8:  # e4m3 codes: fp32 accumulation (no zero points: the epilogue's offset tables are zeros)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
     if W4:
         STEP: tl.constexpr = BK // 2
         half = K // 2
@@ -175,8 +181,8 @@ def _linear_kernel(
                 packed = tl.load(w + (rn % N)[:, None] * swn + (j + rk)[None, :], mask=k_ok[None, :], other=0)
             lo = tl.where(k_ok[None, :], (packed & 0xF).to(tl.int8) - wz[:, None], 0).to(tl.int8)
             hi = tl.where(k_ok[None, :], (packed >> 4).to(tl.int8) - wz[:, None], 0).to(tl.int8)
-            acc = tl.dot(a_lo, tl.trans(lo), acc, out_dtype=tl.int32)
-            acc = tl.dot(a_hi, tl.trans(hi), acc, out_dtype=tl.int32)
+            acc = tl.dot(a_lo, tl.trans(lo), acc, out_dtype=acc.dtype)
+            acc = tl.dot(a_hi, tl.trans(hi), acc, out_dtype=acc.dtype)
     else:
         rk = tl.arange(0, BK)
         if not TMA:
@@ -191,7 +197,10 @@ def _linear_kernel(
                 y = tl.load(w_ptrs, mask=(k + rk)[:, None] < K, other=0)
                 a_ptrs += BK
                 w_ptrs += BK
-            acc = tl.dot(x, y, acc, out_dtype=tl.int32)
+            if FP8:  # fp8 codes travel as their bytes (0 = +0.0): masked loads need no fp8 "other"
+                x = x.to(tl.float8e4nv, bitcast=True)
+                y = y.to(tl.float8e4nv, bitcast=True)
+            acc = tl.dot(x, y, acc, out_dtype=acc.dtype)
     asum = acc  # unused placeholder unless the weights have an offset
     if HAS_W_OFF:
         asum = tl.load(a_sum_ptr + rm, mask=rm < M, other=0)
@@ -206,7 +215,7 @@ def _conv_configs() -> list[triton.Config]:
                    (128, 64, 128, 4, 4), (256, 128, 64, 8, 3)])
 
 
-@triton.autotune(configs=_conv_configs(), key=["M", "N", "C", "H", "W", "KH", "KW", "W4", "HAS_W_OFF"],
+@triton.autotune(configs=_conv_configs(), key=["M", "N", "C", "H", "W", "KH", "KW", "W4", "FP8", "HAS_W_OFF"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=quick_bench)
 @triton.jit
 def _conv_kernel(
@@ -215,7 +224,7 @@ def _conv_kernel(
     M, N, C, H, W, HO, WO, ROWS_PER_T,
     sxb, sxh, sxw, swn, sob, sop, son, srb, srp, srn,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    KH: tl.constexpr, KW: tl.constexpr, W4: tl.constexpr, HAS_W_OFF: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, W4: tl.constexpr, FP8: tl.constexpr, HAS_W_OFF: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -238,7 +247,10 @@ def _conv_kernel(
     if W4:
         wz = tl.load(w_zero_ptr + rn, mask=n_ok, other=0).to(tl.int8)
 
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    if FP8:  # e4m3 codes: fp32 accumulation; a real zero is code 0 (pad_code is 0: the offset table is zeros)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
     for tap in tl.static_range(KH * KW):  # per tap: one gather base per output pixel, then a plain GEMM K loop
         ih = oh * STRIDE_H - PAD_H + (tap // KW) * DIL_H
         iw = ow * STRIDE_W - PAD_W + (tap % KW) * DIL_W
@@ -247,16 +259,20 @@ def _conv_kernel(
         w_ptrs = w_ptr + (rn % N)[None, :] * swn + tap * channels + rc[:, None]  # columns past N: masked at the store
         for c0 in range(0, channels, STEP):
             c_ok = (c0 + rc) < channels
-            a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=pad_code[:, None])
-            w = tl.load(w_ptrs, mask=c_ok[:, None], other=0)
+            if FP8:  # fp8 codes travel as their bytes (0 = +0.0, a real zero: the padding too)
+                a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=0).to(tl.float8e4nv, bitcast=True)
+                w = tl.load(w_ptrs, mask=c_ok[:, None], other=0).to(tl.float8e4nv, bitcast=True)
+            else:
+                a = tl.load(a_ptrs, mask=inside[:, None] & c_ok[None, :], other=pad_code[:, None])
+                w = tl.load(w_ptrs, mask=c_ok[:, None], other=0)
             if W4:
                 a_hi = tl.load(a_ptrs + channels, mask=inside[:, None] & c_ok[None, :], other=pad_code[:, None])
                 lo = tl.where(c_ok[:, None], (w & 0xF).to(tl.int8) - wz[None, :], 0).to(tl.int8)
                 hi = tl.where(c_ok[:, None], (w >> 4).to(tl.int8) - wz[None, :], 0).to(tl.int8)
-                acc = tl.dot(a, lo, acc, out_dtype=tl.int32)
-                acc = tl.dot(a_hi, hi, acc, out_dtype=tl.int32)
+                acc = tl.dot(a, lo, acc, out_dtype=acc.dtype)
+                acc = tl.dot(a_hi, hi, acc, out_dtype=acc.dtype)
             else:
-                acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+                acc = tl.dot(a, w, acc, out_dtype=acc.dtype)
             a_ptrs += STEP
             w_ptrs += STEP
 
@@ -297,9 +313,12 @@ def gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: torc
         raise ValueError(f"4-bit weights need an even input channel count, got {k}")
     if w_offset is not None and a_sum is None:
         raise ValueError("8-bit weights with an offset need the activation code sums (a_sum)")
+    fp8 = a.dtype == torch.float8_e4m3fn
     if a.stride(1) != 1:
         a = a.contiguous()
     w2 = w.reshape(n, -1)
+    if fp8:  # the kernel loads the bytes and reinterprets them (see FP8 in the kernels)
+        a, w2 = a.view(torch.uint8), w2.view(torch.uint8)
     out = torch.empty((m, n), device=a.device, dtype=out_dtype)
     if residual is not None:
         residual = residual.contiguous()
@@ -320,7 +339,8 @@ def gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: torc
         a_scale, a_offset, w_scale, w_offset if w_offset is not None else dummy, w_sum,
         a_sum if a_sum is not None else dummy, w_zero if w4 else dummy,
         m, n, k, _rows_per_t(m, rows), a.stride(0), w2.stride(0), out.stride(0), n if residual is not None else 0,
-        TMA=use_tma, W4=w4, HAS_W_OFF=w_offset is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        TMA=use_tma, W4=w4, FP8=fp8, HAS_W_OFF=w_offset is not None,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None,
     )
     return out
 
@@ -344,8 +364,11 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: to
         raise ValueError(f"4-bit weights need an even input channel count, got {c}")
     if w_offset is not None and a_sum is None:
         raise ValueError("8-bit weights with an offset need the activation code sums (a_sum)")
+    fp8 = x.dtype == torch.float8_e4m3fn
     if x.stride(1) != 1:
         x = x.contiguous(memory_format=torch.channels_last)
+    if fp8:  # the kernel loads the bytes and reinterprets them (see FP8 in the kernels)
+        x, w = x.view(torch.uint8), w.view(torch.uint8)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty((batch, n, ho, wo), device=x.device, dtype=out_dtype, memory_format=layout)
     if residual is not None:
@@ -362,7 +385,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: to
         m, n, c, h, wd, ho, wo, _rows_per_t(m, rows), sb, sh, sw, w.stride(0),
         out.stride(0), out.stride(3), out.stride(1), res.stride(0), res.stride(3), res.stride(1),
         stride[0], stride[1], padding[0], padding[1], dh, dw,
-        KH=kh, KW=kw, W4=w_zero is not None, HAS_W_OFF=w_offset is not None,
+        KH=kh, KW=kw, W4=w_zero is not None, FP8=fp8, HAS_W_OFF=w_offset is not None,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None,
     )
     return out
