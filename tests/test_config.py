@@ -85,3 +85,22 @@ def test_rotation_makes_the_4_bit_default_per_tensor_and_round_trips():
     old = presets.W4A4.to_dict()
     del old["activation"]["rotation"]  # a config saved before rotation existed
     assert QuantConfig.from_dict(old).activation.rotation is None
+
+
+def test_fp8_preset_and_grid_validation():
+    from questdiff.config import ActivationSpec, ConfigError, QuantConfig, WeightSpec, preset
+
+    config = preset("w8a8-fp8")
+    assert config.label == "W8A8-FP8" and config.weight.format == config.activation.format == "fp8"
+    assert QuantConfig.from_dict(config.to_dict()) == config
+    assert QuantConfig.from_dict({**preset("W8A8").to_dict(), "weight": {"bits": 8}}).weight.format == "int"
+    with pytest.raises(ValueError, match="W8A8-FP8"):
+        preset("W4A8-FP8")
+    with pytest.raises(ConfigError, match="8-bit"):
+        WeightSpec(bits=4, format="fp8")
+    with pytest.raises(ConfigError, match="groups"):
+        WeightSpec(format="fp8", granularity="group", group_size=16)
+    with pytest.raises(ConfigError, match="per tensor"):
+        ActivationSpec(format="fp8", channelwise=True)
+    with pytest.raises(ConfigError, match="'int' or 'fp8'"):
+        ActivationSpec(format="fp4")

@@ -314,7 +314,8 @@ def _quantize_args(q: argparse.ArgumentParser) -> None:
     from .calibration.methods import available_methods
 
     _model_args(q)
-    q.add_argument("--preset", default="W8A8", help="W8A8, W4A8, W4A4 or any W<bits>A<bits>")
+    q.add_argument("--preset", default="W8A8",
+                   help="W8A8, W4A8, W4A4 or any W<bits>A<bits>; W8A8-FP8: e4m3 weights and activations")
     q.add_argument("--method", default="rtn", choices=available_methods(), help="calibration method")
     q.add_argument("--rotate", type=positive_int, default=None, metavar="B",
                    help="rotate the input channels of every quantized layer by a randomized Hadamard matrix in blocks "

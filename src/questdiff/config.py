@@ -89,22 +89,29 @@ WeightScaleMethod = Literal["lp", "minmax"]
 ActScaleMethod = Literal["percentile", "minmax"]
 Granularity = Literal["tensor", "channel", "group"]
 AttentionFormat = Literal["qk", "qkvp"]
+GridFormat = Literal["int", "fp8"]
 
 
 @dataclass(frozen=True)
 class WeightSpec:
     """Weight quantizer settings. ``granularity="channel"`` means per output channel; ``"group"`` splits each
-    output channel's flattened input into groups of ``group_size``."""
+    output channel's flattened input into groups of ``group_size``. ``format="fp8"``: the e4m3 grid (8 bits,
+    symmetric: ``symmetric`` is not read; per channel or per tensor; round to nearest, which AdaRound does not
+    apply to: BRECQ leaves such layers as they are), instead of integers (``questdiff.fp8``)."""
 
     bits: int = 8
     symmetric: bool = False
     granularity: Granularity = "channel"
     group_size: int | None = None
     scale_method: WeightScaleMethod = "lp"
+    format: GridFormat = "int"
 
     def __post_init__(self) -> None:
         check_types(self)
         check_bits(self.bits, "weight bit width")
+        _check_format(self.format, self.bits, "weight")
+        if self.format == "fp8" and self.granularity == "group":
+            raise ConfigError("FP8 weights take per-channel or per-tensor scales, not groups: use granularity='channel'")
         if self.granularity not in ("tensor", "channel", "group"):
             raise ValueError(f"unknown weight granularity {self.granularity!r}: use 'tensor', 'channel' or 'group'")
         if (self.granularity == "group") != (self.group_size is not None):
@@ -131,10 +138,14 @@ class ActivationSpec:
     channelwise: bool | None = None
     scale_method: ActScaleMethod = "percentile"
     rotation: int | None = None
+    format: GridFormat = "int"
 
     def __post_init__(self) -> None:
         check_types(self)
         check_bits(self.bits, "activation bit width")
+        _check_format(self.format, self.bits, "activation")
+        if self.format == "fp8" and self.channelwise:
+            raise ConfigError("FP8 activations take one static scale per timestep (per tensor): leave channelwise unset")
         if self.scale_method not in ("percentile", "minmax"):
             raise ValueError(f"unknown activation scale method {self.scale_method!r}: use 'percentile' or 'minmax'")
         if self.rotation is not None and (self.rotation < 2 or self.rotation & (self.rotation - 1)):
@@ -146,6 +157,12 @@ class ActivationSpec:
         if self.channelwise is not None:
             return self.channelwise
         return self.bits == 4 and self.rotation is None
+
+
+def _check_format(format: str, bits: int, what: str) -> None:
+    """FP8 is an 8-bit grid (the allowed format values are checked by ``check_types``)."""
+    if format == "fp8" and bits != 8:
+        raise ConfigError(f"FP8 {what}s are 8-bit (e4m3), got bits={bits}: use bits=8 or format='int'")
 
 
 @dataclass(frozen=True)
@@ -228,23 +245,28 @@ class QuantConfig:
 
 
 def preset(name: str) -> QuantConfig:
-    """Config for a preset name ``W<bits>A<bits>`` (case-insensitive), e.g. ``"W4A4"``; running statistics
-    follow the official README (on, except at 4-bit activations)."""
-    match = re.fullmatch(r"[wW](\d+)[aA](\d+)", name.strip())
+    """Config for a preset name ``W<bits>A<bits>`` (case-insensitive), e.g. ``"W4A4"``, or ``W8A8-FP8`` (weights and
+    activations on the e4m3 grid, per output channel / per timestep); running statistics follow the official
+    README (on, except at 4-bit activations)."""
+    match = re.fullmatch(r"[wW](\d+)[aA](\d+)(-[fF][pP]8)?", name.strip())
     if not match:
-        raise ValueError(f"unknown preset {name!r}: use W<bits>A<bits>, e.g. W8A8, W4A8 or W4A4")
-    w_bits, a_bits = int(match.group(1)), int(match.group(2))
+        raise ValueError(f"unknown preset {name!r}: use W<bits>A<bits>, e.g. W8A8, W4A8 or W4A4, or W8A8-FP8")
+    w_bits, a_bits, fp8 = int(match.group(1)), int(match.group(2)), match.group(3) is not None
+    if fp8 and (w_bits, a_bits) != (8, 8):
+        raise ValueError(f"unknown preset {name!r}: the FP8 preset is W8A8-FP8 (e4m3 is an 8-bit format)")
+    grid = "fp8" if fp8 else "int"
     return QuantConfig(
-        weight=WeightSpec(bits=w_bits),
-        activation=ActivationSpec(bits=a_bits),
+        weight=WeightSpec(bits=w_bits, format=grid),
+        activation=ActivationSpec(bits=a_bits, format=grid),
         running_stat=a_bits > 4,
-        name=f"W{w_bits}A{a_bits}",
+        name=f"W{w_bits}A{a_bits}" + ("-FP8" if fp8 else ""),
     )
 
 
 W8A8 = preset("W8A8")
 W4A8 = preset("W4A8")
 W4A4 = preset("W4A4")
+W8A8_FP8 = preset("W8A8-FP8")
 
 
 def resolve(config: QuantConfig | str) -> QuantConfig:

@@ -94,6 +94,7 @@ def _act_spec(config: QuantConfig, info: LayerInfo) -> ActivationSpec:
             channelwise=config.activation.per_channel,
             scale_method=config.activation.scale_method,
             rotation=config.activation.rotation,  # rotated too: their 8-bit per-tensor grid gains as well
+            format=config.activation.format if config.first_last_act_bits == 8 else "int",  # e4m3 is 8-bit only
         )
     return config.activation
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..fp8 import fp8_scale, search_fp8_minmax, search_fp8_percentile
 from ..nn import ActQuantizer
 from ..primitives import amin_amax, qparams_from_range, search_minmax, search_percentile
 from ..prepare import act_quantizers, handle, quant_state
@@ -31,9 +32,21 @@ def _stats_view(q: ActQuantizer, x: torch.Tensor) -> tuple[torch.Tensor, int | N
 
 def _init_from(q: ActQuantizer, x: torch.Tensor, method: str) -> None:
     data, axis = _stats_view(q, x)
+    if q.fp8:
+        scale = (search_fp8_percentile if method == "percentile" else search_fp8_minmax)(data, axis=axis)
+        q.set_row(q.row_index(), scale, torch.zeros_like(scale))
+        return
     search = search_percentile if method == "percentile" else search_minmax
     scale, zero_point = search(data, q.bits, q.symmetric, axis=axis, always_zero=q.always_zero)
     q.set_row(q.row_index(), scale, zero_point)
+
+
+def _from_range(q: ActQuantizer, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q``'s scale and zero point covering ``[lo, hi]`` on its grid."""
+    if q.fp8:
+        scale = fp8_scale(torch.maximum(lo.abs(), hi.abs()))
+        return scale, torch.zeros_like(scale)
+    return qparams_from_range(lo, hi, q.bits, q.symmetric, q.always_zero)
 
 
 @contextlib.contextmanager
@@ -115,8 +128,7 @@ def _running_stats(
             old_lo, old_hi = ema[id(q)]
             lo, hi = momentum * old_lo + (1 - momentum) * lo, momentum * old_hi + (1 - momentum) * hi
         ema[id(q)] = (lo, hi)
-        scale, zero_point = qparams_from_range(lo, hi, q.bits, q.symmetric, q.always_zero)
-        q.set_row(row, scale, zero_point)
+        q.set_row(row, *_from_range(q, lo, hi))
 
     with h.state.at_index(row), _pre_hooks(model, stat_hook):
         for chunk in rows.split(batch_size):

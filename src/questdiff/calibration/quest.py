@@ -16,6 +16,7 @@ in TLA and CMA, Table 7's ablation). Each stage records its losses in ``handle(m
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,8 @@ from .methods import (
     register_method,
 )
 from .tla import TLAConfig, check_tla_roles, run_tla, tla_plan
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["METHOD_OPTIONS", "QuestOptions", "later_stages_pending", "resolve_options"]
 
@@ -107,7 +110,18 @@ def _finish_finetuning(model: nn.Module, stage: str) -> None:
         release_teacher_copies(model)
 
 
+def _rounds_on_integers(model: nn.Module) -> bool:
+    """Whether BRECQ/AdaRound applies: it learns integer roundings, which FP8 (e4m3) weights do not have (they keep
+    round to nearest; TLA and CMA still finetune them through the fp8 fake quantizer)."""
+    return handle(model).config.weight.format == "int"
+
+
 def _brecq_stage(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> None:
+    if not _rounds_on_integers(model):
+        logger.warning("BRECQ skipped: AdaRound rounds on an integer grid, and the weights are FP8 (e4m3); they keep "
+                       "round-to-nearest")
+        _record(model, "brecq", {"units": 0, "skipped": "fp8 weights"})
+        return
     config = resolve_options(ctx.options, handle(model).method).brecq
     results = reconstruct(model, calib, config, device=ctx.device, batch_size=ctx.batch_size, progress=ctx.progress,
                           seed=ctx.seed, parts=ctx.parts)
@@ -160,7 +174,14 @@ def _check_cma(info: Preflight) -> None:
     critical_roles(info.model, info.adapter, info.layers, family, config)  # raises, or warns of the sensitivity fallback
 
 
+def _rebuild_brecq(model: nn.Module) -> None:
+    if _rounds_on_integers(model):
+        rebuild_adaround(model)
+
+
 def _estimate_brecq(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> float:
+    if not _rounds_on_integers(model):
+        return 0.0
     config = resolve_options(ctx.options, handle(model).method).brecq
     _, _, capture_s, iterations_s = estimate_reconstruction(model, calib, config, device=ctx.device,
                                                             batch_size=ctx.batch_size, seed=ctx.seed)
@@ -177,7 +198,7 @@ def _estimate_cma(model: nn.Module, calib: CalibrationSet, ctx: StageContext) ->
     return plan_seconds(model, calib, cma_plan(model, calib, config, ctx.seed), ctx.device)
 
 
-BRECQ = Stage("brecq", _brecq_stage, rebuild_adaround, _settings_of("brecq"), options=("brecq",), check=_check_options,
+BRECQ = Stage("brecq", _brecq_stage, _rebuild_brecq, _settings_of("brecq"), options=("brecq",), check=_check_options,
               estimate=_estimate_brecq)
 TLA = Stage("tla", _tla_stage, _rebuild_tla, _settings_of("tla"), options=("tla", "global_loss"), check=_check_tla,
             estimate=_estimate_tla)

@@ -6,6 +6,7 @@ import logging
 import torch
 from torch import nn
 
+from ..fp8 import search_fp8_lp_shrink, search_fp8_minmax
 from ..nn import WeightQuantizer
 from ..primitives import search_lp_shrink, search_minmax
 from ..prepare import quant_layers
@@ -22,6 +23,11 @@ def init_weight_quantizer(quantizer: WeightQuantizer, weight: torch.Tensor) -> N
     """Fill ``quantizer``'s scale/zero point from ``weight`` with its spec's search."""
     w = quantizer.view(weight.detach().float())
     spec = quantizer.spec
+    if quantizer.fp8:
+        search = search_fp8_lp_shrink if spec.scale_method == "lp" else search_fp8_minmax
+        scale = search(w, axis=_axis(quantizer))
+        quantizer.set_qparams(scale, torch.zeros_like(scale))
+        return
     if spec.scale_method == "lp":
         scale, zero_point = search_lp_shrink(w, spec.bits, spec.symmetric, axis=_axis(quantizer))
     else:

@@ -176,7 +176,7 @@ def _operand(spec: dict[str, Any], state: TimestepState) -> QuantizedOperand:
     return QuantizedOperand(rows=spec["rows"], act_channels=spec["act_channels"], act_range=tuple(spec["act_range"]),
                             out_channels=spec["out_channels"], taps=spec["taps"], channels=spec["channels"],
                             weight_bits=spec["weight_bits"], weight_groups=spec["weight_groups"],
-                            weight_offset_used=spec["weight_offset_used"], state=state)
+                            weight_offset_used=spec["weight_offset_used"], state=state, fp8=spec.get("fp8", False))
 
 
 def _layer(spec: dict[str, Any], state: TimestepState, backend: Backend) -> DeployedLayer:
@@ -197,7 +197,7 @@ def _layer(spec: dict[str, Any], state: TimestepState, backend: Backend) -> Depl
 def _attention(spec: dict[str, Any], state: TimestepState, backend: Backend) -> DeployedOperands:
     """An empty deployed attention of ``spec``'s flavour (``kind``: absent in checkpoints written when diffusers
     ``Attention`` was the only deployed flavour)."""
-    tables = {name: ActTable(t["rows"], t["channels"], tuple(t["code_range"]), state)
+    tables = {name: ActTable(t["rows"], t["channels"], tuple(t["code_range"]), state, t.get("fp8", False))
               for name, t in spec["tables"].items() if name in OPERANDS}
     return PROCESSORS[spec.get("kind", "attn")](tables, spec["probs_max"], backend)
 

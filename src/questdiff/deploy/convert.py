@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..fp8 import fp8_codes
 from ..kernels import ops
 from ..kernels.reference import code_offset, pack_int4
 from ..nn import (ActQuantizer, QuantAttnProcessor, QuantConv1d, QuantConv2d, QuantFluxAttnProcessor,
@@ -80,6 +81,8 @@ def _operand(weight: torch.Tensor, wq: WeightQuantizer, aq: ActQuantizer, state:
     if wq.bits > 8 or aq.bits > 8:
         raise ValueError(f"layer {name}: convert supports up to 8-bit weights and activations "
                          f"(got W{wq.bits}A{aq.bits}); keep such layers in fake quantization")
+    if wq.fp8 or aq.fp8:
+        return _fp8_operand(weight, wq, aq, state, name)
     n = weight.shape[0]
     integers = _weight_integers(wq, weight, name)  # [N, 1|G, ...] view layout
     groups = integers.shape[1] if wq.spec.granularity == "group" else 1
@@ -112,6 +115,28 @@ def _operand(weight: torch.Tensor, wq: WeightQuantizer, aq: ActQuantizer, state:
         operand.weight_scale.copy_(scale)
         if groups == 1:
             operand.weight_sum.copy_(operand.integer_weight().flatten(1).sum(dim=1).float())
+    return operand
+
+
+def _fp8_operand(weight: torch.Tensor, wq: WeightQuantizer, aq: ActQuantizer, state: TimestepState,
+                 name: str) -> QuantizedOperand:
+    """FP8 form of one input segment: e4m3 weight codes (the fake quantizer's values exactly: ``codes * scale``) and
+    the activations' per-timestep e4m3 scales."""
+    if not (wq.fp8 and aq.fp8):
+        raise ValueError(f"layer {name}: FP8 runs with FP8 weights and activations together (W{wq.bits}A{aq.bits} "
+                         "mixes grids); quantize with the W8A8-FP8 preset")
+    n = weight.shape[0]
+    scale = wq.scale.reshape(-1).float()
+    scale = scale.expand(n) if scale.numel() == 1 else scale
+    codes = _layout(fp8_codes(weight.detach(), wq.scale))  # [N, taps, C]
+    operand = QuantizedOperand(
+        rows=aq.num_rows, act_channels=aq.scale.shape[1], act_range=(-448, 448), out_channels=n, taps=codes.shape[1],
+        channels=codes.shape[2], weight_bits=8, weight_groups=1, state=state, fp8=True,
+    ).to(weight.device)
+    operand.act.fill(aq.scale.detach(), torch.zeros_like(aq.scale), 0)
+    with torch.no_grad():
+        operand.weight.copy_(codes)
+        operand.weight_scale.copy_(scale[:, None])
     return operand
 
 

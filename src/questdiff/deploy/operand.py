@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fp8 import FP8_DTYPE, fake_quantize_fp8
 from ..kernels import ops, reference
 from ..timestep import TimestepState
 
@@ -21,10 +22,12 @@ FP32_BUFFERS = ("scale", "shift", "offset", "weight_scale", "weight_offset", "we
 
 
 class Fp32Tables(nn.Module):
-    """Keeps the ``FP32_BUFFERS`` it owns in fp32 through ``model.to(dtype)`` / ``.half()``; only their device moves."""
+    """Keeps the ``FP32_BUFFERS`` it owns in fp32, and FP8 codes in e4m3, through ``model.to(dtype)`` / ``.half()``;
+    only their device moves."""
 
     def _apply(self, fn: Any, recurse: bool = True) -> "Fp32Tables":  # type: ignore[override]
-        kept = {name: self._buffers[name] for name in FP32_BUFFERS if self._buffers.get(name) is not None}
+        kept = {name: t for name, t in self._buffers.items()
+                if t is not None and (name in FP32_BUFFERS or t.dtype == FP8_DTYPE)}
         super()._apply(fn, recurse)
         for name, old in kept.items():
             moved = self._buffers[name]
@@ -37,9 +40,11 @@ class ActTable(Fp32Tables):
     per tensor, else one per channel). Codes are ``clamp(round(x / scale) + shift, lo, hi)`` (int8) and mean
     ``scale * (code + offset)``; ``shift = zero_point - o`` and ``offset = -shift`` for the int8 offset ``o``."""
 
-    def __init__(self, rows: int, channels: int, code_range: tuple[int, int], state: TimestepState) -> None:
+    def __init__(self, rows: int, channels: int, code_range: tuple[int, int], state: TimestepState,
+                 fp8: bool = False) -> None:
         super().__init__()
         self.lo, self.hi = code_range
+        self.fp8 = fp8  # e4m3 codes ``e4m3(x / scale)`` (questdiff.fp8): shift and offset stay 0
         self.register_buffer("scale", torch.ones(rows, channels))
         self.register_buffer("shift", torch.zeros(rows, channels))
         self.register_buffer("offset", torch.zeros(rows, channels))
@@ -51,10 +56,12 @@ class ActTable(Fp32Tables):
 
     @property
     def fits_int8(self) -> bool:
-        return self.hi - self.lo <= 255
+        """Whether the codes are 8-bit (int8, or FP8): what the kernels take."""
+        return self.fp8 or self.hi - self.lo <= 255
 
     def spec(self) -> dict[str, Any]:
-        return {"rows": self.scale.shape[0], "channels": self.scale.shape[1], "code_range": [self.lo, self.hi]}
+        return {"rows": self.scale.shape[0], "channels": self.scale.shape[1], "code_range": [self.lo, self.hi],
+                "fp8": self.fp8}
 
     @torch.no_grad()
     def fill(self, scale: torch.Tensor, zero_point: torch.Tensor, o: int) -> None:
@@ -83,6 +90,10 @@ class ActTable(Fp32Tables):
         ``sums`` (else ``None``)."""
         rows = self.rows(x.device)
         scale, shift = self.scale[:, 0], self.shift[:, 0]
+        if self.fp8:  # plain ops (Inductor fuses them under torch.compile): no zero points, so no code sums
+            view = x.movedim(1, -1) if channels_first else x
+            codes = reference.quantize_tokens_fp8(view.reshape(-1, view.shape[-1]), scale, rows).view(view.shape)
+            return (codes.movedim(-1, 1) if channels_first else codes), None
         if torch.compiler.is_compiling():  # plain ops: Inductor fuses them into the kernel producing x
             view = x.movedim(1, -1) if channels_first else x
             codes, total = reference.quantize_tokens(view.reshape(-1, view.shape[-1]), scale, shift, rows, self.lo,
@@ -94,13 +105,16 @@ class ActTable(Fp32Tables):
 
     def fake_quantize(self, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """``scale * (codes + offset)`` of ``x``: the fake-quant activation (simulation path)."""
+        if self.fp8:
+            return fake_quantize_fp8(x, self.per_sample(self.scale, x, channel_dim))
         scale, shift, offset = (self.per_sample(t, x, channel_dim) for t in (self.scale, self.shift, self.offset))
         codes = reference.quantize_codes(x, scale, shift, self.lo, self.hi)
         return ((codes.float() + offset) * scale).to(x.dtype)
 
     def extra_repr(self) -> str:
         grid = "per tensor" if self.per_tensor else "per channel"
-        return f"codes [{self.lo}, {self.hi}], {grid}, rows={self.scale.shape[0]}"
+        codes = "fp8 e4m3" if self.fp8 else f"codes [{self.lo}, {self.hi}]"
+        return f"{codes}, {grid}, rows={self.scale.shape[0]}"
 
 
 class QuantizedOperand(Fp32Tables):
@@ -116,17 +130,19 @@ class QuantizedOperand(Fp32Tables):
 
     def __init__(self, *, rows: int, act_channels: int, act_range: tuple[int, int], out_channels: int, taps: int,
                  channels: int, weight_bits: int, weight_groups: int, weight_offset_used: bool = True,
-                 state: TimestepState) -> None:
+                 state: TimestepState, fp8: bool = False) -> None:
         super().__init__()
-        self.act = ActTable(rows, act_channels, act_range, state)
+        self.act = ActTable(rows, act_channels, act_range, state, fp8)
         self.weight_bits = weight_bits
+        self.fp8 = fp8  # e4m3 weight codes and activation codes (symmetric: no offsets, no sums)
         self.taps, self.channels = taps, channels
-        self.weight_offset_used = weight_offset_used  # 8-bit weights with a non-zero offset need the asum term
+        self.weight_offset_used = weight_offset_used and not fp8  # 8-bit int weights with an offset need asum
         packed = weight_bits <= 4
         shape = (out_channels, taps, channels // 2 if packed else channels)
-        self.register_buffer("weight", torch.zeros(shape, dtype=torch.uint8 if packed else torch.int8))
+        dtype = FP8_DTYPE if fp8 else torch.uint8 if packed else torch.int8
+        self.register_buffer("weight", torch.zeros(shape, dtype=dtype))
         self.register_buffer("weight_scale", torch.ones(out_channels, weight_groups))
-        self.register_buffer("weight_offset", None if packed else torch.zeros(out_channels, weight_groups))
+        self.register_buffer("weight_offset", None if packed or fp8 else torch.zeros(out_channels, weight_groups))
         self.register_buffer("weight_zero",
                              torch.zeros(out_channels, weight_groups, dtype=torch.int16) if packed else None)
         self.register_buffer("weight_sum", torch.zeros(out_channels))
@@ -137,7 +153,7 @@ class QuantizedOperand(Fp32Tables):
         act = self.act.spec()
         return {"rows": act["rows"], "act_channels": act["channels"], "act_range": act["code_range"],
                 "out_channels": self.weight.shape[0], "taps": self.taps, "channels": self.channels,
-                "weight_bits": self.weight_bits, "weight_groups": self.weight_scale.shape[1],
+                "weight_bits": self.weight_bits, "weight_groups": self.weight_scale.shape[1], "fp8": self.fp8,
                 "weight_offset_used": self.weight_offset_used}
 
     @property
@@ -158,6 +174,8 @@ class QuantizedOperand(Fp32Tables):
     def dequantized_weight(self) -> torch.Tensor:
         """Real weight values ``[N, taps, C]`` fp32 (what the fake-quant layer multiplies)."""
         n = self.weight.shape[0]
+        if self.fp8:
+            return self.weight.float() * self.weight_scale[:, :1, None]
         if self.weight_zero is not None:
             values = torch.cat([self.weight & 0xF, self.weight >> 4], dim=-1).float()
             offset = -self.weight_zero.float()

@@ -69,6 +69,10 @@ def gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: torc
     """``reference.gemm``: codes ``a [M, K]`` times weight codes -> ``[M, N]`` dequantized (``a_sum [M]``: the code
     sums of ``a``'s rows, read by the Triton kernel when the weights have an offset)."""
     if use_triton:
+        from . import cublas
+
+        if cublas.scaled_mm_applies(a, w, out_dtype):  # FP8 codes: cuBLAS is the fastest 8-bit GEMM there
+            return cublas.linear_fp8(a, w, a_scale, rows, w_scale, bias, residual, out_dtype)
         from .triton_gemm import gemm as kernel
 
         return kernel(a, w, a_scale, a_offset, rows, w_scale, w_offset, w_sum, w_zero, a_sum, bias, residual,

@@ -35,6 +35,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..fp8 import fp8_codes
+
 INT8_OFFSET = 128  # added to an unsigned 8-bit grid to make it fit int8
 
 
@@ -120,6 +122,12 @@ def quantize_tokens(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, r
     m = x.shape[0]
     codes = quantize_codes(x, sample_values(scale, rows, m)[:, None], sample_values(shift, rows, m)[:, None], lo, hi)
     return codes.contiguous(), codes.sum(dim=1, dtype=torch.int32)
+
+
+def quantize_tokens_fp8(x: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """FP8 e4m3 codes of tokens ``x [M, C]`` on each token's row of the ``[T]`` scale table -> ``[M, C]`` contiguous
+    (``questdiff.fp8.fp8_codes``: fp32, saturating)."""
+    return fp8_codes(x, sample_values(scale, rows, x.shape[0])[:, None]).contiguous()
 
 
 def _epilogue(acc: torch.Tensor, asum: torch.Tensor | None, k: int, a_scale: torch.Tensor, a_offset: torch.Tensor,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import ActivationSpec, WeightSpec
+from ..fp8 import fake_quantize_fp8
 from ..primitives import fake_quantize, qrange, to_groups
 from ..timestep import TimestepError, TimestepState
 
@@ -55,6 +56,11 @@ class WeightQuantizer(nn.Module):
     def bits(self) -> int:
         return self.spec.bits
 
+    @property
+    def fp8(self) -> bool:
+        """Whether the grid is e4m3 (``questdiff.fp8``; ``zero_point`` stays 0) rather than integers."""
+        return self.spec.format == "fp8"
+
     def view(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight in the layout the scale broadcasts against (groups view for per-group)."""
         if self.spec.granularity == "group":
@@ -69,6 +75,8 @@ class WeightQuantizer(nn.Module):
 
     def quantize_view(self, w: torch.Tensor) -> torch.Tensor:
         """Fake-quantize a weight given in ``view`` layout (overridden by AdaRound)."""
+        if self.fp8:
+            return fake_quantize_fp8(w, self.scale)
         return fake_quantize(w, self.scale, self.zero_point, self.qmin, self.qmax)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -109,7 +117,8 @@ class ActQuantizer(nn.Module):
         super().__init__()
         per_channel = spec.per_channel and channels is not None
         self.bits = spec.bits
-        self.symmetric = spec.symmetric and not always_zero
+        self.fp8 = spec.format == "fp8"  # the e4m3 grid (``questdiff.fp8``): symmetric, zero_point stays 0
+        self.symmetric = (spec.symmetric or self.fp8) and not always_zero
         self.always_zero = always_zero
         self.per_channel = per_channel
         self.channel_dim = channel_dim
@@ -183,6 +192,8 @@ class ActQuantizer(nn.Module):
         if not self.enabled:
             return _identity
         scale, zero_point = self.row_params(like)
+        if self.fp8:  # computes in fp32 and returns like's dtype itself
+            return lambda x: fake_quantize_fp8(x, scale)
         qmin, qmax = self.qmin, self.qmax
         if scale.dtype == like.dtype:
             return lambda x: fake_quantize(x, scale, zero_point, qmin, qmax)
@@ -190,7 +201,8 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "channel" if self.per_channel else "tensor"
-        return f"bits={self.bits}, symmetric={self.symmetric}, rows={self.num_rows}, per={kind}"
+        grid = "fp8 e4m3" if self.fp8 else f"bits={self.bits}, symmetric={self.symmetric}"
+        return f"{grid}, rows={self.num_rows}, per={kind}"
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
