@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from questdiff.config import ActivationSpec, QuantConfig, preset
 from questdiff.eval.report import save_grid
 from questdiff.io_utils import atomic_write_text
 from questdiff.loading import load_pipeline
+from peer_fp8 import dynamic_fp8_rowwise  # benchmarks/ is on sys.path when run as a script
 
 logger = logging.getLogger("quest_tables")
 
@@ -56,6 +57,7 @@ class Variant:
     method: str | None
     options: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    peer: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # a peer's method instead (no calibration)
 
     @property
     def shares_base(self) -> bool:
@@ -71,6 +73,7 @@ VARIANTS: dict[str, Variant] = {
     "quest-cma": Variant("quest-cma"),
     "quest-no-global": Variant("quest", {"global_loss": False}),
     "quest-shared-scales": Variant("quest", config={"timestep_aware": False}),
+    "torchao-fp8-row": Variant(None, peer=dynamic_fp8_rowwise),  # torchao's dynamic fp8 per row, fake-quant
 }
 
 
@@ -248,21 +251,26 @@ def run_model(name: str | None, folder: str | None, args: argparse.Namespace,
         for variant_name in args.methods:
             variant = VARIANTS[variant_name]
             if variant.method is None and preset_name != args.presets[0]:
-                continue  # FP once per model
+                continue  # FP and the peers once per model
             start = time.perf_counter()
             report: list[dict[str, Any]] = []
             losses: dict[str, Any] = {}
-            if variant.method is None:
+            if variant.peer is not None:
+                pipelines.set_denoiser(pipe, variant.peer(fp_unet))
+                images = sample(pipe, args.num_samples, args.seed, args, variant_name)
+                pipelines.set_denoiser(pipe, fp_unet)
+            elif variant.method is None:
                 images = ref.fp_images
             else:
                 unet, report, losses = quantize_variant(fp_unet, calib, preset_name, variant_name, variant, work, args)
                 pipelines.set_denoiser(pipe, unet)
                 images = sample(pipe, args.num_samples, args.seed, args, f"{preset_name} {variant_name}")
                 pipelines.set_denoiser(pipe, fp_unet)
-            row_preset = "FP" if variant.method is None else preset_label(preset_name, args)
+            row_preset = "peer" if variant.peer else "FP" if variant.method is None else preset_label(preset_name, args)
             save_grid(images[:GRID_IMAGES], Path(args.out) / "grids" / f"{label}-{row_preset}-{variant_name}.png", nrow=10)
             row = {"model": label, "preset": row_preset, "method": variant_name,
-                   "metrics": quality(images, ref, args, variant.method is None), "stages": report,
+                   "metrics": quality(images, ref, args, variant.method is None and variant.peer is None),
+                   "stages": report,
                    "calibration": losses, "seconds": round(time.perf_counter() - start, 2)}
             logger.info("%s %s %s: %s", label, row["preset"], variant_name, row["metrics"])
             rows.append(row)

@@ -104,6 +104,7 @@ CASES = [
                                              "write (notes.txt)"),
     (["sample", "--steps", "1001"], "--steps 1001 is more than the 1000 timesteps ClassConditionalLDMPipeline's scheduler"),
     (["quantize", "--steps", "1001"], "--steps 1001 is more than the 1000 timesteps"),
+    (["sample", "--scheduler", "dpm++", "--steps", "1000"], "--steps 1000: the DPMSolverMultistepScheduler repeats timesteps"),
     (["zoo", "train", "mnist-ddpm", "--out", ""], "argument --out: must name a folder"),
     (["zoo", "train", "mnist-ddpm", "--out", "{out}", "--steps", "0"], "argument --steps: must be >= 1"),
     (["zoo", "eval", "mnist-ddpm", "--model", "{paths}/folder", "--num-samples", "0"], "argument --num-samples: must be >= 1"),

@@ -53,19 +53,27 @@ def fit_scheduler(pipe: Any, steps: int | None) -> None:
     """Make the pipeline's scheduler able to run ``steps`` steps: where its ``steps_offset`` would push the first
     timestep past the last trained one (``leading`` spacing with the LDM setting ``steps_offset=1`` at ``steps ==
     num_train_timesteps``: timestep 1000 of 0..999, an IndexError in every sampler), the offset is lowered just
-    enough (the full chain then runs 999..0). Any other step count keeps the configured timesteps."""
+    enough (the full chain then runs 999..0). Any other step count keeps the configured timesteps; a count whose
+    timesteps would repeat (DPM-Solver++'s leading spacing at 1000 steps gives 1, 1, ...) raises ``ValueError``
+    naming ``--steps``."""
     import copy
 
     scheduler = getattr(pipe, "scheduler", None)
     config = getattr(scheduler, "config", None) or {}
     offset, trained = config.get("steps_offset", 0), config.get("num_train_timesteps")
-    if steps is None or not offset or trained is None or steps > trained:  # more steps: diffusers refuses them
+    if steps is None or trained is None or steps > trained:  # more steps: diffusers refuses them
         return
     probe = copy.deepcopy(scheduler)
     probe.set_timesteps(steps)
     excess = int(probe.timesteps.max()) - (trained - 1)
-    if excess > 0:
+    if offset and excess > 0:
         pipe.scheduler = type(scheduler).from_config(config, steps_offset=max(offset - excess, 0))
+        probe = copy.deepcopy(pipe.scheduler)
+        probe.set_timesteps(steps)
+    if len(set(probe.timesteps.tolist())) < len(probe.timesteps):
+        raise ValueError(f"--steps {steps}: the {type(scheduler).__name__} repeats timesteps at {steps} steps (its "
+                         f"{config.get('timestep_spacing', 'default')} spacing leaves no room between them); use fewer "
+                         "steps or another --scheduler")
 
 
 def call_parameters(pipe: Any) -> set[str]:
