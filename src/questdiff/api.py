@@ -112,7 +112,7 @@ def quantize(
     if trace is not None:  # adapters that read layers and roles from one forward (GenericAdapter)
         trace(denoiser, calib.model_kwargs(torch.nonzero(calib.ts == calib.timesteps[0]).flatten()[:1], device),
               calib.sample_key)
-    schedule = TimestepSchedule.from_timesteps(calib.timesteps, timestep_rule)
+    schedule = TimestepSchedule.from_timesteps(calib.timesteps, timestep_rule, calib.recorded_timesteps)
     ctx = StageContext(device=device, batch_size=batch_size, progress=progress and distributed.is_main(), seed=seed,
                        options=method_options, method=method)
     preflight(denoiser, adapter, calib, method, ctx)

@@ -73,24 +73,25 @@ def _(a, w, a_scale, a_offset, row, w_scale, w_offset, w_sum, w_zero, bias, resi
 def conv2d(x: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, row: torch.Tensor,
            w_scale: torch.Tensor, w_offset: Optional[torch.Tensor], w_sum: torch.Tensor,
            w_zero: Optional[torch.Tensor], bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-           kernel_size: list[int], stride: list[int], padding: list[int], out_dtype: torch.dtype,
+           kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int], out_dtype: torch.dtype,
            use_triton: bool) -> torch.Tensor:
     """``reference.conv2d``: codes ``x [B, C, H, W]`` -> ``[B, N, Ho, Wo]`` (channels-last memory)."""
     args = (x, w, a_scale, a_offset, row, w_scale, w_offset, w_sum, w_zero, bias, residual, tuple(kernel_size),
             tuple(stride), tuple(padding), out_dtype)
-    if use_triton:
+    # the Triton kernel has no dilation yet: dilated convs run the reference (exact, slower) until it does
+    if use_triton and all(d == 1 for d in dilation):
         from .triton_gemm import conv2d as kernel
 
         return kernel(*args)
-    return reference.conv2d(*args).contiguous(memory_format=torch.channels_last)
+    return reference.conv2d(*args, tuple(dilation)).contiguous(memory_format=torch.channels_last)
 
 
 @conv2d.register_fake
 def _(x, w, a_scale, a_offset, row, w_scale, w_offset, w_sum, w_zero, bias, residual, kernel_size, stride, padding,
-      out_dtype, use_triton):
+      dilation, out_dtype, use_triton):
     batch, _, h, wd = x.shape
-    ho = (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
-    wo = (wd + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
+    ho = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    wo = (wd + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
     return x.new_empty((batch, ho, wo, w.shape[0]), dtype=out_dtype).permute(0, 3, 1, 2)
 
 

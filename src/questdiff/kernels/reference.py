@@ -113,10 +113,11 @@ def gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: torc
 def conv2d(x: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: torch.Tensor, row: torch.Tensor,
            w_scale: torch.Tensor, w_offset: torch.Tensor | None, w_sum: torch.Tensor, w_zero: torch.Tensor | None,
            bias: torch.Tensor | None, residual: torch.Tensor | None, kernel_size: tuple[int, int],
-           stride: tuple[int, int], padding: tuple[int, int], out_dtype: torch.dtype) -> torch.Tensor:
+           stride: tuple[int, int], padding: tuple[int, int], out_dtype: torch.dtype,
+           dilation: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """Quantized conv on codes: ``x [B, C, H, W]`` int8 (any memory format), ``w [N, kh*kw, C]`` codes ->
     ``[B, N, Ho, Wo]`` (channels-last memory). Padding holds the code of a real zero (``-a_offset``), as the
-    fake-quant model pads its dequantized input with zeros."""
+    fake-quant model pads its dequantized input with zeros; ``dilation`` spaces the kernel taps."""
     oa = a_offset[row]
     pad_code = (-oa).round().to(torch.int8)
     kh, kw = kernel_size
@@ -129,13 +130,13 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, a_offset: to
         inside[:, :, ph:ph + x.shape[2], pw:pw + x.shape[3]] = True
         xp = torch.where(inside, xp, pad_code.float())
     # exact: integer-valued float64 convolution (|sums| < 2^53)
-    acc = F.conv2d(xp.double(), wi.double(), stride=stride)
+    acc = F.conv2d(xp.double(), wi.double(), stride=stride, dilation=dilation)
     batch, _, ho, wo = acc.shape
     acc = acc.permute(0, 2, 3, 1).reshape(-1, n).to(torch.int32)
     asum = None
     if w_offset is not None:
         ones = torch.ones(1, x.shape[1], kh, kw, dtype=torch.float64, device=x.device)
-        asum = F.conv2d(xp.double(), ones, stride=stride).reshape(-1).to(torch.int32)
+        asum = F.conv2d(xp.double(), ones, stride=stride, dilation=dilation).reshape(-1).to(torch.int32)
     res = None if residual is None else residual.permute(0, 2, 3, 1).reshape(-1, n)
     y = _epilogue(acc, asum, wi[0].numel(), a_scale[row], oa, w_scale, w_offset, w_sum, bias, res, out_dtype)
     return y.view(batch, ho, wo, n).permute(0, 3, 1, 2)

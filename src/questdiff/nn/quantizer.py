@@ -5,10 +5,13 @@
   ``[T, *scale_shape]`` (T = calibrated timesteps); forward indexes the active row of the shared
   ``TimestepState`` (or one row per sample when a batch mixes timesteps), so gradients reach only the rows in use
   and state_dict / .to() / optimizers need no special cases.
+
+Both keep their scales and zero points in fp32 (or wider) when the model is cast to bf16 / fp16 (``GridState``): they
+define the integer grids, which a bf16 copy of a scale would move away from the deployed kernels' fp32 tables.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -16,6 +19,25 @@ from torch import nn
 from ..config import ActivationSpec, WeightSpec
 from ..primitives import fake_quantize, qrange, to_groups
 from ..timestep import TimestepError, TimestepState
+
+
+class GridState(nn.Module):
+    """A module whose floating-point parameters and buffers (and their gradients) never become narrower than fp32:
+    ``model.to(torch.bfloat16)`` / ``.half()`` moves them to the new device only (``.double()`` does widen them)."""
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "GridState":  # type: ignore[override]
+        tensors = {**self._parameters, **self._buffers}
+        # ``.data``: the fp32 storage itself (``_apply`` may re-point a Parameter's data in place)
+        kept = {name: (t.data, None if t.grad is None else t.grad.data) for name, t in tensors.items()
+                if t is not None and t.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, (old, grad) in kept.items():
+            new = self._parameters[name] if name in self._parameters else self._buffers[name]
+            if new is not None and new.is_floating_point() and torch.finfo(new.dtype).bits < 32:
+                new.data = old.to(new.device)
+                if grad is not None:
+                    new.grad = grad.to(new.device)
+        return self
 
 
 def weight_scale_shape(weight_shape: torch.Size | tuple[int, ...], spec: WeightSpec) -> tuple[int, ...]:
@@ -32,7 +54,7 @@ def weight_scale_shape(weight_shape: torch.Size | tuple[int, ...], spec: WeightS
     return (weight_shape[0], k // spec.group_size, 1)
 
 
-class WeightQuantizer(nn.Module):
+class WeightQuantizer(GridState):
     """Fake-quantizes a weight ``[C_out, ...]`` with round-to-nearest (straight-through gradient to the weight).
 
     Buffers ``scale`` / ``zero_point`` are shaped by ``weight_scale_shape``; they stay fixed during finetuning
@@ -80,7 +102,7 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.spec.bits}, symmetric={self.spec.symmetric}, granularity={self.spec.granularity}"
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(GridState):
     """Time-step-aware activation fake-quantizer.
 
     Args:
@@ -146,7 +168,8 @@ class ActQuantizer(nn.Module):
         self.zero_point[index].copy_(zero_point.reshape(-1).to(self.zero_point.dtype))
 
     def row_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale, zero_point)`` of the active row(s), broadcastable against ``x``.
+        """``(scale, zero_point)`` of the active row(s), broadcastable against ``x`` (fp32: ``fake_quantize`` computes
+        the integers in fp32 whatever ``x``'s dtype).
 
         A batch mixing timesteps (``state.rows`` set, ``[B]``) gets one row per sample: ``[B', ...]`` with the
         batch's leading dim ``B' = k * B`` (attention folds heads into the batch sample-major, so each row repeats
@@ -155,7 +178,7 @@ class ActQuantizer(nn.Module):
         shape = self.broadcast_shape(x)
         if rows is None:
             i = self.row_index()
-            return self.scale[i].reshape(shape).to(x.dtype), self.zero_point[i].reshape(shape).to(x.dtype)
+            return self.scale[i].reshape(shape), self.zero_point[i].reshape(shape)
         repeat, rest = divmod(x.shape[0], len(rows))
         if rest or not repeat:
             raise TimestepError(f"an input of batch {x.shape[0]} cannot take per-sample rows for {len(rows)} timesteps: "
@@ -164,7 +187,7 @@ class ActQuantizer(nn.Module):
         if repeat > 1:
             rows = rows.repeat_interleave(repeat)
         shape[0] = x.shape[0]
-        return self.scale[rows].reshape(shape).to(x.dtype), self.zero_point[rows].reshape(shape).to(x.dtype)
+        return self.scale[rows].reshape(shape), self.zero_point[rows].reshape(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.frozen(x)(x)
