@@ -126,9 +126,13 @@ class CalibrationSet:
 
     @property
     def recorded_timesteps(self) -> list[float]:
-        """Every distinct timestep of the recorded trajectories: the calibrated ones and those of ``range_steps``."""
-        extra = [] if self.range_steps is None else self.range_steps.timesteps
-        return list(dict.fromkeys([*self.timesteps, *extra]))
+        """Every distinct timestep of the recorded trajectories, the calibrated ones and those of ``range_steps``, in
+        sampling order."""
+        if self.range_steps is None:
+            return self.timesteps
+        steps = torch.cat([self.steps, self.range_steps.steps])
+        ts = torch.cat([self.ts, self.range_steps.ts])
+        return list(dict.fromkeys(float(t) for t in ts[torch.argsort(steps, stable=True)].tolist()))
 
     def subset(self, index: torch.Tensor) -> "CalibrationSet":
         """Rows ``index`` of the calibrated rows (``range_steps`` are not carried over)."""
