@@ -37,9 +37,9 @@ def test_every_row_initialised_per_timestep_and_resume(tmp_path):
 
 
 def _covered(q, row):
-    from questdiff.calibration.activations import _covered_range
+    from questdiff.calibration.activations import covered_range
 
-    return _covered_range(q, q.scale[row], q.zero_point[row])
+    return covered_range(q, q.scale[row], q.zero_point[row])
 
 
 @pytest.mark.parametrize("rule", ["at_or_before", "nearest"])

@@ -35,7 +35,7 @@ def _stats_view(q: ActQuantizer, x: torch.Tensor) -> tuple[torch.Tensor, int | N
     return x.detach().float(), q.reduce_axis(x)
 
 
-def _covered_range(q: ActQuantizer, scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def covered_range(q: ActQuantizer, scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The real range ``[lo, hi]`` that ``qparams_from_range`` turns into ``(scale, zero_point)`` for ``q``'s grid."""
     if q.symmetric or q.always_zero:
         hi = scale * q.qmax
@@ -59,7 +59,7 @@ class RowRanges:
         scale, zero_point = scale.reshape(-1), zero_point.reshape(-1)
         done = self._done.get(id(q))
         if done is not None:
-            (lo0, hi0), (lo1, hi1) = _covered_range(q, *done), _covered_range(q, scale, zero_point)
+            (lo0, hi0), (lo1, hi1) = covered_range(q, *done), covered_range(q, scale, zero_point)
             lo, hi = torch.minimum(lo0, lo1), torch.maximum(hi0, hi1)
             wide_scale, wide_zero = qparams_from_range(lo, hi, q.bits, q.symmetric, q.always_zero)
             inside = (lo == lo0) & (hi == hi0)  # keep the finished units' exact qparams where nothing widens
@@ -94,7 +94,8 @@ Unit = tuple[CalibrationSet, torch.Tensor]  # rows of one set whose statistics a
 def row_units(calib: CalibrationSet, schedule: TimestepSchedule) -> dict[int, list[Unit]]:
     """Quantizer row -> its units: first the calibrated rows of its timestep (all calibrated rows for a one-row
     schedule), then one unit per range step whose timestep maps to the row (steps that map nowhere are left out:
-    sampling raises there anyway)."""
+    sampling raises there anyway). A range step that is a key of ``schedule`` (``quantize(range_steps="rows")``)
+    is its row's only unit."""
     single = len(schedule) == 1
     calibrated: dict[int, list[torch.Tensor]] = {}
     for t in calib.timesteps:
@@ -107,8 +108,7 @@ def row_units(calib: CalibrationSet, schedule: TimestepSchedule) -> dict[int, li
                 row = 0 if single else schedule.index(t)
             except TimestepError:
                 continue
-            if row in units:
-                units[row].append((extra, torch.nonzero(extra.ts == t).flatten()))
+            units.setdefault(row, []).append((extra, torch.nonzero(extra.ts == t).flatten()))
     return units
 
 
