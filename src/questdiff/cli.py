@@ -18,6 +18,7 @@ import logging
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -220,11 +221,13 @@ def _quantize(args: argparse.Namespace, config: Any, options: dict[str, Any], pr
     from .api import quantize
     from .calibration import CalibrationSet, collect_calibration
     from .loading import load_pipeline
-    from .pipelines import denoiser_of
+    from .pipelines import denoiser_of, set_scheduler
     from .prepare import act_quantizers, handle, quant_layers
 
     pipe, name = load_pipeline(args.model, device)
     _check_pipeline_options(pipe, args, prompts)
+    if args.scheduler:
+        set_scheduler(pipe, args.scheduler)
     unet = denoiser_of(pipe)
     calib_path = out / "calibration.safetensors"
     if distributed.on_main(lambda: calib_path.is_file() and not args.recollect):
@@ -296,6 +299,8 @@ def _sample(args: argparse.Namespace, prompts: list[str] | None, device: torch.d
         print("questdiff sample: no --quantized given: sampling the full-precision (FP) model")
     if args.scheduler:
         set_scheduler(pipe, args.scheduler)
+    if args.quantized:
+        _warn_uncalibrated_steps(pipe, _sampler_steps(pipe, args.steps))
     quiet(pipe)
     images = generate(
         pipe, args.num_images, seed=args.seed, batch_size=args.batch_size, num_inference_steps=args.steps,
@@ -318,6 +323,22 @@ def _sample(args: argparse.Namespace, prompts: list[str] | None, device: torch.d
     return 0
 
 
+def _warn_uncalibrated_steps(pipe: Any, steps: int | None) -> None:
+    """Warn, before sampling, if the scheduler's timesteps leave the quantized denoiser's calibration (deployed
+    models read their rows on the device, so this is their only warning; fake-quant ones would warn at the step)."""
+    from .pipelines import denoiser_of
+    from .prepare import handle
+
+    if steps is None:
+        return
+    h = handle(denoiser_of(pipe))
+    pipe.scheduler.set_timesteps(steps)
+    message = h.schedule.coverage_warning(pipe.scheduler.timesteps)
+    if message:
+        warnings.warn(message, stacklevel=2)
+        h.state.coverage_warned = True  # once per denoiser
+
+
 # -- parser --------------------------------------------------------------------------------------------------------
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="diffusers pipeline folder or zoo model name (default: the embedded zoo model)")
@@ -331,6 +352,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _quantize_args(q: argparse.ArgumentParser) -> None:
     from .calibration.finetune import ORDERS
     from .calibration.methods import available_methods
+    from .pipelines import SCHEDULERS
 
     _model_args(q)
     q.add_argument("--preset", default="W8A8", help="W8A8, W4A8, W4A4 or any W<bits>A<bits>")
@@ -344,6 +366,9 @@ def _quantize_args(q: argparse.ArgumentParser) -> None:
                    help="calibrated timesteps, uniformly strided, at most the sampler's steps (default: every sampler step)")
     q.add_argument("--samples-per-step", type=positive_int, default=None, help="cap on calibration rows per timestep (default: no cap)")
     q.add_argument("--steps", type=positive_int, default=None, help="sampler steps for calibration (default: the pipeline's)")
+    q.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
+                   help="sampler for calibration, as you will sample (default: the pipeline's; add --recollect when "
+                        "OUT holds calibration data of another sampler)")
     q.add_argument("--guidance", type=finite_float, default=None, help="CFG scale for calibration (default: the pipeline's)")
     q.add_argument("--recollect", action="store_true", help="sample calibration data again even if OUT has it")
     q.add_argument("--recon-iters", type=non_negative_int, default=None, help="BRECQ/AdaRound iterations per block (default: 20000)")
