@@ -65,19 +65,20 @@ def test_gemm_is_the_dequantized_matmul(w4, offsets):
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("stride,padding", [((1, 1), (1, 1)), ((2, 2), (1, 1)), ((1, 1), (0, 0))])
+@pytest.mark.parametrize("stride,padding,dilation", [((1, 1), (1, 1), (1, 1)), ((2, 2), (1, 1), (1, 1)),
+                                                     ((1, 1), (0, 0), (1, 1)), ((1, 2), (2, 1), (2, 1))])
 @pytest.mark.parametrize("w4", [False, True])
-def test_conv2d_is_the_dequantized_convolution_with_zero_padding(stride, padding, w4):
+def test_conv2d_is_the_dequantized_convolution_with_zero_padding(stride, padding, dilation, w4):
     b, c, h, wd, n = 2, 6, 7, 5, 4
     x = torch.randint(-128, 128, (b, c, h, wd), dtype=torch.int8)
     a_scale, a_offset, row = _tables()
     w, zero, offset, w_sum, real = _weights(n, 9, c, w4, offsets=True)
     w_scale, bias = torch.rand(n) * 0.01, torch.randn(n)
     y = R.conv2d(x, w, a_scale, a_offset, row, w_scale, offset, w_sum, zero, bias, None, (3, 3), stride, padding,
-                 torch.float32)
+                 torch.float32, dilation)
     x_real = (x.double() + a_offset[row].double()) * a_scale[row].double()
     w_real = (real * w_scale.double().view(-1, 1, 1)).reshape(n, 3, 3, c).permute(0, 3, 1, 2)
-    expected = F.conv2d(x_real, w_real, bias.double(), stride, padding)  # zero padding of the real input
+    expected = F.conv2d(x_real, w_real, bias.double(), stride, padding, dilation)  # zero padding of the real input
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last)
 
@@ -95,3 +96,16 @@ def test_attention_quantizes_probabilities_on_the_fixed_grid():
     probs = (torch.einsum("bqhd,bkhd->bhqk", qf, kf) * d**-0.5).softmax(-1)
     probs = fake_quantize(probs, s[3], torch.tensor(0.0, dtype=torch.float64), 0, 255)
     torch.testing.assert_close(out, torch.einsum("bhqk,bkhd->bqhd", probs, vf), rtol=1e-4, atol=1e-5)
+
+
+def test_conv2d_op_with_dilation_agrees_with_its_fake_registration():
+    """The custom op's shape function (torch.compile's view of it) takes dilation into account."""
+    from questdiff.kernels import ops
+
+    x = torch.randint(-128, 128, (2, 6, 9, 8), dtype=torch.int8)
+    a_scale, a_offset, row = _tables()
+    w, zero, offset, w_sum, _ = _weights(4, 9, 6, False, offsets=True)
+    args = (x, w, a_scale, a_offset, row, torch.rand(4) * 0.01, offset, w_sum, zero, None, None, [3, 3], [2, 1],
+            [1, 2], [2, 3], torch.float32, False)
+    torch.library.opcheck(ops.conv2d, args, test_utils=("test_schema", "test_faketensor"))
+    assert ops.conv2d(*args).shape == (2, 4, 4, 6)
