@@ -116,3 +116,10 @@ def test_deploy_latency_zoo_comparison_runs_on_the_cpu(tmp_path):
     # the FP model is smooth: float-noise-sized output changes stay float-noise sized after sampling
     assert report["psnr_fp_vs_itself_perturbed_db"] > 80
     assert report["psnr_deployed_vs_fake_quant_db"] > 20
+
+
+def test_between_steps_quick(tmp_path):
+    assert _script("between_steps").main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "between_steps-quick.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["before", "widen"] and all(r["sampler"] == "ddim" for r in rows)
+    assert "| tutorial-unet |" in (tmp_path / "between_steps-quick.md").read_text()

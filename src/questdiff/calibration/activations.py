@@ -137,9 +137,8 @@ def init_activations(
             "use the calibration set the model was prepared with"
         )
     seen: set[int] = set()
-    ranges = RowRanges(0)
 
-    def init_hook(q: ActQuantizer, x: torch.Tensor) -> None:
+    def init_hook(q: ActQuantizer, x: torch.Tensor, ranges: RowRanges) -> None:
         if id(q) not in seen:
             seen.add(id(q))
             _init_from(q, x, config.activation.scale_method, ranges)
@@ -152,15 +151,15 @@ def init_activations(
                 generator = torch.Generator().manual_seed(row)
                 pick = rows[torch.randperm(len(rows), generator=generator)[: config.act_init_samples]]
                 seen.clear()
-                with h.state.at_index(row), _pre_hooks(model, init_hook):
+                with h.state.at_index(row), _pre_hooks(model, lambda q, x: init_hook(q, x, ranges)):
                     model(**data.model_kwargs(pick, device))
                 if config.running_stat:
                     _running_stats(model, data, rows, ranges, config.momentum, batch_size, device)
                 ranges.finish_unit()
                 bar.update(1)
     bar.close()
-    logger.info("initialised %d activation quantizers over %d rows (%d range steps)", len(act_quantizers(model)),
-                len(units), sum(len(u) - 1 for u in units.values()))
+    logger.info("initialised %d activation quantizers over %d rows (%d units: calibrated and range steps)",
+                len(act_quantizers(model)), len(units), sum(map(len, units.values())))
 
 
 def _running_stats(

@@ -90,8 +90,9 @@ class CalibrationSet:
             ``(-1,)`` for ``[N]``, ``(-1, 1)`` for ``[N, 1]``, ``()`` for a scalar; ``model_kwargs`` replays it.
         range_steps: rows of the recorded sampler steps that ``select`` did not keep as calibrated timesteps (same
             inputs and settings), or ``None``. Activation init widens each quantizer row's range by the statistics
-            of the steps mapped to it (``calibration.activations``); nothing else reads them (finetuning and weight
-            reconstruction run on the calibrated rows only).
+            of the steps mapped to it (``calibration.activations``; ``quantize(range_steps="rows")`` gives them rows
+            of their own instead); nothing else reads them (finetuning and weight reconstruction run on the
+            calibrated rows only).
     """
 
     inputs: dict[str, torch.Tensor]
