@@ -21,7 +21,7 @@ the denoiser's relative error ``|eps_q - eps| / |eps|`` on the FP trajectory's i
     python benchmarks/between_steps.py --zoo fmnist-ldm-cond --no-tutorial
     python benchmarks/between_steps.py --quick                           # smoke run (the tutorial model, tiny)
 
-Writes ``between_steps[-quick].json`` and ``.md`` to ``--out`` (default ``benchmarks/results``).
+Writes ``between_steps-<models>[-quick].json`` and ``.md`` to ``--out`` (default ``benchmarks/results``).
 """
 from __future__ import annotations
 
@@ -171,13 +171,18 @@ def zoo_case(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 images, _ = run(sampler, steps)
-                mean, worst = denoiser_error(pipe.unet, fp, references[sampler][1], lambda y: y.sample)
+                mean, worst = denoiser_error(pipe.unet, fp, references[sampler][1], _sample_of)
             rows.append({"model": name, "config": "W8A8", "variant": variant, "sampler": sampler, "steps": steps,
                          "psnr_final_db": round(psnr(images, references[sampler][0], 1.0), 2),
                          "denoiser_error_mean": round(mean, 4), "denoiser_error_max": round(worst, 4),
                          "quantize_s": round(seconds, 1)})
             logger.info("%s", rows[-1])
     return rows
+
+
+def _sample_of(output: Any) -> torch.Tensor:
+    """A diffusers denoiser's output: pipelines call it with ``return_dict=False`` (a tuple)."""
+    return output[0] if isinstance(output, tuple) else output.sample
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
@@ -219,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += zoo_case(name, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "between_steps" + ("-quick" if args.quick else "")
+    models = ([] if args.no_tutorial else ["tutorial"]) + args.zoo
+    stem = "-".join(["between_steps", *models]) + ("-quick" if args.quick else "")
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     atomic_write_text(out / f"{stem}.json", json.dumps({"settings": settings, "rows": rows}, indent=2))
     atomic_write_text(out / f"{stem}.md", "\n".join([f"Settings: `{json.dumps(settings)}`", "", *table(rows)]) + "\n")

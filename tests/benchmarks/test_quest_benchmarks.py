@@ -120,6 +120,6 @@ def test_deploy_latency_zoo_comparison_runs_on_the_cpu(tmp_path):
 
 def test_between_steps_quick(tmp_path):
     assert _script("between_steps").main(["--quick", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "between_steps-quick.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "between_steps-tutorial-quick.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["before", "widen"] and all(r["sampler"] == "ddim" for r in rows)
-    assert "| tutorial-unet |" in (tmp_path / "between_steps-quick.md").read_text()
+    assert "| tutorial-unet |" in (tmp_path / "between_steps-tutorial-quick.md").read_text()

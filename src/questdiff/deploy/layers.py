@@ -178,8 +178,8 @@ class DeployedConv(DeployedLayer):
             return super().forward(x)
         # torch's own rule for the extra output rows; it reads self.output_padding only
         output_padding = nn.modules.conv._ConvTransposeNd._output_padding(
-            self, x, output_size, list(self.stride), list(self._numeric_padding()), list(self.kernel_size),  # type: ignore[arg-type]
-            self.dims, list(self.dilation))
+            self, x, output_size, list(self.stride), list(self._numeric_padding()),  # type: ignore[arg-type]
+            list(self.kernel_size), self.dims, list(self.dilation))
         return super().forward(x, output_padding=tuple(output_padding))
 
     # -- geometry ----------------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ class DeployedConv(DeployedLayer):
                 residual: torch.Tensor | None, stride: tuple[int, ...], kernel_pads: tuple[int, ...],
                 out_dtype: torch.dtype, use_triton: bool) -> torch.Tensor:
         """Sum over the depth taps ``j`` of the 2-D convs of the depth slices ``j * dilation + stride * [0, Do)``
-        (codes ``[B, C, D, H, W]``, depth already padded), each with weight taps ``[j * kh * kw, (j + 1) * kh * kw)``."""
+        (codes ``[B, C, D, H, W]``, depth already padded), each with weight taps ``[j kh kw, (j + 1) kh kw)``."""
         (kd, kh, kw), (sd, *hw_stride), (dd, *hw_dilation) = self.kernel_size, stride, self.dilation
         batch, depth = codes.shape[0], codes.shape[2]
         out_depth = (depth - dd * (kd - 1) - 1) // sd + 1
@@ -265,8 +265,8 @@ class DeployedConv(DeployedLayer):
             out_rows = slice(g * rows, (g + 1) * rows)
             outs.append(operand.conv2d(
                 codes[:, g * channels:(g + 1) * channels], None if bias is None else bias[out_rows],
-                None if residual is None else residual[:, out_rows], kernel, stride, padding, dilation,  # type: ignore[arg-type]
-                out_dtype, use_triton, rows=out_rows, taps=taps))
+                None if residual is None else residual[:, out_rows], kernel, stride,  # type: ignore[arg-type]
+                padding, dilation, out_dtype, use_triton, rows=out_rows, taps=taps))  # type: ignore[arg-type]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     # -- simulation --------------------------------------------------------------------------------------------
