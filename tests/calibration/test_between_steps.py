@@ -13,8 +13,12 @@ import questdiff as qd
 import tutorial_unet
 from questdiff.config import ActivationSpec, QuantConfig, WeightSpec
 
-MIN_MAX_16 = QuantConfig(weight=WeightSpec(bits=16), activation=ActivationSpec(bits=16, scale_method="minmax"),
-                         first_last_act_bits=None)
+
+def min_max(bits: int) -> QuantConfig:
+    """W<bits>A<bits> with min-max activation ranges (the W8A8 preset's running statistics over one batch per step
+    end at the same ranges here, at several times the cost)."""
+    return QuantConfig(weight=WeightSpec(bits=bits), activation=ActivationSpec(bits=bits, scale_method="minmax"),
+                       first_last_act_bits=None, running_stat=False)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +41,9 @@ def _psnr(tutorial, config, calib_steps: int, **select) -> float:
 
 
 def test_16_bit_model_stays_close_to_fp_between_calibrated_steps(tutorial):
-    assert _psnr(tutorial, MIN_MAX_16, 20) >= 45
-    assert _psnr(tutorial, MIN_MAX_16, 20, keep_range_steps=False) < 35  # the clipping this guards against
+    assert _psnr(tutorial, min_max(16), 20) >= 45  # measured: 61.8 dB (51.4 dB with all 50 steps calibrated)
+    assert _psnr(tutorial, min_max(16), 20, keep_range_steps=False) < 35  # the clipping this guards against: 23.5
 
 
 def test_8_bit_at_20_of_50_steps_is_within_half_a_db_of_all_50(tutorial):
-    assert _psnr(tutorial, qd.presets.W8A8, 20) >= _psnr(tutorial, qd.presets.W8A8, 50) - 0.5
+    assert _psnr(tutorial, min_max(8), 20) >= _psnr(tutorial, min_max(8), 50) - 0.5  # measured: 24.9 vs 23.9 dB
