@@ -44,6 +44,11 @@ def test_quantize_then_sample(pipeline_folder, tmp_path, capsys):
                  "--steps", "6", "--scheduler", "ddim", "--device", "cpu", "--out", str(samples)]) == 0
     assert "questdiff sample: done" in capsys.readouterr().out
     assert (samples / "grid.png").is_file() and len(list((samples / "images").glob("*.png"))) == 3
+    # timesteps the calibration never visited (another step count): one warning before sampling, naming the fix
+    with pytest.warns(UserWarning, match="never visited.*quantize --scheduler") as caught:
+        assert main(["sample", "--model", str(pipeline_folder), "--quantized", str(out), "--num-images", "1",
+                     "--steps", "5", "--scheduler", "ddim", "--device", "cpu", "--out", str(samples)]) == 0
+    assert sum("never visited" in str(w.message) for w in caught) == 1
 
 
 def test_quantize_a_dit_pipeline_folder(tmp_path, capsys):

@@ -125,3 +125,22 @@ def test_pickled_and_ema_copies_route_their_own_timestep(quantized_unet):
         out = moved(torch.zeros(1, 1, 16, 16, dtype=torch.float64), torch.tensor(50)).sample
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
     assert qd.handle(moved).state.index == 3 and qd.handle(quantized_unet).state.index == 0
+
+
+def test_coverage_warning_names_unvisited_and_outside_timesteps():
+    s = TimestepSchedule(KEYS, recorded=(951.0, 926.0, 901.0, 876.0, 851.0, 826.0, 801.0))
+    assert s.coverage_warning(torch.tensor([951, 926])) is None and s.coverage_warning(826) is None
+    assert "outside the calibrated span [801, 951]" in s.coverage_warning(990.0)
+    message = s.coverage_warning([951.0, 913.5])
+    assert "913.5 that the calibration trajectories never visited" in message and "--scheduler" in message
+    assert TimestepSchedule(KEYS).coverage_warning(913.5) is None  # old schedules: visited steps unknown
+    assert TimestepSchedule((951.0,), recorded=KEYS).coverage_warning(801) is None  # one shared row: all recorded
+    assert TimestepSchedule.from_dict(s.to_dict()) == s and "recorded" not in TimestepSchedule(KEYS).to_dict()
+
+
+def test_state_warns_once_per_denoiser():
+    state = TimestepState(TimestepSchedule(KEYS, recorded=KEYS))
+    with pytest.warns(UserWarning, match="never visited") as caught:
+        for t in (951, 913, 888, 801):
+            state.set_timestep(torch.tensor(t))
+    assert len(caught) == 1 and state.index == 3

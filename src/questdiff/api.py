@@ -5,7 +5,7 @@ import functools
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from .calibration.methods import StageContext, check_options, method_stages, pre
 from .config import QuantConfig, resolve
 from .prepare import handle, prepare, require_full_precision
 from .timestep import Rule, TimestepSchedule, timestep_getter
+
+RangeSteps = Literal["widen", "rows"]
+RANGE_STEPS = ("widen", "rows")
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ def quantize(
     batch_size: int = 64,
     work_dir: str | Path | None = None,
     timestep_rule: Rule = "at_or_before",
+    range_steps: RangeSteps = "widen",
     progress: bool = True,
     seed: int = 0,
     **method_options: Any,
@@ -79,6 +83,10 @@ def quantize(
         device: where calibration runs (default: the model's device).
         work_dir: if given, each finished stage is saved there and a restarted call resumes from it.
         timestep_rule: how sampler timesteps map to calibrated rows (``"at_or_before"`` or ``"nearest"``).
+        range_steps: what the recorded steps that were not selected as calibrated timesteps
+            (``calib.range_steps``) do: ``"widen"`` the activation ranges of the calibrated row they map to (the
+            default: every recorded step then quantizes within its row's range), or get ``"rows"`` of their own,
+            initialised from their statistics and left out of finetuning (docs/results.md §7 compares them).
         method_options: per-method settings (e.g. ``tla=TLAConfig(...)``); an option no stage of ``method`` reads,
             or a malformed one, raises before any work.
 
@@ -112,7 +120,10 @@ def quantize(
     if trace is not None:  # adapters that read layers and roles from one forward (GenericAdapter)
         trace(denoiser, calib.model_kwargs(torch.nonzero(calib.ts == calib.timesteps[0]).flatten()[:1], device),
               calib.sample_key)
-    schedule = TimestepSchedule.from_timesteps(calib.timesteps, timestep_rule)
+    if range_steps not in RANGE_STEPS:
+        raise ValueError(f"unknown range_steps {range_steps!r}: use one of {RANGE_STEPS}")
+    keys = calib.recorded_timesteps if range_steps == "rows" else calib.timesteps
+    schedule = TimestepSchedule.from_timesteps(keys, timestep_rule, calib.recorded_timesteps)
     ctx = StageContext(device=device, batch_size=batch_size, progress=progress and distributed.is_main(), seed=seed,
                        options=method_options, method=method)
     preflight(denoiser, adapter, calib, method, ctx)

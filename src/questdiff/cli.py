@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -191,12 +192,14 @@ def _quantize(args: argparse.Namespace, config: Any, options: dict[str, Any], pr
     from .calibration import CalibrationSet, collect_calibration
     from .calibration.methods import finish_stages
     from .loading import load_pipeline
-    from .pipelines import denoiser_of, fit_scheduler, sampler_steps
+    from .pipelines import denoiser_of, fit_scheduler, sampler_steps, set_scheduler
     from .prepare import act_quantizers, handle, quant_layers
     from .quantize_out import check_reused_calibration, collection_settings
 
     pipe, name = load_pipeline(args.model, device)
     _check_pipeline_options(pipe, args, prompts)
+    if args.scheduler:
+        set_scheduler(pipe, args.scheduler)
     fit_scheduler(pipe, sampler_steps(pipe, args.steps))
     unet = denoiser_of(pipe)
     calib_path = out / "calibration.safetensors"
@@ -278,6 +281,8 @@ def _sample(args: argparse.Namespace, prompts: list[str] | None, device: torch.d
     if args.scheduler:
         set_scheduler(pipe, args.scheduler)
     fit_scheduler(pipe, sampler_steps(pipe, args.steps))
+    if args.quantized:
+        _warn_uncalibrated_steps(pipe, sampler_steps(pipe, args.steps))
     quiet(pipe)
     images = generate(
         pipe, args.num_images, seed=args.seed, batch_size=args.batch_size, num_inference_steps=args.steps,
@@ -299,6 +304,22 @@ def _sample(args: argparse.Namespace, prompts: list[str] | None, device: torch.d
     return 0
 
 
+def _warn_uncalibrated_steps(pipe: Any, steps: int | None) -> None:
+    """Warn, before sampling, if the scheduler's timesteps leave the quantized denoiser's calibration (deployed
+    models read their rows on the device, so this is their only warning; fake-quant ones would warn at the step)."""
+    from .pipelines import denoiser_of
+    from .prepare import handle
+
+    if steps is None:
+        return
+    h = handle(denoiser_of(pipe))
+    pipe.scheduler.set_timesteps(steps)
+    message = h.schedule.coverage_warning(pipe.scheduler.timesteps)
+    if message:
+        warnings.warn(message, stacklevel=2)
+        h.state.coverage_warned = True  # once per denoiser
+
+
 # -- parser --------------------------------------------------------------------------------------------------------
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="diffusers pipeline folder or zoo model name (default: the embedded zoo model)")
@@ -312,6 +333,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _quantize_args(q: argparse.ArgumentParser) -> None:
     from .calibration.finetune import ORDERS
     from .calibration.methods import available_methods
+    from .pipelines import SCHEDULERS
 
     _model_args(q)
     q.add_argument("--preset", default="W8A8",
@@ -326,6 +348,9 @@ def _quantize_args(q: argparse.ArgumentParser) -> None:
                    help="calibrated timesteps, uniformly strided, at most the sampler's steps (default: every sampler step)")
     q.add_argument("--samples-per-step", type=positive_int, default=None, help="cap on calibration rows per timestep (default: no cap)")
     q.add_argument("--steps", type=positive_int, default=None, help="sampler steps for calibration (default: the pipeline's)")
+    q.add_argument("--scheduler", default=None, choices=sorted(SCHEDULERS),
+                   help="sampler for calibration, as you will sample (default: the pipeline's; add --recollect when "
+                        "OUT holds calibration data of another sampler)")
     q.add_argument("--guidance", type=finite_float, default=None, help="CFG scale for calibration (default: the pipeline's)")
     q.add_argument("--recollect", action="store_true",
                    help="sample calibration data again even if OUT has it; refused once stages were computed from it "

@@ -186,7 +186,7 @@ def prepare(
             "denoiser (e.g. pipe.unet), not the pipeline"
         )
     if not config.timestep_aware:
-        schedule = TimestepSchedule(schedule.timesteps[:1], schedule.rule)
+        schedule = TimestepSchedule(schedule.timesteps[:1], schedule.rule, schedule.recorded)
     state = TimestepState(schedule)
     rows = len(schedule)
     hook = install_timestep_hook(model, adapter.timestep_argument, HANDLE_ATTR)

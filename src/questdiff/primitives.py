@@ -7,7 +7,10 @@ Conventions (quest-spec §2.4, §2.6):
   yields a 9-bit symmetric range, spec §6.7, is not reproduced: bits always mean bits);
 - ``axis`` names the dimension(s) that keep their own scale (an int for per-channel, a tuple such as ``(0, 1)``
   for per-group on a ``[C_out, G, group]`` view); ``None`` means one scale for the tensor;
-- scales and zero points are returned broadcastable against the input (singleton dims kept).
+- scales and zero points are returned broadcastable against the input (singleton dims kept);
+- integers are computed in fp32 (``grid_dtype``) whatever the input's dtype: the codes of a bf16/fp16 tensor are
+  those of its exact fp32 value, as in the deployed kernels, and the dequantized value is rounded once, to the
+  input's dtype.
 No modules, no state.
 """
 from __future__ import annotations
@@ -56,21 +59,30 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (round_half_even(x) - x).detach()
 
 
+def grid_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype quantization integers are computed in for inputs of ``dtype``: fp32, or ``dtype`` if wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
 ) -> torch.Tensor:
-    """Quantize-dequantize ``x`` with straight-through rounding.
+    """Quantize-dequantize ``x`` with straight-through rounding; computed in ``grid_dtype``, returned in ``x``'s.
 
     Gradients flow to ``x`` (zero outside the clamp range) and to ``scale`` (LSQ-style); ``zero_point`` is fixed.
     ``scale`` / ``zero_point`` broadcast against ``x``.
     """
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
-    return (q - zero_point) * scale
+    dtype = grid_dtype(x.dtype)
+    scale, zero_point = scale.to(dtype), zero_point.to(dtype)
+    q = torch.clamp(round_ste(x.to(dtype) / scale) + zero_point, qmin, qmax)
+    return ((q - zero_point) * scale).to(x.dtype)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Integer codes of ``x`` (int32 tensor of the same shape)."""
-    return torch.clamp(round_half_even(x / scale) + zero_point, qmin, qmax).to(torch.int32)
+    """Integer codes of ``x`` (int32 tensor of the same shape), computed in ``grid_dtype``."""
+    dtype = grid_dtype(x.dtype)
+    codes = round_half_even(x.to(dtype) / scale.to(dtype)) + zero_point.to(dtype)
+    return torch.clamp(codes, qmin, qmax).to(torch.int32)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Sequence
 
@@ -35,10 +36,15 @@ class TimestepSchedule:
     ``[min(t_k), max(t_k)]`` map to the end row, so samplers whose grid starts slightly higher (Euler's 999 after
     DDIM's 981) work; anything further raises ``TimestepError``. A schedule with one key (one shared scale set)
     maps every timestep to row 0.
+
+    ``recorded``: every timestep of the calibration trajectories, the calibrated ones and those whose statistics only
+    widened a row's ranges (``CalibrationSet.range_steps``); empty when unknown (schedules saved before it existed).
+    ``coverage_warning`` names sampler timesteps outside them.
     """
 
     timesteps: tuple[float, ...]
     rule: Rule = "at_or_before"
+    recorded: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.timesteps:
@@ -49,9 +55,10 @@ class TimestepSchedule:
             raise ValueError(f"calibrated timesteps must be distinct, got {list(self.timesteps)}")
 
     @classmethod
-    def from_timesteps(cls, timesteps: Sequence[float] | torch.Tensor, rule: Rule = "at_or_before") -> "TimestepSchedule":
+    def from_timesteps(cls, timesteps: Sequence[float] | torch.Tensor, rule: Rule = "at_or_before",
+                       recorded: Sequence[float] = ()) -> "TimestepSchedule":
         values = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
-        return cls(tuple(float(t) for t in values), rule)
+        return cls(tuple(float(t) for t in values), rule, tuple(float(t) for t in recorded))
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -112,13 +119,37 @@ class TimestepSchedule:
         ascending, order = keys.sort()  # at or before: the smallest key >= t (the largest key above them all)
         position = torch.searchsorted(ascending, t).clamp_(max=len(self.timesteps) - 1)
         return order[position]
+    def coverage_warning(self, t: torch.Tensor | float | int | Sequence[float]) -> str | None:
+        """Why sampling at timestep(s) ``t`` runs on activation ranges the calibration never measured, naming the fix,
+        or ``None``: a timestep outside the calibrated span (it borrows the end row), or one the calibration
+        trajectories never visited (another scheduler or step count: it borrows a neighbouring step's row)."""
+        if isinstance(t, torch.Tensor):
+            t = t.detach().flatten().tolist()
+        values = {float(v) for v in (t if isinstance(t, Sequence) else [t])}
+        span = (*self.timesteps, *self.recorded)  # a one-row schedule is calibrated on every recorded timestep
+        lo, hi = min(span), max(span)
+        outside = sorted(v for v in values if not lo <= v <= hi)
+        unseen = sorted(values - set(self.recorded) - set(outside)) if self.recorded else []
+        if not outside and not unseen:
+            return None
+        where = (f"timestep(s) {', '.join(f'{v:g}' for v in (outside or unseen)[:4])} "
+                 + (f"outside the calibrated span [{lo:g}, {hi:g}]" if outside
+                    else "that the calibration trajectories never visited (another scheduler or step count)"))
+        return (f"questdiff: sampling at {where}: they use the static activation ranges of a neighbouring calibrated "
+                "step, which can clip. Calibrate on the sampler you sample with: collect_calibration(pipe) with that "
+                "scheduler and step count set on pipe (or record_calibration around your own loop); CLI: questdiff "
+                "quantize --scheduler NAME --steps N")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"timesteps": list(self.timesteps), "rule": self.rule}
+        data: dict[str, Any] = {"timesteps": list(self.timesteps), "rule": self.rule}
+        if self.recorded:
+            data["recorded"] = list(self.recorded)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TimestepSchedule":
-        return cls(tuple(float(t) for t in data["timesteps"]), data.get("rule", "at_or_before"))
+        return cls(tuple(float(t) for t in data["timesteps"]), data.get("rule", "at_or_before"),
+                   tuple(float(t) for t in data.get("recorded", ())))
 
 
 class TimestepState:
@@ -137,6 +168,7 @@ class TimestepState:
         self.index: int | None = None
         self.rows: torch.Tensor | None = None
         self.device_rows: torch.Tensor | None = None
+        self.coverage_warned = False  # TimestepSchedule.coverage_warning is shown once per denoiser
 
     @property
     def index(self) -> int | None:
@@ -162,12 +194,21 @@ class TimestepState:
         """Select the row(s) of timestep argument ``t``; returns the single row, or ``None`` for a mixed batch."""
         rows = self.schedule.rows_of_batch(t)
         self.device_rows = None
+        self._warn_coverage(t)
         if len(set(rows)) == 1:
             self.index, self.rows = rows[0], None
         else:
             device = t.device if isinstance(t, torch.Tensor) else None
             self.index, self.rows = None, torch.tensor(rows, dtype=torch.long, device=device)
         return self.index
+
+    def _warn_coverage(self, t: torch.Tensor | float | int) -> None:
+        """``TimestepSchedule.coverage_warning`` of ``t`` (a host value), once per denoiser."""
+        if not self.coverage_warned:
+            message = self.schedule.coverage_warning(t)
+            if message:
+                warnings.warn(message, stacklevel=3)
+                self.coverage_warned = True
 
     def set_timestep_on_device(self, t: torch.Tensor | float | int, keys: torch.Tensor) -> None:
         """Select the rows of timestep argument ``t`` on the device (deployed models): ``device_rows`` becomes
@@ -177,6 +218,7 @@ class TimestepState:
         ``TimestepError``, as in the fake-quant model); a GPU, traced or captured one takes the end row there."""
         if not isinstance(t, torch.Tensor) or (t.device.type == "cpu" and not _traced(t)):
             self.schedule.rows_of_batch(t)
+            self._warn_coverage(t)
         t = torch.as_tensor(t, device=keys.device).reshape(-1)
         self.index, self.rows = None, None
         self.device_rows = self.schedule.rows_on_device(t, keys)

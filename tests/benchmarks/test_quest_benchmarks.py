@@ -128,3 +128,10 @@ def test_dit_latency_tiny_runs_every_architecture_deployed(tmp_path):
     for name in ("flux", "dit", "pixart"):
         rows = report[name]
         assert {r["model"] for r in rows} == {"bf16", "W8A8"} and all("error" not in r and r["ms"] > 0 for r in rows)
+
+
+def test_between_steps_quick(tmp_path):
+    assert _script("between_steps").main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "between_steps-tutorial-quick.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["before", "widen"] and all(r["sampler"] == "ddim" for r in rows)
+    assert "| tutorial-unet |" in (tmp_path / "between_steps-tutorial-quick.md").read_text()

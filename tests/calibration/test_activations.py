@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import questdiff as qd
@@ -8,7 +9,9 @@ from builders import ddim_pipeline, tiny_unet2d
 
 
 def test_every_row_initialised_per_timestep_and_resume(tmp_path):
-    calib = qd.collect_calibration(ddim_pipeline(), num_samples=4, calib_steps=4, num_inference_steps=8, progress=False)
+    calib = qd.collect_calibration(ddim_pipeline(), num_samples=4, calib_steps=4, num_inference_steps=8,
+                                   range_samples=0, progress=False)
+    assert calib.range_steps is None
     unet = qd.quantize(tiny_unet2d(), "W8A8", calib, progress=False, work_dir=tmp_path)
     quantizers = act_quantizers(unet)
     for name, q in quantizers.items():
@@ -31,6 +34,58 @@ def test_every_row_initialised_per_timestep_and_resume(tmp_path):
     assert all(r.get("resumed") for r in qd.handle(resumed).extra["report"])
     for key, value in unet.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key])
+
+
+def _covered(q, row):
+    from questdiff.calibration.activations import covered_range
+
+    return covered_range(q, q.scale[row], q.zero_point[row])
+
+
+@pytest.mark.parametrize("rule", ["at_or_before", "nearest"])
+def test_rows_cover_the_range_steps_mapped_to_them(rule):
+    """Each row's range is the union of its calibrated step's and those of the recorded steps that share the row."""
+    pipe = ddim_pipeline()
+    recorded = qd.collect_calibration(pipe, num_samples=4, num_inference_steps=8, progress=False)
+    calib = recorded.select(calib_steps=3)
+    assert len(calib.range_steps) == 5 * 4 and calib.recorded_timesteps == recorded.timesteps
+    unet = qd.quantize(tiny_unet2d(), "W8A8", calib, progress=False, timestep_rule=rule)
+    narrow = qd.quantize(tiny_unet2d(), "W8A8", recorded.select(calib_steps=3, keep_range_steps=False), progress=False,
+                         timestep_rule=rule)
+    schedule = qd.handle(unet).schedule
+    assert schedule.recorded == tuple(recorded.timesteps)
+    first, first_narrow = (act_quantizers(m)["conv_in.act_quantizer"] for m in (unet, narrow))
+    widened = 0
+    for k in range(len(schedule)):
+        mapped = [t for t in recorded.timesteps if schedule.index(t) == k]  # its own step and the range steps
+        x = recorded.xs[torch.isin(recorded.ts, torch.tensor(mapped))]
+        (lo, hi), half_step = _covered(first, k), first.scale[k] / 2
+        assert bool((lo <= x.min() + half_step).all() and (hi >= x.max() - half_step).all()), k
+        lo_n, hi_n = _covered(first_narrow, k)
+        assert bool((lo <= lo_n).all() and (hi >= hi_n).all())
+        widened += bool((lo < lo_n).any() or (hi > hi_n).any())
+    assert widened  # some range step's x_t reaches beyond its row's calibrated step
+
+
+def test_one_unit_rows_are_exactly_the_init():
+    """Without range steps the union bookkeeping leaves the init untouched; a range unit inside a row's range too."""
+    from questdiff.calibration.activations import RowRanges
+    from questdiff.config import ActivationSpec
+    from questdiff.nn import ActQuantizer
+    from questdiff.primitives import search_minmax
+    from questdiff.timestep import TimestepSchedule, TimestepState
+
+    q = ActQuantizer(1, ActivationSpec(bits=8), TimestepState(TimestepSchedule((1.0,))))
+    ranges = RowRanges(0)
+    wide = search_minmax(torch.linspace(-2, 3, 50), 8, False)
+    ranges.set(q, *wide)
+    ranges.finish_unit()
+    assert torch.equal(q.scale[0], wide[0].reshape(-1)) and torch.equal(q.zero_point[0], wide[1].reshape(-1))
+    ranges.set(q, *search_minmax(torch.linspace(-1, 1, 50), 8, False))  # inside: nothing widens
+    assert torch.equal(q.scale[0], wide[0].reshape(-1)) and torch.equal(q.zero_point[0], wide[1].reshape(-1))
+    ranges.set(q, *search_minmax(torch.linspace(-1, 6, 50), 8, False))
+    lo, hi = _covered(q, 0)
+    assert lo.item() == pytest.approx(-2, abs=0.03) and hi.item() == pytest.approx(6, abs=0.03)
 
 
 def test_rotated_layers_initialise_from_the_rotated_input(calib):

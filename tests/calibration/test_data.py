@@ -42,9 +42,36 @@ def test_select_spread_and_samples_per_step(calib):
         calib.select(calib_steps=11)
 
 
-def test_collect_with_spread_stores_only_kept_steps():
-    calib = qd.collect_calibration(ddim_pipeline(), num_samples=3, calib_steps=5, num_inference_steps=10, batch_size=2, progress=False)
+def test_select_keeps_the_other_steps_for_ranges_only(calib, tmp_path):
+    sub = calib.select(calib_steps=4, samples_per_step=3)
+    others = sorted(set(range(10)) - set(spread_steps(10, 4)))
+    assert sorted(set(sub.steps.tolist())) == spread_steps(10, 4) and len(sub) == 12
+    assert sorted(set(sub.range_steps.steps.tolist())) == others and len(sub.range_steps) == 3 * len(others)
+    assert sub.timesteps == [t for t in calib.timesteps if t not in sub.range_steps.timesteps]
+    assert sub.recorded_timesteps == calib.timesteps
+    # the calibrated rows are those of a selection without range steps, which has another digest
+    plain = calib.select(calib_steps=4, samples_per_step=3, keep_range_steps=False)
+    assert plain.range_steps is None and torch.equal(plain.xs, sub.xs) and plain.digest() != sub.digest()
+    # selecting again keeps the earlier range steps; subsets and single timesteps drop them
+    again = sub.select(calib_steps=2)
+    assert len(again.range_steps) == len(sub.range_steps) + 3 * 2 and sub.at_timestep(sub.timesteps[0]).range_steps is None
+    loaded = CalibrationSet.load(sub.save(tmp_path / "calib.safetensors"))
+    assert loaded.digest() == sub.digest() and torch.equal(loaded.range_steps.xs, sub.range_steps.xs)
+    joined = CalibrationSet.concat([sub, plain, sub])
+    assert len(joined.range_steps) == 2 * len(sub.range_steps)
+
+
+def test_collect_with_spread_keeps_range_steps_of_the_first_trajectories():
+    pipe = ddim_pipeline()
+    calib = qd.collect_calibration(pipe, num_samples=3, calib_steps=5, num_inference_steps=10, batch_size=2,
+                                   range_samples=2, progress=False)
     assert sorted(set(calib.steps.tolist())) == spread_steps(10, 5) and len(calib) == 15
+    assert sorted(set(calib.range_steps.steps.tolist())) == sorted(set(range(10)) - set(spread_steps(10, 5)))
+    assert len(calib.range_steps) == 2 * 5  # the first batch of 2 trajectories only
+    assert calib.range_steps.timesteps == [t for t in calib.recorded_timesteps if t not in calib.timesteps]
+    none = qd.collect_calibration(pipe, num_samples=3, calib_steps=5, num_inference_steps=10, batch_size=2,
+                                  range_samples=0, progress=False)
+    assert none.range_steps is None and torch.equal(none.xs, calib.xs)
 
 
 def test_selected_steps_cover_the_same_sampler():

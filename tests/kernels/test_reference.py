@@ -65,19 +65,20 @@ def test_gemm_is_the_dequantized_matmul(w4, offsets):
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("stride,padding", [((1, 1), (1, 1)), ((2, 2), (1, 1)), ((1, 1), (0, 0))])
+@pytest.mark.parametrize("stride,padding,dilation", [((1, 1), (1, 1), (1, 1)), ((2, 2), (1, 1), (1, 1)),
+                                                     ((1, 1), (0, 0), (1, 1)), ((1, 2), (2, 1), (2, 1))])
 @pytest.mark.parametrize("w4", [False, True])
-def test_conv2d_is_the_dequantized_convolution_with_zero_padding(stride, padding, w4):
+def test_conv2d_is_the_dequantized_convolution_with_zero_padding(stride, padding, dilation, w4):
     b, c, h, wd, n = 2, 6, 7, 5, 4
     x = torch.randint(-128, 128, (b, c, h, wd), dtype=torch.int8)
     a_scale, a_offset, row = _tables()
     w, zero, offset, w_sum, real = _weights(n, 9, c, w4, offsets=True)
     w_scale, bias = torch.rand(n) * 0.01, torch.randn(n)
     y = R.conv2d(x, w, a_scale, a_offset, row, w_scale, offset, w_sum, zero, bias, None, (3, 3), stride, padding,
-                 (1, 1), torch.float32)
+                 dilation, torch.float32)
     x_real = (x.double() + a_offset[row].double()) * a_scale[row].double()
     w_real = (real * w_scale.double().view(-1, 1, 1)).reshape(n, 3, 3, c).permute(0, 3, 1, 2)
-    expected = F.conv2d(x_real, w_real, bias.double(), stride, padding)  # zero padding of the real input
+    expected = F.conv2d(x_real, w_real, bias.double(), stride, padding, dilation)  # zero padding of the real input
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last)
 
@@ -128,3 +129,19 @@ def test_int_matmul_is_exact_for_one_input_channel():
     a = torch.randint(-128, 128, (3, 1), dtype=torch.int8)
     w = torch.randint(-128, 128, (16, 1), dtype=torch.int8)
     assert torch.equal(R.int_matmul(a, w.t()), (a.long() @ w.long().t()).int())
+
+
+def test_conv2d_op_with_dilation_agrees_with_its_fake_registration():
+    """The custom op's shape function (torch.compile's view of it) takes dilation into account."""
+    from questdiff.kernels import ops
+
+    x = torch.randint(-128, 128, (2, 6, 9, 8), dtype=torch.int8)
+    a_scale, a_offset, row = _tables()
+    w, zero, offset, w_sum, _ = _weights(4, 9, 6, False, offsets=True)
+    a_sum = x.sum(1, dtype=torch.int32).reshape(-1)
+    for channels_last in (True, False):
+        args = (x, w, a_scale, a_offset, row, torch.rand(4) * 0.01, offset, w_sum, zero, a_sum, None, None, [3, 3],
+                [2, 1], [1, 2], [2, 3], torch.float32, channels_last, False)
+        torch.library.opcheck(ops.conv2d, args, test_utils=("test_schema", "test_faketensor"))
+        out = ops.conv2d(*args)
+        assert out.shape == (2, 4, 4, 6) and out.is_contiguous(memory_format=torch.channels_last) == channels_last

@@ -4,7 +4,9 @@
 text/class conditioning including the unconditional half of CFG batches, SDXL's ``added_cond_kwargs``) while ANY
 sampling loop runs. ``collect_calibration(pipe)`` runs a diffusers pipeline inside it and keeps sampler steps spread
 over the whole trajectory (``spread_steps``). The result is a ``CalibrationSet``: one row per (sample, step),
-kept in memory or saved as safetensors.
+kept in memory or saved as safetensors. Steps recorded but not selected as calibrated timesteps stay in
+``CalibrationSet.range_steps``: they have no quantizer row of their own, but widen the activation ranges of the row
+their timestep maps to, so that every sampler step is covered, not only the calibrated ones.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from ..io_utils import atomic_path
 
 CALIBRATION_VERSION = 1
 _SEP = "."
+_RANGE = f"range_steps{_SEP}"  # key prefix of the range-only rows in a saved set
 
 
 def _flatten(prefix: str, value: Any, tensors: dict[str, torch.Tensor], static: dict[str, Any]) -> None:
@@ -85,6 +88,11 @@ class CalibrationSet:
             ``[tokens, 3]``), replayed as they are.
         timestep_shape: the timestep argument's shape as the sampler passed it, batch dimension written ``-1``:
             ``(-1,)`` for ``[N]``, ``(-1, 1)`` for ``[N, 1]``, ``()`` for a scalar; ``model_kwargs`` replays it.
+        range_steps: rows of the recorded sampler steps that ``select`` did not keep as calibrated timesteps (same
+            inputs and settings), or ``None``. Activation init widens each quantizer row's range by the statistics
+            of the steps mapped to it (``calibration.activations``; ``quantize(range_steps="rows")`` gives them rows
+            of their own instead); nothing else reads them (finetuning and weight reconstruction run on the
+            calibrated rows only).
     """
 
     inputs: dict[str, torch.Tensor]
@@ -95,6 +103,7 @@ class CalibrationSet:
     timestep_is_int: bool = True
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     timestep_shape: tuple[int, ...] = (-1,)
+    range_steps: "CalibrationSet | None" = None
 
     def __len__(self) -> int:
         return int(self.steps.shape[0])
@@ -116,7 +125,18 @@ class CalibrationSet:
             seen.setdefault(float(t), None)
         return list(seen)
 
+    @property
+    def recorded_timesteps(self) -> list[float]:
+        """Every distinct timestep of the recorded trajectories, the calibrated ones and those of ``range_steps``, in
+        sampling order."""
+        if self.range_steps is None:
+            return self.timesteps
+        steps = torch.cat([self.steps, self.range_steps.steps])
+        ts = torch.cat([self.ts, self.range_steps.ts])
+        return list(dict.fromkeys(float(t) for t in ts[torch.argsort(steps, stable=True)].tolist()))
+
     def subset(self, index: torch.Tensor) -> "CalibrationSet":
+        """Rows ``index`` of the calibrated rows (``range_steps`` are not carried over)."""
         return CalibrationSet(
             {k: v[index] for k, v in self.inputs.items()},
             self.steps[index],
@@ -147,6 +167,7 @@ class CalibrationSet:
                     torch.equal(part.constants[k], v) for k, v in first.constants.items()):
                 raise ValueError("cannot join calibration sets whose batch-less inputs differ; record them with the "
                                  "same pipeline settings")
+        ranges = [p.range_steps for p in parts if p.range_steps is not None]
         return cls(
             {k: torch.cat([p.inputs[k] for p in parts]) for k in first.inputs},
             torch.cat([p.steps for p in parts]),
@@ -156,6 +177,7 @@ class CalibrationSet:
             all(p.timestep_is_int for p in parts),
             dict(first.constants),
             first.timestep_shape,
+            cls.concat(ranges) if ranges else None,
         )
 
     def digest(self) -> str:
@@ -169,6 +191,8 @@ class CalibrationSet:
         constants = sorted(self.constants)
         if constants:  # (kept out of the header otherwise, so digests of sets without constants are unchanged)
             header += json.dumps({k: list(self.constants[k].shape) for k in constants})
+        if self.range_steps is not None:  # likewise
+            header += "range_steps:" + self.range_steps.digest()
         return stats_digest(header, [*(self.inputs[k] for k in keys), self.steps, *(self.constants[k] for k in constants)])
 
     def at_timestep(self, t: float) -> "CalibrationSet":
@@ -193,30 +217,49 @@ class CalibrationSet:
         for start in range(0, len(self), batch_size):
             yield order[start : start + batch_size]
 
-    def select(self, calib_steps: int | None = None, samples_per_step: int | None = None, seed: int = 0) -> "CalibrationSet":
+    def select(self, calib_steps: int | None = None, samples_per_step: int | None = None, seed: int = 0,
+               keep_range_steps: bool = True) -> "CalibrationSet":
         """Spec §2.2 selection: ``calib_steps`` recorded sampler steps spread over the whole trajectory
         (``spread_steps``: always the first and the last step) and at most ``samples_per_step`` rows of each (a
-        seeded random subset, so CFG's cond/uncond halves mix evenly)."""
-        steps = sorted(set(self.steps.tolist()))
+        seeded random subset, so CFG's cond/uncond halves mix evenly).
+
+        The other recorded steps (same cap per step) go to ``range_steps`` unless ``keep_range_steps`` is off: they
+        widen the activation ranges of the calibrated rows they map to (a static range calibrated at one step
+        clips the larger activations of the cleaner steps that share its row)."""
+        recorded = sorted(set(self.steps.tolist()))
+        steps = recorded
         if calib_steps is not None:
-            if calib_steps > len(steps):
+            if calib_steps > len(recorded):
                 raise ValueError(
-                    f"asked for {calib_steps} calibration steps but only {len(steps)} sampler steps were recorded; "
+                    f"asked for {calib_steps} calibration steps but only {len(recorded)} sampler steps were recorded; "
                     "use fewer calibration steps or sample with more inference steps"
                 )
-            steps = [steps[i] for i in spread_steps(len(steps), calib_steps)]
+            steps = [recorded[i] for i in spread_steps(len(recorded), calib_steps)]
         generator = torch.Generator().manual_seed(seed)
-        keep = []
-        for step in steps:
-            rows = torch.nonzero(self.steps == step).flatten()
-            if samples_per_step is not None and len(rows) > samples_per_step:
-                rows = rows[torch.randperm(len(rows), generator=generator)[:samples_per_step]].sort().values
-            keep.append(rows)
-        return self.subset(torch.cat(keep))
+
+        def rows_of(chosen: list[int]) -> torch.Tensor:
+            keep = []
+            for step in chosen:
+                rows = torch.nonzero(self.steps == step).flatten()
+                if samples_per_step is not None and len(rows) > samples_per_step:
+                    rows = rows[torch.randperm(len(rows), generator=generator)[:samples_per_step]].sort().values
+                keep.append(rows)
+            return torch.cat(keep)
+
+        picked = self.subset(rows_of(steps))
+        others = [step for step in recorded if step not in set(steps)]
+        if keep_range_steps:
+            ranges = [self.subset(rows_of(others))] if others else []
+            ranges += [self.range_steps] if self.range_steps is not None else []
+            picked.range_steps = CalibrationSet.concat(ranges) if ranges else None
+        return picked
 
     # -- checks --------------------------------------------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` naming the problem if the data has NaN/Inf or does not fit ``model``."""
+        """Raise ``ValueError`` naming the problem if the data (``range_steps`` included) has NaN/Inf or does not fit
+        ``model``."""
+        if self.range_steps is not None:
+            self.range_steps.validate(model)
         for key, value in {**self.inputs, **self.constants}.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise ValueError(
@@ -259,6 +302,9 @@ class CalibrationSet:
         tensors = {f"inputs{_SEP}{k}": v.contiguous() for k, v in self.inputs.items()}
         tensors.update({f"constants{_SEP}{k}": v.contiguous() for k, v in self.constants.items()})
         tensors["steps"] = self.steps.contiguous()
+        if self.range_steps is not None:  # same settings and constants as the calibrated rows
+            tensors.update({f"{_RANGE}inputs{_SEP}{k}": v.contiguous() for k, v in self.range_steps.inputs.items()})
+            tensors[f"{_RANGE}steps"] = self.range_steps.steps.contiguous()
         meta = {
             "version": str(CALIBRATION_VERSION),
             "sample_key": self.sample_key,
@@ -306,16 +352,22 @@ class CalibrationSet:
         def prefixed(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-        return cls(
-            prefixed(f"inputs{_SEP}"),
-            tensors["steps"],
-            meta["sample_key"],
-            meta["timestep_key"],
-            json.loads(meta["static"]),
-            json.loads(meta["timestep_is_int"]),
-            prefixed(f"constants{_SEP}"),
-            tuple(json.loads(meta.get("timestep_shape", "[-1]"))),  # sets saved before it was recorded: [N]
-        )
+        def rows(inputs: dict[str, torch.Tensor], steps: torch.Tensor) -> "CalibrationSet":
+            return cls(
+                inputs,
+                steps,
+                meta["sample_key"],
+                meta["timestep_key"],
+                json.loads(meta["static"]),
+                json.loads(meta["timestep_is_int"]),
+                prefixed(f"constants{_SEP}"),
+                tuple(json.loads(meta.get("timestep_shape", "[-1]"))),  # sets saved before it was recorded: [N]
+            )
+
+        calib = rows(prefixed(f"inputs{_SEP}"), tensors["steps"])
+        if f"{_RANGE}steps" in tensors:
+            calib.range_steps = rows(prefixed(f"{_RANGE}inputs{_SEP}"), tensors[f"{_RANGE}steps"])
+        return calib
 
 
 class CalibrationRecorder:

@@ -44,7 +44,7 @@ class Sensitivity:
 def _probe(x: torch.Tensor, bits: int, symmetric: bool, axis: int | None) -> torch.Tensor:
     scale, zero_point = search_minmax(x.detach().float(), bits, symmetric, axis=axis)
     qmin, qmax = qrange(bits, symmetric)
-    return fake_quantize(x, scale.to(x.dtype), zero_point.to(x.dtype), qmin, qmax)
+    return fake_quantize(x, scale, zero_point, qmin, qmax)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,14 @@ def _model_config(model: nn.Module) -> dict[str, Any] | None:
     return None if config is None else json.loads(json.dumps(dict(config), default=list))
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model was cast to: that of most of its floating-point parameters and deployed biases (the
+    integer-grid tables stay fp32 whatever it is)."""
+    dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    dtypes += [m.bias.dtype for m in model.modules() if isinstance(m, DeployedLayer) and m.bias is not None]
+    return Counter(dtypes).most_common(1)[0][0] if dtypes else torch.float32
+
+
 def save_deployed(model: nn.Module, directory: str | Path) -> Path:
     """Write a deployed denoiser (``convert``'s output) to ``directory``; returns the folder."""
     if not is_deployed(model):
@@ -110,6 +119,7 @@ def save_deployed(model: nn.Module, directory: str | Path) -> Path:
         "schedule": h.schedule.to_dict(),
         "method": h.method,
         "backend": h.extra[DEPLOYED_KEY]["backend"],
+        "dtype": str(_model_dtype(model)).removeprefix("torch."),
         "layers": {n: m.spec() for n, m in model.named_modules() if isinstance(m, DeployedLayer)},
         "attention": {n: m.processor.spec() for n, m in model.named_modules()
                       if isinstance(getattr(m, "processor", None), DeployedOperands)},
@@ -189,9 +199,7 @@ def _layer(spec: dict[str, Any], state: TimestepState, backend: Backend) -> Depl
     g = spec["geometry"]
     if spec["kind"] == "linear":
         return DeployedLinear(g["in_features"], g["out_features"], **common)
-    return DeployedConv(g["dims"], g["in_channels"], g["out_channels"], tuple(g["kernel_size"]), tuple(g["stride"]),
-                        g["padding"] if isinstance(g["padding"], str) else tuple(g["padding"]), tuple(g["dilation"]),
-                        g["groups"], g["padding_mode"], **common)
+    return DeployedConv.from_geometry(g, **common)
 
 
 def _attention(spec: dict[str, Any], state: TimestepState, backend: Backend) -> DeployedOperands:
@@ -228,6 +236,7 @@ def load_deployed(directory: str | Path, model: nn.Module | None = None, *, devi
     if "sdpa" in meta:  # intercepted SDPA calls: the same routing, deployed sites
         sites = [_attention(spec, state, backend) for spec in meta["sdpa"]["sites"]]
         install_sdpa_quantizers(model, meta["sdpa"]["owners"], sites, meta["attention"])
+    model.to(getattr(torch, meta.get("dtype", "float32")))  # the saved model's dtype (the tables stay fp32)
     model.to_empty(device=device)
     try:
         tensors = load_file(str(directory / WEIGHTS_NAME), device=str(device))

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from ..fp8 import fp8_codes
 from ..kernels import ops
 from ..kernels.reference import code_offset, pack_int4
-from ..nn import (ActQuantizer, QuantAttnProcessor, QuantConv1d, QuantConv2d, QuantFluxAttnProcessor,
-                  QuantJointAttnProcessor, QuantLayerMixin, QuantLinear, WeightQuantizer)
+from ..nn import (ActQuantizer, QuantAttnProcessor, QuantFluxAttnProcessor, QuantJointAttnProcessor, QuantLayerMixin,
+                  QuantLinear, WeightQuantizer)
 from ..nn.attention import OperandQuantizers
 from ..nn.sdpa import SDPA_ATTR, AttentionSite
 from ..prepare import DEPLOYED_KEY, HANDLE_ATTR, handle, quant_layers
@@ -76,13 +77,14 @@ def _weight_integers(quantizer: WeightQuantizer, weight: torch.Tensor, name: str
 
 
 def _operand(weight: torch.Tensor, wq: WeightQuantizer, aq: ActQuantizer, state: TimestepState,
-             name: str) -> QuantizedOperand:
-    """Integer form of one input segment: ``weight`` ``[N, C, ...]`` with its weight and activation quantizers."""
+             name: str, flip: bool = False) -> QuantizedOperand:
+    """Integer form of one input segment: ``weight`` ``[N, C, ...]`` with its weight and activation quantizers;
+    ``flip``: store channels-last weights spatially flipped (transposed convs run as plain convs, ``DeployedConv``)."""
     if wq.bits > 8 or aq.bits > 8:
         raise ValueError(f"layer {name}: convert supports up to 8-bit weights and activations "
                          f"(got W{wq.bits}A{aq.bits}); keep such layers in fake quantization")
     if wq.fp8 or aq.fp8:
-        return _fp8_operand(weight, wq, aq, state, name)
+        return _fp8_operand(weight, wq, aq, state, name, flip)
     n = weight.shape[0]
     integers = _weight_integers(wq, weight, name)  # [N, 1|G, ...] view layout
     groups = integers.shape[1] if wq.spec.granularity == "group" else 1
@@ -92,6 +94,8 @@ def _operand(weight: torch.Tensor, wq: WeightQuantizer, aq: ActQuantizer, state:
         scale, zero = scale.expand(n), zero.expand(n)
     scale, zero = scale.reshape(n, groups).float(), zero.reshape(n, groups).float()
     integers = integers.reshape(weight.shape)
+    if flip and groups == 1:
+        integers = integers.flip(dims=tuple(range(2, integers.ndim)))
     # grouped weights keep the flattened input order (their groups run along it); others go channels-last
     values = integers.reshape(n, 1, -1) if groups > 1 else _layout(integers)
     taps, channels = values.shape[1], values.shape[2]
@@ -119,16 +123,17 @@ def _operand(weight: torch.Tensor, wq: WeightQuantizer, aq: ActQuantizer, state:
 
 
 def _fp8_operand(weight: torch.Tensor, wq: WeightQuantizer, aq: ActQuantizer, state: TimestepState,
-                 name: str) -> QuantizedOperand:
+                 name: str, flip: bool = False) -> QuantizedOperand:
     """FP8 form of one input segment: e4m3 weight codes (the fake quantizer's values exactly: ``codes * scale``) and
-    the activations' per-timestep e4m3 scales."""
+    the activations' per-timestep e4m3 scales (``flip`` as in ``_operand``)."""
     if not (wq.fp8 and aq.fp8):
         raise ValueError(f"layer {name}: FP8 runs with FP8 weights and activations together (W{wq.bits}A{aq.bits} "
                          "mixes grids); quantize with the W8A8-FP8 preset")
     n = weight.shape[0]
     scale = wq.scale.reshape(-1).float()
     scale = scale.expand(n) if scale.numel() == 1 else scale
-    codes = _layout(fp8_codes(weight.detach(), wq.scale))  # [N, taps, C]
+    weight = weight.detach().flip(dims=tuple(range(2, weight.ndim))) if flip else weight.detach()
+    codes = _layout(fp8_codes(weight, wq.scale))  # [N, taps, C]
     operand = QuantizedOperand(
         rows=aq.num_rows, act_channels=aq.scale.shape[1], act_range=(-448, 448), out_channels=n, taps=codes.shape[1],
         channels=codes.shape[2], weight_bits=8, weight_groups=1, state=state, fp8=True,
@@ -147,16 +152,19 @@ def deploy_layer(layer: QuantLayerMixin, state: TimestepState, backend: Backend,
         raise ValueError(f"layer {name} has quantization switched off; switch it on "
                          "(questdiff.set_quant_state(model, True, True)) before convert")
     acts = {"weight_quantizer": layer.act_quantizer, "weight_quantizer_skip": layer.act_quantizer_skip}
-    operands = [_operand(w.detach(), getattr(layer, attr), acts[attr], state, name) for attr, w in layer.weight_halves()]
+    transposed = isinstance(layer, _ConvNd) and layer.transposed
+    operands = [_operand(w.detach(), getattr(layer, attr), acts[attr], state, name, flip=transposed)
+                for attr, w in layer.weight_halves()]
     bias = None if layer.bias is None else layer.bias.detach().clone()
     common = {"operands": operands, "split": layer.split, "bias": bias, "backend": backend, "rotation": layer.rotation}
     if isinstance(layer, QuantLinear):
         return DeployedLinear(layer.in_features, layer.out_features, **common)
-    if isinstance(layer, (QuantConv1d, QuantConv2d)):
-        return DeployedConv(2 if isinstance(layer, QuantConv2d) else 1, layer.in_channels, layer.out_channels,
-                            layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups,
-                            layer.padding_mode, **common)
-    raise NotImplementedError(f"layer {name}: convert does not pack {type(layer).__name__} yet")
+    if not isinstance(layer, _ConvNd):
+        raise ValueError(f"layer {name}: convert cannot pack a {type(layer).__name__}; keep the model in fake "
+                         "quantization (questdiff.save)")
+    return DeployedConv(len(layer.kernel_size), layer.in_channels, layer.out_channels, layer.kernel_size,
+                        layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode,
+                        transposed=transposed, output_padding=layer.output_padding if transposed else None, **common)
 
 
 def fake_quant_leftovers(model: nn.Module) -> list[str]:
@@ -198,23 +206,23 @@ def convert(model: nn.Module, backend: Backend = "auto") -> nn.Module:
     Weights become int8 codes (packed two per byte at 4 bits) with their scales; activation scales become static
     per-timestep tables; q/k/v/softmax-output quantization runs in the 8-bit attention kernel. ``backend="auto"``
     runs the Triton kernels on CUDA and the pure-torch reference elsewhere (CPU), ``"reference"`` always the
-    reference, ``"triton"`` requires a GPU. Layers whose grids no GEMM can apply (per-channel activations, grouped
-    weights, Conv1d, dilated or grouped convs) and attention with masks run *simulated* (dequantized, exact but not
-    faster); convert warns naming them. Rotated layers (``ActivationSpec.rotation``: per-tensor 4-bit activations)
-    keep their rotation and run the kernels on the rotated input.
+    reference, ``"triton"`` requires a GPU. Every Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d (any stride,
+    padding, padding mode, dilation and groups) runs on the kernels (``DeployedConv``), except layers whose grids
+    no GEMM can apply (per-channel activations, per-group weight scales): those and attention with masks run
+    *simulated* (dequantized, exact but not faster); convert warns naming them. Rotated layers
+    (``ActivationSpec.rotation``: per-tensor 4-bit activations) keep their rotation and run the kernels on the
+    rotated input.
 
-    Raises ``ValueError`` if the model is not quantized, already converted, or has quantization switched off.
+    Raises ``ValueError`` naming the layer, before changing the model, if a layer cannot be packed (more than 8
+    bits); and if the model is not quantized, already converted, or has quantization switched off.
     """
     h = handle(model)
     if DEPLOYED_KEY in h.extra:
         raise ValueError("the model is already converted")
     _check_backend(model, backend)
     simulated: list[str] = []
-    for name, layer in quant_layers(model).items():
-        try:
-            deployed = deploy_layer(layer, h.state, backend, name)
-        except NotImplementedError:
-            continue  # stays a fake-quant layer: listed with the other leftovers below
+    deployed_layers = {name: deploy_layer(layer, h.state, backend, name) for name, layer in quant_layers(model).items()}
+    for name, deployed in deployed_layers.items():  # all built first: a refused layer leaves the model unchanged
         model.set_submodule(name, deployed)
         if not deployed.runs_kernels:
             simulated.append(name)

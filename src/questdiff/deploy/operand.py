@@ -186,11 +186,17 @@ class QuantizedOperand(Fp32Tables):
         return ((grouped + offset[:, :, None]) * self.weight_scale[:, :, None]).reshape(n, self.taps, self.channels)
 
     # -- kernels -----------------------------------------------------------------------------------------------
-    def _weight_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor,
-                                    torch.Tensor | None]:
-        offset = self.weight_offset[:, 0] if self.weight_offset is not None and self.weight_offset_used else None
-        zero = None if self.weight_zero is None else self.weight_zero[:, 0]
-        return self.weight, self.weight_scale[:, 0], offset, self.weight_sum, zero
+    def _weight_args(self, rows: slice = slice(None), taps: slice = slice(None)) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Kernel weight arguments of output channels ``rows`` and kernel taps ``taps`` (all by default)."""
+        offset = self.weight_offset[rows, 0] if self.weight_offset is not None and self.weight_offset_used else None
+        zero = None if self.weight_zero is None else self.weight_zero[rows, 0]
+        weight = self.weight[rows, taps]
+        if taps == slice(None):
+            weight_sum = self.weight_sum[rows]
+        else:  # the sum over these taps only (rare: Conv3d depth taps)
+            weight_sum = reference.weight_integers(weight, zero).flatten(1).sum(dim=1).float()
+        return weight, self.weight_scale[rows, 0], offset, weight_sum, zero
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                use_triton: bool) -> torch.Tensor:
@@ -202,14 +208,19 @@ class QuantizedOperand(Fp32Tables):
                      self.act.rows(x.device), sw, ow, wsum, wz, sums, bias, res, x.dtype, use_triton)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def conv2d(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-               kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-               dilation: tuple[int, int], use_triton: bool) -> torch.Tensor:
-        """``x [B, C, H, W]`` -> ``[B, N, Ho, Wo]`` on the implicit-GEMM kernel, in ``x``'s memory format
-        (channels-last in, channels-last out; else contiguous NCHW, as cuDNN does), so the next op copies nothing."""
-        codes, sums = self.act.tokens(x, True, self.weight_offset_used, use_triton)
-        w, sw, ow, wsum, wz = self._weight_args()
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return ops.conv2d(codes, w, self.act.scale[:, 0], self.act.offset[:, 0], self.act.rows(x.device), sw, ow,
+    def conv2d(self, codes: torch.Tensor, sums: torch.Tensor | None, bias: torch.Tensor | None,
+               residual: torch.Tensor | None, kernel_size: tuple[int, int], stride: tuple[int, int],
+               padding: tuple[int, int], dilation: tuple[int, int], out_dtype: torch.dtype, channels_last: bool,
+               use_triton: bool, rows: slice = slice(None), taps: slice = slice(None)) -> torch.Tensor:
+        """Activation codes ``[B, C, H, W]`` (``act.tokens``: channels last) -> ``[B, N, Ho, Wo]`` on the
+        implicit-GEMM kernel, in channels-last memory or, with ``channels_last=False``, contiguous NCHW (the model's
+        layout: the next op copies nothing), with output channels ``rows`` and kernel taps ``taps`` of the weight (all
+        by default: deployed layers take a part of it for grouped convs and Conv3d depth taps). ``sums``: the codes'
+        per-pixel sums over ``C`` ``[B * H * W]`` from the quantize step, which 8-bit weights with an offset need
+        (``None``: summed here)."""
+        w, sw, ow, wsum, wz = self._weight_args(rows, taps)
+        if ow is not None and sums is None:
+            sums = codes.sum(dim=1, dtype=torch.int32).reshape(-1)
+        return ops.conv2d(codes, w, self.act.scale[:, 0], self.act.offset[:, 0], self.act.rows(codes.device), sw, ow,
                           wsum, wz, sums, bias, residual, list(kernel_size), list(stride), list(padding),
-                          list(dilation), x.dtype, channels_last, use_triton)
+                          list(dilation), out_dtype, channels_last, use_triton)

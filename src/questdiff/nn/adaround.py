@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import WeightSpec
+from ..primitives import grid_dtype
 from .quantizer import WeightQuantizer
 
 ZETA = 1.1
@@ -94,9 +95,10 @@ class AdaRoundQuantizer(WeightQuantizer):
         self.alpha = None
 
     def quantize_view(self, w: torch.Tensor) -> torch.Tensor:
-        rounding = self.rounding().to(w.dtype)
-        q = torch.clamp(floor_ste(w / self.scale) + rounding + self.zero_point, self.qmin, self.qmax)
-        return (q - self.zero_point) * self.scale
+        dtype = grid_dtype(w.dtype)  # integers from the exact fp32 weight, as WeightQuantizer (primitives)
+        scale, zero_point = self.scale.to(dtype), self.zero_point.to(dtype)
+        q = torch.clamp(floor_ste(w.to(dtype) / scale) + self.rounding().to(dtype) + zero_point, self.qmin, self.qmax)
+        return ((q - zero_point) * scale).to(w.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", adaround={'soft' if self.soft else 'hard'}"

@@ -235,7 +235,7 @@ def holds_quant_layer(module: nn.Module) -> bool:
     return any(isinstance(m, QuantLayerMixin) or is_quantizable(m) for m in module.modules())
 
 
-def _swap_io(weight: torch.Tensor, groups: int) -> torch.Tensor:
+def swap_io(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """``[A, B/groups, *k]`` <-> ``[B, A/groups, *k]`` (a transposed conv's weight <-> its output-major view)."""
     return weight.unflatten(0, (groups, -1)).transpose(1, 2).flatten(0, 1)
 
@@ -245,7 +245,7 @@ def quant_layout(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     or back: the identity, except for transposed convs (whose in/out axes it swaps; applying it twice restores the
     weight)."""
     if isinstance(module, _ConvNd) and module.transposed:
-        return _swap_io(weight, module.groups)
+        return swap_io(weight, module.groups)
     return weight
 
 

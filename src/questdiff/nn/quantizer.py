@@ -5,10 +5,13 @@
   ``[T, *scale_shape]`` (T = calibrated timesteps); forward indexes the active row of the shared
   ``TimestepState`` (or one row per sample when a batch mixes timesteps), so gradients reach only the rows in use
   and state_dict / .to() / optimizers need no special cases.
+
+Both keep their scales and zero points in fp32 (or wider) when the model is cast to bf16 / fp16 (``GridState``): they
+define the integer grids, which a bf16 copy of a scale would move away from the deployed kernels' fp32 tables.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -17,6 +20,25 @@ from ..config import ActivationSpec, WeightSpec
 from ..fp8 import fake_quantize_fp8
 from ..primitives import fake_quantize, qrange, to_groups
 from ..timestep import TimestepError, TimestepState
+
+
+class GridState(nn.Module):
+    """A module whose floating-point parameters and buffers (and their gradients) never become narrower than fp32:
+    ``model.to(torch.bfloat16)`` / ``.half()`` moves them to the new device only (``.double()`` does widen them)."""
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "GridState":  # type: ignore[override]
+        tensors = {**self._parameters, **self._buffers}
+        # ``.data``: the fp32 storage itself (``_apply`` may re-point a Parameter's data in place)
+        kept = {name: (t.data, None if t.grad is None else t.grad.data) for name, t in tensors.items()
+                if t is not None and t.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, (old, grad) in kept.items():
+            new = self._parameters[name] if name in self._parameters else self._buffers[name]
+            if new is not None and new.is_floating_point() and torch.finfo(new.dtype).bits < 32:
+                new.data = old.to(new.device)
+                if grad is not None:
+                    new.grad = grad.to(new.device)
+        return self
 
 
 def weight_scale_shape(weight_shape: torch.Size | tuple[int, ...], spec: WeightSpec) -> tuple[int, ...]:
@@ -33,7 +55,7 @@ def weight_scale_shape(weight_shape: torch.Size | tuple[int, ...], spec: WeightS
     return (weight_shape[0], k // spec.group_size, 1)
 
 
-class WeightQuantizer(nn.Module):
+class WeightQuantizer(GridState):
     """Fake-quantizes a weight ``[C_out, ...]`` with round-to-nearest (straight-through gradient to the weight).
 
     Buffers ``scale`` / ``zero_point`` are shaped by ``weight_scale_shape``; they stay fixed during finetuning
@@ -90,7 +112,7 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.spec.bits}, symmetric={self.spec.symmetric}, granularity={self.spec.granularity}"
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(GridState):
     """Time-step-aware activation fake-quantizer.
 
     Args:
@@ -157,20 +179,20 @@ class ActQuantizer(nn.Module):
         self.zero_point[index].copy_(zero_point.reshape(-1).to(self.zero_point.dtype))
 
     def row_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale, zero_point)`` of the active row(s), broadcastable against ``x``.
+        """``(scale, zero_point)`` of the active row(s), broadcastable against ``x`` (fp32: ``fake_quantize`` computes
+        the integers in fp32 whatever ``x``'s dtype).
 
         A batch mixing timesteps (``state.rows`` set, ``[B]``) gets one row per sample: ``[B', ...]`` with the
         batch's leading dim ``B' = k * B`` (attention folds heads into the batch sample-major, so each row repeats
         ``k`` times). So do rows found on the device (``state.device_rows``, ``[R]``: a deployed model's fake-quant
-        leftovers). They come in ``compute_dtype(x.dtype)``."""
+        leftovers). They come in fp32: the fake quantizers compute the integers in fp32 whatever ``x``'s dtype."""
         rows = None
         if self.num_rows > 1:  # per-sample rows: a mixed batch, or rows found on the device (deployed models)
             rows = self._state.rows if self._state.rows is not None else self._state.device_rows
         shape = self.broadcast_shape(x)
-        dtype = compute_dtype(x.dtype)
         if rows is None:
             i = self.row_index()
-            return self.scale[i].reshape(shape).to(dtype), self.zero_point[i].reshape(shape).to(dtype)
+            return self.scale[i].reshape(shape), self.zero_point[i].reshape(shape)
         repeat, rest = divmod(x.shape[0], len(rows))
         if rest or not repeat:
             raise TimestepError(f"an input of batch {x.shape[0]} cannot take per-sample rows for {len(rows)} timesteps: "
@@ -179,7 +201,7 @@ class ActQuantizer(nn.Module):
         if repeat > 1:
             rows = rows.repeat_interleave(repeat)
         shape[0] = x.shape[0]
-        return self.scale[rows].reshape(shape).to(dtype), self.zero_point[rows].reshape(shape).to(dtype)
+        return self.scale[rows].reshape(shape), self.zero_point[rows].reshape(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.frozen(x)(x)
@@ -195,20 +217,12 @@ class ActQuantizer(nn.Module):
         if self.fp8:  # computes in fp32 and returns like's dtype itself
             return lambda x: fake_quantize_fp8(x, scale)
         qmin, qmax = self.qmin, self.qmax
-        if scale.dtype == like.dtype:
-            return lambda x: fake_quantize(x, scale, zero_point, qmin, qmax)
-        return lambda x: fake_quantize(x.to(scale.dtype), scale, zero_point, qmin, qmax).to(x.dtype)
+        return lambda x: fake_quantize(x, scale, zero_point, qmin, qmax)
 
     def extra_repr(self) -> str:
         kind = "channel" if self.per_channel else "tensor"
         grid = "fp8 e4m3" if self.fp8 else f"bits={self.bits}, symmetric={self.symmetric}"
         return f"{grid}, rows={self.num_rows}, per={kind}"
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype activation fake quantization runs in for inputs of ``dtype``: fp16/bf16 inputs are quantized in
-    fp32 (``x / scale`` rounded in half precision would move values across rounding boundaries), then cast back."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
