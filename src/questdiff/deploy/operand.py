@@ -11,28 +11,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..fp8 import FP8_DTYPE, fake_quantize_fp8
+from ..nn.quantizer import GridState
 from ..kernels import ops, reference
 from ..timestep import TimestepState
 
-# buffers that must keep fp32 whatever dtype the model is cast to: they define the integer grids
-FP32_BUFFERS = ("scale", "shift", "offset", "weight_scale", "weight_offset", "weight_sum")
+class Fp32Tables(GridState):
+    """The deployed tables: their fp32 buffers stay exactly fp32 (the kernels read them as such) and their FP8 codes
+    e4m3 through ``model.to(dtype)`` / ``.half()`` / ``.double()``; only their device moves."""
 
-
-class Fp32Tables(nn.Module):
-    """Keeps the ``FP32_BUFFERS`` it owns in fp32, and FP8 codes in e4m3, through ``model.to(dtype)`` / ``.half()``;
-    only their device moves."""
-
-    def _apply(self, fn: Any, recurse: bool = True) -> "Fp32Tables":  # type: ignore[override]
-        kept = {name: t for name, t in self._buffers.items()
-                if t is not None and (name in FP32_BUFFERS or t.dtype == FP8_DTYPE)}
-        super()._apply(fn, recurse)
-        for name, old in kept.items():
-            moved = self._buffers[name]
-            self._buffers[name] = old.to(device=moved.device) if moved is not None else None
-        return self
+    exact_fp32 = True
 
 
 class ActTable(Fp32Tables):

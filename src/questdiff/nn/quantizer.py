@@ -17,24 +17,30 @@ import torch
 from torch import nn
 
 from ..config import ActivationSpec, WeightSpec
-from ..fp8 import fake_quantize_fp8
+from ..fp8 import FP8_DTYPE, fake_quantize_fp8
 from ..primitives import fake_quantize, qrange, to_groups
 from ..timestep import TimestepError, TimestepState
 
 
 class GridState(nn.Module):
     """A module whose floating-point parameters and buffers (and their gradients) never become narrower than fp32:
-    ``model.to(torch.bfloat16)`` / ``.half()`` moves them to the new device only (``.double()`` does widen them)."""
+    ``model.to(torch.bfloat16)`` / ``.half()`` moves them to the new device only (``.double()`` does widen them,
+    unless ``exact_fp32``: the deployed tables, which the kernels read as fp32). FP8 codes keep their e4m3 dtype."""
+
+    exact_fp32 = False
 
     def _apply(self, fn: Any, recurse: bool = True) -> "GridState":  # type: ignore[override]
         tensors = {**self._parameters, **self._buffers}
-        # ``.data``: the fp32 storage itself (``_apply`` may re-point a Parameter's data in place)
+        # ``.data``: the storage itself (``_apply`` may re-point a Parameter's data in place)
         kept = {name: (t.data, None if t.grad is None else t.grad.data) for name, t in tensors.items()
-                if t is not None and t.dtype == torch.float32}
+                if t is not None and t.dtype in (torch.float32, FP8_DTYPE)}
         super()._apply(fn, recurse)
         for name, (old, grad) in kept.items():
             new = self._parameters[name] if name in self._parameters else self._buffers[name]
-            if new is not None and new.is_floating_point() and torch.finfo(new.dtype).bits < 32:
+            if new is None or new.dtype == old.dtype:
+                continue
+            narrower = new.is_floating_point() and torch.finfo(new.dtype).bits < 32
+            if old.dtype == FP8_DTYPE or narrower or self.exact_fp32:
                 new.data = old.to(new.device)
                 if grad is not None:
                     new.grad = grad.to(new.device)
