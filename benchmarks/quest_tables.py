@@ -186,11 +186,13 @@ def reference_for(name: str | None, pipe: Any, args: argparse.Namespace) -> Refe
 
 # -- quantization ------------------------------------------------------------------------------------------------------
 def preset_label(preset_name: str, args: argparse.Namespace) -> str:
-    """The rows' preset column and work folder: ``W4A4``, ``W4A4-rot64`` with ``--rotate 64``, ``W4A4-tensor`` /
-    ``W4A4-channel`` with ``--act-granularity``, ``W4A4-qkvp`` with ``--attention qkvp``."""
+    """The rows' preset column and work folder: ``W4A4``, ``W4A4-smooth0.5`` with ``--smooth 0.5``, ``W4A4-rot64``
+    with ``--rotate 64``, ``W4A4-tensor`` / ``W4A4-channel`` with ``--act-granularity``, ``W4A4-qkvp`` with
+    ``--attention qkvp``."""
+    smooth = f"-smooth{args.smooth:g}" if args.smooth else ""
     granularity = f"-{args.act_granularity}" if args.act_granularity else ""
     attention = f"-{args.attention}" if args.attention else ""
-    return preset_name + (f"-rot{args.rotate}" if args.rotate else "") + granularity + attention
+    return preset_name + smooth + (f"-rot{args.rotate}" if args.rotate else "") + granularity + attention
 
 
 def variant_config(preset_name: str, variant: Variant, args: argparse.Namespace) -> QuantConfig:
@@ -198,6 +200,8 @@ def variant_config(preset_name: str, variant: Variant, args: argparse.Namespace)
     changes: dict[str, Any] = {}
     if args.rotate:
         changes["rotation"] = args.rotate
+    if args.smooth:
+        changes["smoothing"] = args.smooth
     if args.act_granularity:
         changes["channelwise"] = args.act_granularity == "channel"
     if changes:
@@ -324,6 +328,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rotate", type=int, default=None, metavar="B",
                    help="rotate every quantized layer's input channels in Hadamard blocks of B (a power of two; "
                         "ActivationSpec.rotation); rows read e.g. W4A4-rot64 (default: no rotation)")
+    p.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant-smooth every quantized layer's input with migration strength ALPHA in (0, 1] "
+                        "(ActivationSpec.smoothing); rows read e.g. W4A4-smooth0.5 (default: no smoothing)")
     p.add_argument("--act-granularity", default=None, choices=["tensor", "channel"],
                    help="activation grids per tensor or per input channel (default: the preset's rule, per channel at "
                         "4 bits unless --rotate); rows read e.g. W4A4-tensor")
@@ -342,6 +349,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ActivationSpec(rotation=args.rotate)
         except ValueError as err:
             p.error(f"--rotate {args.rotate}: {err}")
+    if args.smooth is not None:
+        try:
+            ActivationSpec(smoothing=args.smooth)
+        except ValueError as err:
+            p.error(f"--smooth {args.smooth}: {err}")
     quick = {"num_samples": 16, "calib_samples": 2, "calib_steps": 2, "steps": 4, "recon_iters": 2, "tla_epochs": 1, "cma_epochs": 1}
     full = {"num_samples": 2048, "calib_samples": 256, "calib_steps": 20}
     for key, value in (quick if args.quick else full).items():
@@ -362,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = {k: getattr(args, k) for k in ("presets", "num_samples", "calib_samples", "calib_steps", "steps",
                                               "recon_iters", "tla_epochs", "cma_epochs", "tla_batch", "cma_batch", "order", "seed", "device",
-                                              "autocast", "cma_critical", "cma_top_k", "rotate", "act_granularity", "attention")}
+                                              "autocast", "cma_critical", "cma_top_k", "rotate", "smooth", "act_granularity", "attention")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "quest_tables-quick" if args.quick else "quest_tables"

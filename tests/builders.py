@@ -17,6 +17,10 @@ from questdiff.config import W4A4, ActivationSpec
 
 # W4A4 with input channels rotated in blocks of 8 (every tiny-model layer but conv_in divides): per-tensor 4-bit grids
 ROTATED_W4A4 = W4A4.replace(activation=ActivationSpec(bits=4, rotation=8), name="W4A4-rot8")
+# W4A4 with SmoothQuant smoothing folded into the weights (per-tensor 4-bit grids), alone and before the rotation
+SMOOTHED_W4A4 = W4A4.replace(activation=ActivationSpec(bits=4, smoothing=0.5), name="W4A4-smooth")
+SMOOTHED_ROTATED_W4A4 = W4A4.replace(activation=ActivationSpec(bits=4, smoothing=0.5, rotation=8),
+                                     name="W4A4-smooth-rot8")
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "shoe", "bag", "shirt", "small", "big"]
 

@@ -65,8 +65,9 @@ def _read_prompts(path: str | None) -> list[str] | None:
     return lines
 
 
-def _preset(name: str, rotate: int | None = None) -> Any:
-    """The ``QuantConfig`` of ``--preset`` (with ``--rotate``'s input-channel rotation); raises naming the option."""
+def _preset(name: str, rotate: int | None = None, smooth: float | None = None) -> Any:
+    """The ``QuantConfig`` of ``--preset`` (with ``--rotate``'s input-channel rotation and ``--smooth``'s smoothing);
+    raises naming the option."""
     import dataclasses
 
     from .config import resolve
@@ -75,12 +76,14 @@ def _preset(name: str, rotate: int | None = None) -> Any:
         config = resolve(name)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"--preset {name!r}: {err}") from None  # the config's message names the fix
-    if rotate is None:
-        return config
-    try:
-        return config.replace(activation=dataclasses.replace(config.activation, rotation=rotate))
-    except ValueError as err:
-        raise ValueError(f"--rotate {rotate}: {err}") from None
+    for flag, field, value in (("--rotate", "rotation", rotate), ("--smooth", "smoothing", smooth)):
+        if value is None:
+            continue
+        try:
+            config = config.replace(activation=dataclasses.replace(config.activation, **{field: value}))
+        except ValueError as err:
+            raise ValueError(f"{flag} {value:g}: {err}") from None
+    return config
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -173,7 +176,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize_out import check_out
 
     start = time.perf_counter()
-    config = _preset(args.preset, args.rotate)
+    config = _preset(args.preset, args.rotate, args.smooth)
     options = _method_options(args)
     prompts = _read_prompts(args.prompts)
     device = resolve_device(args.device)
@@ -343,6 +346,10 @@ def _quantize_args(q: argparse.ArgumentParser) -> None:
                    help="rotate the input channels of every quantized layer by a randomized Hadamard matrix in blocks "
                         "of B (a power of two, e.g. 64; QuaRot-style): 4-bit activations become per tensor, a grid "
                         "the kernels run (default: no rotation; 4-bit activations per input channel, simulated)")
+    q.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant: divide every quantized layer's input channels by a calibrated s and fold s into "
+                        "the weight, with migration strength ALPHA in (0, 1], e.g. 0.5: 4-bit activations become per "
+                        "tensor, a grid the kernels run (default: no smoothing)")
     q.add_argument("--calib-samples", type=positive_int, default=64, help="sampling trajectories for calibration data")
     q.add_argument("--calib-steps", type=positive_int, default=None,
                    help="calibrated timesteps, uniformly strided, at most the sampler's steps (default: every sampler step)")

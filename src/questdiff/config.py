@@ -131,13 +131,19 @@ class ActivationSpec:
     outlier channels and quantizes well per tensor, a grid the GEMM kernels can apply. It applies to every quantized
     layer whose input channels divide (the 8-bit first/last layers included; the others are named in a warning).
     Attention q/k/v are not rotated: with ``rotation`` set and ``channelwise=None`` they are quantized per tensor
-    too, so that the attention kernel runs them."""
+    too, so that the attention kernel runs them.
+    ``smoothing=alpha`` divides every quantized layer's input channels by SmoothQuant's static
+    ``s = max|x|^alpha / max|W|^(1 - alpha)`` (from the calibration set, at the start of ``weight_init``) and folds
+    ``s`` into the weight (``questdiff.nn.smoothing``): outlier channels move into the weight, and 4-bit activations
+    become per tensor (with ``channelwise=None``), a grid the kernels run. Applied before the rotation if both are
+    set."""
 
     bits: int = 8
     symmetric: bool = False
     channelwise: bool | None = None
     scale_method: ActScaleMethod = "percentile"
     rotation: int | None = None
+    smoothing: float | None = None
     format: GridFormat = "int"
 
     def __post_init__(self) -> None:
@@ -151,12 +157,15 @@ class ActivationSpec:
         if self.rotation is not None and (self.rotation < 2 or self.rotation & (self.rotation - 1)):
             raise ConfigError(f"ActivationSpec.rotation must be a power of two >= 2 (the Hadamard block size, e.g. "
                               f"64), got {self.rotation}; use None for no rotation")
+        if self.smoothing is not None and not 0 < self.smoothing <= 1:
+            raise ConfigError(f"ActivationSpec.smoothing is SmoothQuant's migration strength alpha, in (0, 1] (e.g. "
+                              f"0.5), got {self.smoothing}; use None for no smoothing")
 
     @property
     def per_channel(self) -> bool:
         if self.channelwise is not None:
             return self.channelwise
-        return self.bits == 4 and self.rotation is None
+        return self.bits == 4 and self.rotation is None and self.smoothing is None
 
 
 def _check_format(format: str, bits: int, what: str) -> None:

@@ -4,6 +4,8 @@ processors and the timestep hook, and attach a ``QuantHandle`` that owns the con
 Structure only: quantizer parameters keep their neutral initial values until calibration fills them. The one change
 to the model's own weights: with ``ActivationSpec.rotation`` each rotated layer's weight is multiplied by its
 input-channel rotation in place (its float output is unchanged, since the layer rotates its input the same way).
+With ``ActivationSpec.smoothing`` each layer gets a ``ChannelSmoothing`` of ones here; ``weight_init`` fills it from
+the calibration data and folds it into the weight (``calibration/smoothing.py``).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from .digest import stats_digest
 from .nn import ActQuantizer, QuantLayerMixin, WeightQuantizer, wrap_layer
 from .nn.layers import is_quantizable, quant_layout
 from .nn.rotation import ChannelRotation
+from .nn.smoothing import ChannelSmoothing
 from .nn.sdpa import AttentionSite, install_sdpa_quantizers
 from .timestep import TimestepSchedule, TimestepState, install_timestep_hook
 
@@ -94,6 +97,7 @@ def _act_spec(config: QuantConfig, info: LayerInfo) -> ActivationSpec:
             channelwise=config.activation.per_channel,
             scale_method=config.activation.scale_method,
             rotation=config.activation.rotation,  # rotated too: their 8-bit per-tensor grid gains as well
+            smoothing=config.activation.smoothing,  # smoothed too, for the same reason
             format=config.activation.format if config.first_last_act_bits == 8 else "int",  # e4m3 is 8-bit only
         )
     return config.activation
@@ -115,6 +119,13 @@ def _rotate(layer: QuantLayerMixin, spec: ActivationSpec, shared: set[int]) -> s
         return "weight shared with another module"
     layer.rotate_inputs(ChannelRotation(channels, block, -1 if linear else 1))
     return None
+
+
+def _attach_smoothing(layer: QuantLayerMixin) -> None:
+    """Give ``layer`` its neutral ``ChannelSmoothing`` (``s = 1``); ``calibration/smoothing.py`` sets it."""
+    linear = isinstance(layer, nn.Linear)
+    channels = layer.in_features if linear else layer.in_channels  # type: ignore[union-attr]
+    layer.smoothing = ChannelSmoothing(channels, -1 if linear else 1).to(layer.weight.device)
 
 
 def _wrap(module: nn.Module, info: LayerInfo, config: QuantConfig, rows: int, state: TimestepState) -> QuantLayerMixin:
@@ -197,6 +208,8 @@ def prepare(
         # new quantizer parameters follow the layer's device and dtype
         wrapped = _wrap(layer, info, config, rows, state).to(layer.weight.device)
         model.set_submodule(name, wrapped)
+        if config.activation.smoothing is not None:
+            _attach_smoothing(wrapped)
         reason = _rotate(wrapped, _act_spec(config, info), shared)
         if reason:
             unrotated.append(f"{name} ({reason})")

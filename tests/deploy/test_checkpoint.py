@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 import questdiff as qd
-from builders import ROTATED_W4A4, tiny_unet2d
+from builders import ROTATED_W4A4, SMOOTHED_ROTATED_W4A4, tiny_unet2d
 from questdiff.deploy import DeployedLayer
 from questdiff.deploy.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 
-@pytest.mark.parametrize("preset", ["W8A8", ROTATED_W4A4], ids=["W8A8", "W4A4-rot8"])
+@pytest.mark.parametrize("preset", ["W8A8", ROTATED_W4A4, SMOOTHED_ROTATED_W4A4],
+                         ids=["W8A8", "W4A4-rot8", "W4A4-smooth-rot8"])
 def test_round_trip_is_bit_exact_without_the_base_model(arch, preset, deployed_pair, inputs, tmp_path):
     _, deployed = deployed_pair(arch, preset)
     qd.save_deployed(deployed, tmp_path)
@@ -24,11 +25,12 @@ def test_round_trip_is_bit_exact_without_the_base_model(arch, preset, deployed_p
             assert torch.equal(loaded(x, torch.tensor(t), **kwargs).sample, deployed(x, torch.tensor(t), **kwargs).sample)
     saved = {k: v for k, v in deployed.state_dict().items()}
     assert all(torch.equal(saved[k], v) for k, v in loaded.state_dict().items())
-    rotations = {n: m.rotation.spec() for n, m in loaded.named_modules()
-                 if isinstance(m, DeployedLayer) and m.rotation is not None}
-    assert rotations == {n: m.rotation.spec() for n, m in deployed.named_modules()
-                         if isinstance(m, DeployedLayer) and m.rotation is not None}
-    assert bool(rotations) == (preset is ROTATED_W4A4)
+    for transform in ("rotation", "smoothing"):
+        specs = {n: getattr(m, transform).spec() for n, m in loaded.named_modules()
+                 if isinstance(m, DeployedLayer) and getattr(m, transform) is not None}
+        assert specs == {n: getattr(m, transform).spec() for n, m in deployed.named_modules()
+                         if isinstance(m, DeployedLayer) and getattr(m, transform) is not None}
+        assert bool(specs) == (getattr(getattr(preset, "activation", None), transform, None) is not None)
 
 
 @pytest.mark.parametrize("preset,ratio", [("W8A8", 0.27), ("W4A8", 0.15)])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import questdiff as qd
-from builders import ROTATED_W4A4, tiny_cond_unet, tiny_unet2d
+from builders import ROTATED_W4A4, SMOOTHED_ROTATED_W4A4, SMOOTHED_W4A4, tiny_cond_unet, tiny_unet2d
 from fidelity import float_noise_floor, psnr
 from questdiff.deploy import DeployedLayer, is_deployed
 from questdiff.deploy.attention import DeployedAttnProcessor
@@ -14,7 +14,17 @@ from questdiff.deploy.convert import deploy_attention, deploy_layer
 from questdiff.prepare import handle, quant_layers
 
 
-@pytest.mark.parametrize("preset", ["W8A8", "W4A8", ROTATED_W4A4], ids=["W8A8", "W4A8", "W4A4-rot8"])
+PRESETS = ["W8A8", "W4A8", ROTATED_W4A4, SMOOTHED_W4A4, SMOOTHED_ROTATED_W4A4]
+PRESET_IDS = ["W8A8", "W4A8", "W4A4-rot8", "W4A4-smooth", "W4A4-smooth-rot8"]
+
+
+def _transforms(preset) -> tuple[bool, bool]:
+    """Whether ``preset`` rotates / smooths the layer inputs."""
+    activation = getattr(preset, "activation", None)
+    return (getattr(activation, "rotation", None) is not None, getattr(activation, "smoothing", None) is not None)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=PRESET_IDS)
 def test_every_deployed_layer_equals_its_fake_quant_layer(arch, preset, make_quantized, inputs):
     model = make_quantized(arch, preset)
     seen = {}
@@ -26,20 +36,21 @@ def test_every_deployed_layer_equals_its_fake_quant_layer(arch, preset, make_qua
     for hook in hooks:
         hook.remove()
     h = handle(model)
-    splits = rotations = 0
+    splits = rotations = smoothings = 0
     with torch.no_grad(), h.state.at_timestep(500):
         for name, layer in quant_layers(model).items():
             deployed = deploy_layer(layer, h.state, "auto", name)
             assert deployed.runs_kernels, name
             splits += bool(deployed.split)
             rotations += deployed.rotation is not None
+            smoothings += deployed.smoothing is not None
             inp, out = seen[name]
             torch.testing.assert_close(deployed(inp), out, rtol=1e-5, atol=1e-5 * float(out.abs().max()), msg=name)
     assert splits or arch is not tiny_unet2d  # the UNet2D has split skip convs: they were covered
-    assert bool(rotations) == (preset is ROTATED_W4A4)
+    assert (bool(rotations), bool(smoothings)) == _transforms(preset)
 
 
-@pytest.mark.parametrize("preset", ["W8A8", "W4A8", ROTATED_W4A4], ids=["W8A8", "W4A8", "W4A4-rot8"])
+@pytest.mark.parametrize("preset", PRESETS, ids=PRESET_IDS)
 def test_deployed_model_matches_fake_quant_model(arch, preset, deployed_pair, inputs):
     fake, deployed = deployed_pair(arch, preset)
     assert is_deployed(deployed) and not quant_layers(deployed)

@@ -33,6 +33,7 @@ from ..io_utils import atomic_write_text, ensure_writable_dir
 from ..prepare import handle, weights_digest
 from .activations import init_activations
 from .data import CalibrationSet
+from .smoothing import smooth_model
 from .timing import format_seconds
 from .weights import init_weights
 
@@ -396,6 +397,8 @@ def share_stages(source_dir: str | Path, target_dir: str | Path, method: str, up
 
 
 def _weights_stage(model: nn.Module, calib: CalibrationSet, ctx: StageContext) -> None:
+    if handle(model).config.activation.smoothing is not None:  # the weight grids are those of the smoothed weight
+        smooth_model(model, calib, ctx.device, ctx.batch_size, ctx.progress)
     init_weights(model)
 
 

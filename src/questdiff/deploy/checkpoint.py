@@ -27,6 +27,7 @@ from ..devices import check_device
 from ..folders import DEPLOYED_CONFIG, refuse_other_kind
 from ..io_utils import atomic_path, atomic_write_text, ensure_writable_dir
 from ..nn.rotation import ChannelRotation
+from ..nn.smoothing import ChannelSmoothing
 from ..nn.sdpa import SDPA_ATTR, install_sdpa_quantizers
 from ..prepare import HANDLE_ATTR, QuantHandle, handle
 from ..timestep import KEYS_ATTR, TimestepSchedule, TimestepState, install_device_timestep_hook
@@ -193,9 +194,11 @@ def _layer(spec: dict[str, Any], state: TimestepState, backend: Backend) -> Depl
     operands = [_operand(s, state) for s in spec["operands"]]
     out_channels = operands[0].weight.shape[0]
     rotation = spec.get("rotation")  # absent in checkpoints written before rotation existed
+    smoothing = spec.get("smoothing")  # likewise; its scale comes with the state
     common = {"operands": operands, "split": spec["split"], "backend": backend,
               "bias": torch.empty(out_channels) if spec["has_bias"] else None,
-              "rotation": None if rotation is None else ChannelRotation(**rotation)}
+              "rotation": None if rotation is None else ChannelRotation(**rotation),
+              "smoothing": None if smoothing is None else ChannelSmoothing(**smoothing)}
     g = spec["geometry"]
     if spec["kind"] == "linear":
         return DeployedLinear(g["in_features"], g["out_features"], **common)

@@ -156,7 +156,8 @@ def deploy_layer(layer: QuantLayerMixin, state: TimestepState, backend: Backend,
     operands = [_operand(w.detach(), getattr(layer, attr), acts[attr], state, name, flip=transposed)
                 for attr, w in layer.weight_halves()]
     bias = None if layer.bias is None else layer.bias.detach().clone()
-    common = {"operands": operands, "split": layer.split, "bias": bias, "backend": backend, "rotation": layer.rotation}
+    common = {"operands": operands, "split": layer.split, "bias": bias, "backend": backend, "rotation": layer.rotation,
+              "smoothing": layer.smoothing}
     if isinstance(layer, QuantLinear):
         return DeployedLinear(layer.in_features, layer.out_features, **common)
     if not isinstance(layer, _ConvNd):
@@ -211,7 +212,7 @@ def convert(model: nn.Module, backend: Backend = "auto") -> nn.Module:
     no GEMM can apply (per-channel activations, per-group weight scales): those and attention with masks run
     *simulated* (dequantized, exact but not faster); convert warns naming them. Rotated layers
     (``ActivationSpec.rotation``: per-tensor 4-bit activations) keep their rotation and run the kernels on the
-    rotated input.
+    rotated input; smoothed layers (``ActivationSpec.smoothing``) keep their smoothing likewise.
 
     Raises ``ValueError`` naming the layer, before changing the model, if a layer cannot be packed (more than 8
     bits); and if the model is not quantized, already converted, or has quantization switched off.

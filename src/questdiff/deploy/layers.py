@@ -6,7 +6,9 @@ convs, whose second half is added as the first half's residual in the GEMM epilo
 picks the kernels: ``"auto"`` runs Triton where it can (CUDA) and the pure-torch reference elsewhere,
 ``"reference"`` always runs the reference. A layer whose fake-quant twin rotates its input channels
 (``ActivationSpec.rotation``) keeps that ``ChannelRotation``: its weight codes are of the rotated weight, and it
-rotates its input (a float matmul per channel block) before taking the activation codes.
+rotates its input (a float matmul per channel block) before taking the activation codes. Likewise a smoothed layer
+(``ActivationSpec.smoothing``) keeps its ``ChannelSmoothing``, divides its input by ``s`` first (an elementwise op,
+which ``torch.compile`` fuses into the quantize step) and holds the codes of the smoothed weight.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from torch import nn
 from ..kernels import ops
 from ..nn.layers import swap_io
 from ..nn.rotation import ChannelRotation
+from ..nn.smoothing import ChannelSmoothing
 from .operand import QuantizedOperand
 
 Backend = Literal["auto", "triton", "reference"]
@@ -34,13 +37,15 @@ class DeployedLayer(nn.Module):
         bias: ``[N]`` or ``None``.
         backend: ``"auto"`` / ``"triton"`` / ``"reference"``.
         rotation: the input-channel rotation applied before quantization (``None``: none).
+        smoothing: the input-channel smoothing applied before the rotation (``None``: none).
     """
 
     kind = "layer"
     channel_dim = 1
 
     def __init__(self, operands: list[QuantizedOperand], split: int, bias: torch.Tensor | None,
-                 backend: Backend, rotation: ChannelRotation | None = None) -> None:
+                 backend: Backend, rotation: ChannelRotation | None = None,
+                 smoothing: ChannelSmoothing | None = None) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
@@ -48,6 +53,7 @@ class DeployedLayer(nn.Module):
         self.split = split
         self.backend = backend
         self.rotation = rotation
+        self.smoothing = smoothing
         self.register_buffer("bias", bias)
 
     def geometry(self) -> dict[str, Any]:
@@ -57,7 +63,8 @@ class DeployedLayer(nn.Module):
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "split": self.split, "has_bias": self.bias is not None,
                 "geometry": self.geometry(), "operands": [op.spec() for op in self.operands],
-                "rotation": None if self.rotation is None else self.rotation.spec()}
+                "rotation": None if self.rotation is None else self.rotation.spec(),
+                "smoothing": None if self.smoothing is None else self.smoothing.spec()}
 
     @property
     def runs_kernels(self) -> bool:
@@ -67,6 +74,8 @@ class DeployedLayer(nn.Module):
         """``op_args``: per-call arguments of the layer's op (a transposed conv's ``output_padding``)."""
         use_triton = ops.triton_runs_on(x.device, self.backend)
         kernels = self.runs_kernels
+        if self.smoothing is not None:
+            x = self.smoothing(x)
         if self.rotation is not None:
             x = self.rotation(x)
         parts = [x] if not self.split else list(torch.split(x, [self.split, x.shape[self.channel_dim] - self.split],

@@ -16,6 +16,8 @@ Split inputs (spec §2.3): a skip conv of an up block sees ``cat([decoder_featur
 Rotated inputs (``ActivationSpec.rotation``): ``rotate_inputs`` multiplies the weight's input-channel axis by an
 orthogonal ``R`` once, in place, and from then on the layer multiplies its input by ``R`` before the activation
 quantizer (which thus sees, and is calibrated on, the rotated input); the float output is unchanged.
+Smoothed inputs (``ActivationSpec.smoothing``): ``smooth_inputs`` divides the input channels by a calibrated ``s``
+(``nn/smoothing.py``) and multiplies the weight's input-channel axis by it, before the rotation if both are set.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .quantizer import ActQuantizer, WeightQuantizer
 from .rotation import ChannelRotation
+from .smoothing import ChannelSmoothing, per_weight_column
 
 
 class QuantLayerMixin:
@@ -44,6 +47,7 @@ class QuantLayerMixin:
     fp_bias: Optional[torch.Tensor]
     frozen_qweight: Optional[torch.Tensor]
     rotation: Optional[ChannelRotation]
+    smoothing: Optional[ChannelSmoothing]
 
     def _attach(
         self,
@@ -67,6 +71,7 @@ class QuantLayerMixin:
         # saves the per-step weight fake-quant kernels. Non-persistent, set only by ``freeze_quantized_weight``.
         self.register_buffer("frozen_qweight", None, persistent=False)  # type: ignore[attr-defined]
         self.add_module("rotation", None)  # type: ignore[attr-defined]  # set by ``rotate_inputs``
+        self.add_module("smoothing", None)  # type: ignore[attr-defined]  # set by ``prepare``, filled by ``smooth_inputs``
 
     # -- state -------------------------------------------------------------------------------------------------
     def weight_quantizers(self) -> list[WeightQuantizer]:
@@ -113,9 +118,30 @@ class QuantLayerMixin:
         self.weight.copy_(quant_layout(self, rotated))  # type: ignore[arg-type]
         self.rotation = rotation
 
+    @torch.no_grad()
+    def smooth_inputs(self, s: torch.Tensor) -> None:
+        """Divide the input channels by ``s [C_in]`` in every forward (``self.smoothing``, which ``prepare`` set) and
+        multiply the weight's input-channel axis by it now, in place (in fp32, in the unrotated basis: ``W R`` becomes
+        ``W diag(s) R``), so the float output is unchanged. Once per layer, before calibration."""
+        if self.smoothing is None:
+            raise ValueError("the layer was not prepared for smoothing (ActivationSpec.smoothing)")
+        if self.fp_weight is not None or not torch.all(self.smoothing.scale == 1):
+            raise ValueError("the layer is already smoothed or calibrated: smooth a freshly prepared layer only")
+        w = quant_layout(self, self.weight).float()  # type: ignore[arg-type]
+        if self.rotation is not None:
+            w = self.rotation.to(w.device).unrotate(w, 1)
+        column = per_weight_column(s.to(w.device).float(), w.shape[0], getattr(self, "groups", 1))
+        w = w * column.view(*column.shape, *[1] * (w.ndim - 2))
+        if self.rotation is not None:
+            w = self.rotation.rotate(w, 1)
+        self.weight.copy_(quant_layout(self, w.to(self.weight.dtype)))  # type: ignore[arg-type]
+        self.smoothing.scale.copy_(s)
+
     # -- forward -----------------------------------------------------------------------------------------------
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The (rotated, then) fake-quantized input."""
+        """The (smoothed, rotated, then) fake-quantized input."""
+        if self.smoothing is not None:
+            x = self.smoothing(x)
         if self.rotation is not None:
             x = self.rotation(x)
         if not self.split:

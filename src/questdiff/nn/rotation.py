@@ -54,6 +54,12 @@ class ChannelRotation(nn.Module):
         rotated = (moved.unflatten(-1, (-1, self.block)) @ self.hadamard.to(x.dtype)).flatten(-2)
         return (rotated * self.block**-0.5).movedim(-1, dim)
 
+    def unrotate(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """``x`` with its axis ``dim`` multiplied by ``R^T = R^-1`` (``H D / sqrt(b)`` per block): undoes ``rotate``."""
+        moved = x.movedim(dim, -1)
+        back = (moved.unflatten(-1, (-1, self.block)) @ self.hadamard.to(x.dtype)).flatten(-2)
+        return (back * self.signs.to(x.dtype) * self.block**-0.5).movedim(-1, dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.rotate(x, self.dim)
 
