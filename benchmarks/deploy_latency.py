@@ -35,6 +35,7 @@ from architectures import build_sd15  # benchmarks/ is on sys.path when run as a
 from deployed_bench import MODES, deployed_constant, graphed, measure_modes, median_ms, torchao_fp8
 from questdiff.calibration.common import output_tensor
 from questdiff.deploy import convert
+from questdiff.deploy.convert import deployment
 
 CONTEXT = (77, 768)
 
@@ -273,7 +274,11 @@ def run_zoo(args: argparse.Namespace) -> dict[str, Any]:
                                        progress=False)
         quantized = qd.quantize(denoiser_of(pipe), "W8A8", calib, method="rtn", progress=False)
     deployed = convert(copy.deepcopy(quantized))
-    result: dict[str, Any] = {"zoo": args.zoo, "images": args.zoo_images, "batch": args.zoo_batch, "device": str(device)}
+    counts = deployment(deployed)
+    print(f"zoo {args.zoo} deployed: {counts.describe()}", flush=True)
+    result: dict[str, Any] = {"zoo": args.zoo, "images": args.zoo_images, "batch": args.zoo_batch, "device": str(device),
+                              "quantized": args.quantized or "RTN W8A8", "deployment": counts.describe(),
+                              "simulated_modules": counts.simulated}
     samples = {}
     for label, unet in (("FP", fp_unet), ("fake-quant", quantized), ("deployed", deployed)):
         set_denoiser(pipe, unet)
