@@ -17,6 +17,8 @@ from questdiff.config import W4A4, ActivationSpec
 
 # W4A4 with input channels rotated in blocks of 8 (every tiny-model layer but conv_in divides): per-tensor 4-bit grids
 ROTATED_W4A4 = W4A4.replace(activation=ActivationSpec(bits=4, rotation=8), name="W4A4-rot8")
+# QuEST's own W4A4 grid: 4-bit activations per input channel (no GEMM applies it: deployed layers simulate it)
+CHANNEL_W4A4 = W4A4.replace(activation=ActivationSpec(bits=4), name="W4A4-channel")
 # W4A4 with SmoothQuant smoothing folded into the weights (per-tensor 4-bit grids), alone and before the rotation
 SMOOTHED_W4A4 = W4A4.replace(activation=ActivationSpec(bits=4, smoothing=0.5), name="W4A4-smooth")
 SMOOTHED_ROTATED_W4A4 = W4A4.replace(activation=ActivationSpec(bits=4, smoothing=0.5, rotation=8),

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cli_common import (
     add_nproc_argument,
+    alpha_or_off,
     CommandParser,
     Interrupted,
     checkpoint_label,
@@ -65,9 +66,9 @@ def _read_prompts(path: str | None) -> list[str] | None:
     return lines
 
 
-def _preset(name: str, rotate: int | None = None, smooth: float | None = None) -> Any:
-    """The ``QuantConfig`` of ``--preset`` (with ``--rotate``'s input-channel rotation and ``--smooth``'s smoothing);
-    raises naming the option."""
+def _preset(name: str, rotate: int | None = None, smooth: float | str | None = None) -> Any:
+    """The ``QuantConfig`` of ``--preset`` (with ``--rotate``'s input-channel rotation and ``--smooth``'s smoothing,
+    ``"off"``: none, so 4-bit activations get QuEST's per-channel grid); raises naming the option."""
     import dataclasses
 
     from .config import resolve
@@ -80,7 +81,8 @@ def _preset(name: str, rotate: int | None = None, smooth: float | None = None) -
         if value is None:
             continue
         try:
-            config = config.replace(activation=dataclasses.replace(config.activation, **{field: value}))
+            config = config.replace(activation=dataclasses.replace(config.activation,
+                                                                   **{field: None if value == "off" else value}))
         except ValueError as err:
             raise ValueError(f"{flag} {value:g}: {err}") from None
     return config
@@ -346,10 +348,11 @@ def _quantize_args(q: argparse.ArgumentParser) -> None:
                    help="rotate the input channels of every quantized layer by a randomized Hadamard matrix in blocks "
                         "of B (a power of two, e.g. 64; QuaRot-style): 4-bit activations become per tensor, a grid "
                         "the kernels run (default: no rotation; 4-bit activations per input channel, simulated)")
-    q.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+    q.add_argument("--smooth", type=alpha_or_off, default=None, metavar="ALPHA|off",
                    help="SmoothQuant: divide every quantized layer's input channels by a calibrated s and fold s into "
-                        "the weight, with migration strength ALPHA in (0, 1], e.g. 0.5: 4-bit activations become per "
-                        "tensor, a grid the kernels run (default: no smoothing)")
+                        "the weight, with migration strength ALPHA in (0, 1]; 4-bit activations are then per tensor, a "
+                        "grid the kernels run. 'off': no smoothing, so 4-bit activations take QuEST's per-input-channel "
+                        "grid (simulated when deployed) (default: the preset's: 0.5 at 4-bit activations, else off)")
     q.add_argument("--calib-samples", type=positive_int, default=64, help="sampling trajectories for calibration data")
     q.add_argument("--calib-steps", type=positive_int, default=None,
                    help="calibrated timesteps, uniformly strided, at most the sampler's steps (default: every sampler step)")

@@ -82,6 +82,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def alpha_or_off(text: str) -> float | str:
+    """``--smooth``: a number (checked by ``ActivationSpec``) or ``off``."""
+    if text.strip().lower() == "off":
+        return "off"
+    return _number(text, float)
+
+
 def non_negative_int(text: str) -> int:
     value = _number(text, int)
     if value < 0:

@@ -81,13 +81,13 @@ def test_a_saved_smoothed_model_reloads_bit_exactly(tmp_path):
     assert torch.equal(loaded.conv_in.smoothing.scale, model.conv_in.smoothing.scale)
 
 
-@pytest.mark.parametrize("flag", ["--smooth 0.5", "--smooth 2"])
-def test_cli_smooth_flag_reaches_the_config_or_fails_naming_the_option(flag):
+def test_cli_smooth_flag_reaches_the_config_or_fails_naming_the_option():
     from questdiff.cli import _preset
+    from questdiff.cli_common import alpha_or_off
 
-    value = float(flag.split()[1])
-    if value <= 1:
-        assert _preset("W4A4", smooth=value).activation.smoothing == value
-    else:
-        with pytest.raises(ValueError, match=r"^--smooth 2: .*alpha, in \(0, 1\]"):
-            _preset("W4A4", smooth=value)
+    assert _preset("W4A4").activation.smoothing == 0.5  # the preset's default
+    assert _preset("W4A4", smooth=alpha_or_off("0.3")).activation.smoothing == 0.3
+    quest = _preset("W4A4", smooth=alpha_or_off("off")).activation
+    assert quest.smoothing is None and quest.per_channel  # QuEST's own per-channel grid
+    with pytest.raises(ValueError, match=r"^--smooth 2: .*alpha, in \(0, 1\]"):
+        _preset("W4A4", smooth=alpha_or_off("2"))

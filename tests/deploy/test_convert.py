@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import questdiff as qd
-from builders import ROTATED_W4A4, SMOOTHED_ROTATED_W4A4, SMOOTHED_W4A4, tiny_cond_unet, tiny_unet2d
+from builders import CHANNEL_W4A4, ROTATED_W4A4, SMOOTHED_ROTATED_W4A4, SMOOTHED_W4A4, tiny_cond_unet, tiny_unet2d
 from fidelity import float_noise_floor, psnr
 from questdiff.deploy import DeployedLayer, is_deployed
 from questdiff.deploy.attention import DeployedAttnProcessor
@@ -133,9 +133,9 @@ def test_compiled_deployed_model_serves_every_timestep_without_recompiling(deplo
 
 
 def test_per_channel_activations_run_simulated_and_exact(make_quantized, inputs):
-    fake = make_quantized(tiny_unet2d, "W4A4")  # 4-bit activations: per input channel, no GEMM can apply them
+    fake = make_quantized(tiny_unet2d, CHANNEL_W4A4)  # 4-bit activations: per input channel, no GEMM can apply them
     with pytest.warns(UserWarning, match="simulated"):
-        deployed = qd.convert(make_quantized(tiny_unet2d, "W4A4"))
+        deployed = qd.convert(make_quantized(tiny_unet2d, CHANNEL_W4A4))
     layers = [m for m in deployed.modules() if isinstance(m, DeployedLayer)]
     assert any(not m.runs_kernels for m in layers)
     x, _ = inputs(fake)

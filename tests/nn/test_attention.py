@@ -8,16 +8,18 @@ from questdiff.timestep import TimestepSchedule
 
 from builders import tiny_cond_unet
 from questdiff.nn.attention import _attend as _ATTEND
+from builders import CHANNEL_W4A4
+from questdiff.config import resolve
 
 
 def _prepared(preset="W8A8", attention="qkvp"):
     unet = tiny_cond_unet()
-    prepare(unet, qd.presets.get(preset).replace(attention=attention), TimestepSchedule((900.0, 500.0, 100.0)))
+    prepare(unet, resolve(preset).replace(attention=attention), TimestepSchedule((900.0, 500.0, 100.0)))
     return unet
 
 
 def test_processors_installed_with_self_and_cross_quantizers():
-    unet = _prepared("W4A4")
+    unet = _prepared(CHANNEL_W4A4)
     procs = {n: p for n, p in unet.attn_processors.items()}
     assert procs and all(isinstance(p, QuantAttnProcessor) for p in procs.values())
     p = next(iter(procs.values()))
@@ -90,7 +92,7 @@ def _grads_after_state_moved_on(unet, monkeypatch, min_elements):
 
 
 def test_large_attention_is_recomputed_in_backward_with_the_same_gradients(monkeypatch):
-    unet = _prepared("W4A4")
+    unet = _prepared(CHANNEL_W4A4)
     init_weights(unet)
     with torch.no_grad():  # in-range scales, so the gradients are not all zero
         for p in unet.attn_processors.values():

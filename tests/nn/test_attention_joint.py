@@ -10,6 +10,8 @@ from questdiff.prepare import prepare, set_quant_state
 from questdiff.timestep import TimestepSchedule
 
 from builders_transformers import PROMPTS, tiny_flux_pipeline, tiny_sd3_pipeline
+from builders import CHANNEL_W4A4
+from questdiff.config import resolve
 
 ATTN_QUANT = attention_joint.quantized_sdpa
 
@@ -29,7 +31,7 @@ def cases(tmp_path_factory):
 def _prepared(cases, name, preset="W8A8", attention="qkvp"):
     fp, calib, kwargs = cases[name]
     model = copy.deepcopy(fp)
-    prepare(model, qd.presets.get(preset).replace(attention=attention), TimestepSchedule.from_timesteps(calib.timesteps))
+    prepare(model, resolve(preset).replace(attention=attention), TimestepSchedule.from_timesteps(calib.timesteps))
     return fp, model, kwargs
 
 
@@ -39,7 +41,7 @@ def _processors(model):
 
 @pytest.mark.parametrize("name, cls, count", [("sd3", QuantJointAttnProcessor, 3), ("flux", QuantFluxAttnProcessor, 2)])
 def test_disabled_is_the_fp_model_bit_for_bit(cases, name, cls, count):
-    fp, model, kwargs = _prepared(cases, name, "W4A4")
+    fp, model, kwargs = _prepared(cases, name, CHANNEL_W4A4)
     procs = _processors(model)
     assert len(procs) == count and all(type(p) is cls for p in procs)
     p = procs[0]
@@ -96,7 +98,7 @@ ATTEND = attention_joint._attend
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_large_attention_is_recomputed_in_backward_with_the_same_gradients(cases, name, monkeypatch):
-    _, model, kwargs = _prepared(cases, name, "W4A4")
+    _, model, kwargs = _prepared(cases, name, CHANNEL_W4A4)
     init_weights(model)
     with torch.no_grad():  # in-range scales, so the gradients are not all zero
         for p in _processors(model):

@@ -12,6 +12,7 @@ from questdiff.config import ActivationSpec
 from questdiff.nn import ActQuantizer
 from questdiff.nn.sdpa import SDPA_ATTR, AttentionCallError, AttentionSite
 from questdiff.timestep import TimestepSchedule, TimestepState
+from builders import CHANNEL_W4A4
 
 STATE = TimestepState(TimestepSchedule((500.0,)))
 
@@ -50,7 +51,7 @@ def test_quantized_call_follows_sdpa_semantics(options):
     assert torch.equal(site.attend((q, k, v), options), expected)  # disabled: the original call, bit for bit
 
 
-QKVP_W4A4 = qd.presets.W4A4.replace(attention="qkvp")  # QuEST's format: these tests read the probability quantizers
+QKVP_W4A4 = CHANNEL_W4A4.replace(attention="qkvp")  # QuEST's format and grids: these tests read the probability quantizers
 
 
 @pytest.fixture(scope="module")

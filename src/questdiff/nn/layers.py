@@ -3,7 +3,7 @@ run the original op.
 
 They subclass the torch layers (so ``isinstance(m, nn.Linear)`` stays true for diffusers/LoRA code) and reuse
 the original Parameter objects. With both quantizers disabled the forward is the torch layer's own forward,
-bit for bit. Subclasses of these torch layers are wrapped too when they keep the torch forward (their math is the
+bit for bit (up to float rounding once a smoothing or rotation is folded into the weight). Subclasses of these torch layers are wrapped too when they keep the torch forward (their math is the
 torch layer's); a subclass with a forward of its own is not (replacing it would change what it computes).
 
 Weight quantizers see the weight output channels first, ``[C_out, C_in/groups, *k]`` (``quant_layout``): that is
