@@ -347,7 +347,7 @@ def _quantize_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--rotate", type=positive_int, default=None, metavar="B",
                    help="rotate the input channels of every quantized layer by a randomized Hadamard matrix in blocks "
                         "of B (a power of two, e.g. 64; QuaRot-style): 4-bit activations become per tensor, a grid "
-                        "the kernels run (default: no rotation; 4-bit activations per input channel, simulated)")
+                        "the kernels run (default: no rotation)")
     q.add_argument("--smooth", type=alpha_or_off, default=None, metavar="ALPHA|off",
                    help="SmoothQuant: divide every quantized layer's input channels by a calibrated s and fold s into "
                         "the weight, with migration strength ALPHA in (0, 1]; 4-bit activations are then per tensor, a "

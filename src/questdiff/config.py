@@ -126,7 +126,8 @@ class WeightSpec:
 class ActivationSpec:
     """Activation quantizer settings.
 
-    ``channelwise=None`` means "per input channel iff bits == 4 and no rotation" (official code, without rotation).
+    ``channelwise=None`` means "per input channel iff bits == 4 and neither rotation nor smoothing" (the official
+    code's rule, without either).
     ``rotation=b`` rotates the input channels of every quantized layer by a block-diagonal randomized Hadamard
     matrix of block size ``b`` (a power of two; QuaRot / ConvRot style, ``questdiff.nn.rotation``): the layer's
     weight is rotated once at ``prepare`` so the float output is unchanged, while the rotated activation has no
