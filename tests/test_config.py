@@ -6,10 +6,8 @@ from questdiff.config import ActivationSpec, QuantConfig, WeightSpec, preset, re
 
 def test_presets_are_values():
     assert presets.W4A4.weight.bits == 4 and presets.W4A4.activation.bits == 4
-    # 4-bit presets smooth and keep per-tensor grids (deployable); QuEST's own grid is per input channel
-    assert presets.W4A4.activation.smoothing == 0.5 and not presets.W4A4.activation.per_channel
-    assert presets.W8A8.activation.smoothing is None and not presets.W8A8.activation.per_channel
-    assert ActivationSpec(bits=4).per_channel
+    assert presets.W4A4.activation.per_channel and not presets.W8A8.activation.per_channel  # QuEST's 4-bit grid
+    assert presets.W4A4.activation.smoothing is None
     assert not presets.W4A4.running_stat and presets.W8A8.running_stat  # README: no running stats at W4A4
     assert preset("w6a8").label == "W6A8"
     assert resolve("W4A8") == presets.W4A8

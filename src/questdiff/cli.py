@@ -352,7 +352,7 @@ def _quantize_args(q: argparse.ArgumentParser) -> None:
                    help="SmoothQuant: divide every quantized layer's input channels by a calibrated s and fold s into "
                         "the weight, with migration strength ALPHA in (0, 1]; 4-bit activations are then per tensor, a "
                         "grid the kernels run. 'off': no smoothing, so 4-bit activations take QuEST's per-input-channel "
-                        "grid (simulated when deployed) (default: the preset's: 0.5 at 4-bit activations, else off)")
+                        "grid (simulated when deployed) (default: off)")
     q.add_argument("--calib-samples", type=positive_int, default=64, help="sampling trajectories for calibration data")
     q.add_argument("--calib-steps", type=positive_int, default=None,
                    help="calibrated timesteps, uniformly strided, at most the sampler's steps (default: every sampler step)")

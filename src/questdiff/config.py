@@ -3,10 +3,9 @@ serialisable with ``to_dict``/``from_dict``; presets are values, not code paths.
 
 Defaults follow the official QuEST code (quest-spec §2.3-2.6, §8) except where noted:
 - weights: asymmetric, per output channel, Lp (p = 2.4) shrink search over 80 candidates;
-- activations: asymmetric, percentile-by-MSE init, per tensor; at 4 bits the official code quantizes them per input
-  channel (spec §2.6), which no GEMM applies: the 4-bit presets instead smooth every layer's input (SmoothQuant,
-  ``ActivationSpec.smoothing=0.5``, an addition) and keep one grid per tensor, deployable, within 3% FID of it on
-  the zoo (docs/results.md §10); ``ActivationSpec(bits=4)`` without smoothing or rotation is the official per-channel grid;
+- activations: asymmetric, percentile-by-MSE init, per tensor; channel-wise (per input channel) at 4 bits, as the
+  official code does (spec §2.6), unless the input channels are smoothed or rotated (``ActivationSpec.smoothing`` /
+  ``rotation``, additions that make 4-bit grids deployable; docs/results.md §10 compares them);
 - first and last layer activations at 8 bits;
 - attention: q and k at 8 bits (symmetric, per tensor, k centred on its token mean), softmax and ``P v`` in floating
   point, the format of the single-pass 8-bit attention kernel (an addition: QuEST quantizes q, k, v and the softmax
@@ -256,14 +255,11 @@ class QuantConfig:
         return cls(**data)
 
 
-DEFAULT_SMOOTHING = 0.5  # SmoothQuant's alpha of the 4-bit presets (0.3 / 0.8 measured, docs/results.md section 10)
-
-
 def preset(name: str) -> QuantConfig:
     """Config for a preset name ``W<bits>A<bits>`` (case-insensitive), e.g. ``"W4A4"``, or ``W8A8-FP8`` (weights and
     activations on the e4m3 grid, per output channel / per timestep); running statistics follow the official
-    README (on, except at 4-bit activations). 4-bit activations are smoothed (``ActivationSpec.smoothing=0.5``) and
-    per tensor, so that every layer of a deployed model runs on the kernels."""
+    README (on, except at 4-bit activations). 4-bit activations are QuEST's per input channel (simulated when deployed);
+    ``ActivationSpec(bits=4, smoothing=0.5)`` is the deployable alternative (docs/results.md section 10)."""
     match = re.fullmatch(r"[wW](\d+)[aA](\d+)(-[fF][pP]8)?", name.strip())
     if not match:
         raise ValueError(f"unknown preset {name!r}: use W<bits>A<bits>, e.g. W8A8, W4A8 or W4A4, or W8A8-FP8")
@@ -271,12 +267,9 @@ def preset(name: str) -> QuantConfig:
     if fp8 and (w_bits, a_bits) != (8, 8):
         raise ValueError(f"unknown preset {name!r}: the FP8 preset is W8A8-FP8 (e4m3 is an 8-bit format)")
     grid = "fp8" if fp8 else "int"
-    # 4-bit activations: smoothed and per tensor, a grid the kernels run (within 3% FID of QuEST's per-channel grid
-    # on the zoo, docs/results.md section 10); ActivationSpec(bits=4) without smoothing is QuEST's own (simulated when deployed)
-    smoothing = DEFAULT_SMOOTHING if a_bits == 4 else None
     return QuantConfig(
         weight=WeightSpec(bits=w_bits, format=grid),
-        activation=ActivationSpec(bits=a_bits, format=grid, smoothing=smoothing),
+        activation=ActivationSpec(bits=a_bits, format=grid),
         running_stat=a_bits > 4,
         name=f"W{w_bits}A{a_bits}" + ("-FP8" if fp8 else ""),
     )

@@ -85,7 +85,7 @@ def test_cli_smooth_flag_reaches_the_config_or_fails_naming_the_option():
     from questdiff.cli import _preset
     from questdiff.cli_common import alpha_or_off
 
-    assert _preset("W4A4").activation.smoothing == 0.5  # the preset's default
+    assert _preset("W4A4").activation.smoothing is None  # the preset's default: QuEST's per-channel grid
     assert _preset("W4A4", smooth=alpha_or_off("0.3")).activation.smoothing == 0.3
     quest = _preset("W4A4", smooth=alpha_or_off("off")).activation
     assert quest.smoothing is None and quest.per_channel  # QuEST's own per-channel grid

@@ -13,7 +13,7 @@ from torch import nn
 import questdiff as qd
 from questdiff.config import QuantConfig, WeightSpec
 from questdiff.deploy import DeployedConv, DeployedLayer
-from builders import CHANNEL_W4A4
+from builders import CHANNEL_W4A4, SMOOTHED_W4A4
 
 LAYERS = {
     "convT2d": lambda: nn.ConvTranspose2d(4, 6, 4, stride=2, padding=1),
@@ -67,7 +67,7 @@ T = torch.full((2,), 100)
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
-@pytest.mark.parametrize("preset", ["W8A8", "W4A8", "W4A4"])  # W4A4: smoothed, per-tensor 4-bit grids
+@pytest.mark.parametrize("preset", ["W8A8", "W4A8", SMOOTHED_W4A4])  # smoothed: per-tensor 4-bit grids
 def test_every_conv_geometry_runs_the_kernels_and_matches_fake_quant(name, preset, tmp_path):
     fake, x = _quantized(name, preset)
     deployed = _convert(fake)
