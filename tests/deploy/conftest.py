@@ -5,6 +5,7 @@ import torch
 
 import questdiff as qd
 from builders import tiny_cond_unet, tiny_unet2d
+from questdiff.prepare import quant_layers
 
 TIMESTEPS = (900, 500, 100)
 
@@ -36,6 +37,25 @@ def arch(request):
 @pytest.fixture
 def inputs():
     return _inputs
+
+
+def _layer_io(model, *args, **kwargs):
+    """``{layer name: (input, output)}`` of every fake-quant layer in one no-grad forward ``model(*args, **kwargs)``."""
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
+             for n, m in quant_layers(model).items()]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@pytest.fixture
+def layer_io():
+    return _layer_io
 
 
 @pytest.fixture

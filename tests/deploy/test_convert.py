@@ -25,16 +25,10 @@ def _transforms(preset) -> tuple[bool, bool]:
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=PRESET_IDS)
-def test_every_deployed_layer_equals_its_fake_quant_layer(arch, preset, make_quantized, inputs):
+def test_every_deployed_layer_equals_its_fake_quant_layer(arch, preset, make_quantized, inputs, layer_io):
     model = make_quantized(arch, preset)
-    seen = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
-             for n, m in quant_layers(model).items()]
     x, kwargs = inputs(model)
-    with torch.no_grad():
-        model(x, torch.tensor(500), **kwargs)
-    for hook in hooks:
-        hook.remove()
+    seen = layer_io(model, x, torch.tensor(500), **kwargs)
     h = handle(model)
     splits = rotations = smoothings = 0
     with torch.no_grad(), h.state.at_timestep(500):

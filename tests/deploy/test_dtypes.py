@@ -30,16 +30,10 @@ def test_quantizer_grids_stay_fp32_when_the_model_is_cast(make_quantized, dtype)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("preset", ["W8A8", "W4A8"])
-def test_fake_quant_and_deployed_layers_take_the_same_integers(make_quantized, inputs, dtype, preset):
+def test_fake_quant_and_deployed_layers_take_the_same_integers(make_quantized, inputs, layer_io, dtype, preset):
     model = make_quantized(tiny_unet2d, preset).to(dtype)
-    seen = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
-             for n, m in quant_layers(model).items()]
     x, _ = inputs(model)
-    with torch.no_grad():
-        model(x.to(dtype), torch.tensor(500))
-    for hook in hooks:
-        hook.remove()
+    seen = layer_io(model, x.to(dtype), torch.tensor(500))
     h = handle(model)
     with torch.no_grad(), h.state.at_timestep(500):
         for name, layer in quant_layers(model).items():

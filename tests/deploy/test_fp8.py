@@ -37,16 +37,10 @@ def test_fp8_model_deploys_on_the_kernels_and_matches_fake_quant(build, make_qua
                for op in m.operands)
 
 
-def test_every_fp8_layer_equals_its_fake_quant_layer(make_quantized, inputs):
+def test_every_fp8_layer_equals_its_fake_quant_layer(make_quantized, inputs, layer_io):
     model = make_quantized(tiny_cond_unet, "W8A8-FP8")
-    seen = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o)))
-             for n, m in quant_layers(model).items()]
     x, kwargs = inputs(model)
-    with torch.no_grad():
-        model(x, torch.tensor(900), **kwargs)
-    for hook in hooks:
-        hook.remove()
+    seen = layer_io(model, x, torch.tensor(900), **kwargs)
     h = handle(model)
     with torch.no_grad(), h.state.at_timestep(900):
         for name, layer in quant_layers(model).items():
