@@ -201,7 +201,7 @@ def prepare(
     state = TimestepState(schedule)
     rows = len(schedule)
     hook = install_timestep_hook(model, adapter.timestep_argument, HANDLE_ATTR)
-    shared = _shared_parameters(model)
+    shared = shared_parameters(model)
     unrotated = []
     for name, info in layers.items():
         layer = model.get_submodule(name)
@@ -229,7 +229,7 @@ def prepare(
     return model
 
 
-def _shared_parameters(model: nn.Module) -> set[int]:
+def shared_parameters(model: nn.Module) -> set[int]:
     """ids of the parameters that more than one module holds (tied weights)."""
     seen: set[int] = set()
     shared: set[int] = set()

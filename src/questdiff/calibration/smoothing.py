@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..nn import QuantLayerMixin
 from ..nn.layers import quant_layout
 from ..nn.smoothing import smoothing_factors
-from ..prepare import handle, quant_layers, quant_state
+from ..prepare import handle, quant_layers, quant_state, shared_parameters
 from .data import CalibrationSet
 
 logger = logging.getLogger(__name__)
@@ -69,10 +69,8 @@ def smooth_model(model: nn.Module, calib: CalibrationSet, device: torch.device, 
     alpha = handle(model).config.activation.smoothing
     assert alpha is not None
     candidates = {n: m for n, m in quant_layers(model).items() if m.smoothing is not None}
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    tied = [n for n, m in candidates.items() if counts.get(id(m.weight), 0) > 1]
+    shared = shared_parameters(model)
+    tied = [n for n, m in candidates.items() if id(m.weight) in shared]
     layers = {n: m for n, m in candidates.items() if n not in tied}
     ranges = record_input_ranges(model, calib, layers, device, batch_size, progress)
     unreached = [n for n in layers if n not in ranges]
